@@ -1,0 +1,263 @@
+"""Validated model configuration, named as in Megatron-Core.
+
+`TransformerConfig` holds every size and option a layer reads; `__post_init__` derives the
+defaults Megatron-Core derives (`num_query_groups`, `kv_channels`, `ffn_hidden_size`) and
+rejects inconsistent values with a `ValueError` that names the field, the value and the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["MLATransformerConfig", "TransformerConfig"]
+
+Normalization = Literal["LayerNorm", "RMSNorm"]
+RecomputeGranularity = Literal["selective", "full"]
+RopeScaling = Literal["llama3"]
+MLARopeType = Literal["rope", "yarn"]
+
+_NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+
+
+def _fail(name: str, value: object, rule: str) -> ValueError:
+    return ValueError(f"TransformerConfig.{name}={value!r}: {rule}")
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(name, value, f"must be an int >= {minimum}")
+    if value < minimum:
+        raise _fail(name, value, f"must be >= {minimum}")
+    return value
+
+
+def _require_float(name: str, value: object, *, low: float, high: float | None = None,
+                   high_inclusive: bool = False, low_inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(name, value, "must be a number")
+    number = float(value)
+    if math.isnan(number):
+        raise _fail(name, value, "must not be NaN")
+    if number < low or (number == low and not low_inclusive):
+        bound = ">=" if low_inclusive else ">"
+        raise _fail(name, value, f"must be {bound} {low}")
+    if high is not None and (number > high or (number == high and not high_inclusive)):
+        bound = "<=" if high_inclusive else "<"
+        raise _fail(name, value, f"must be {bound} {high}")
+    return number
+
+
+def _is_floating_dtype(value: object) -> bool:
+    return isinstance(value, torch.dtype) and value.is_floating_point
+
+
+def _require_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "must be True or False")
+    return value
+
+
+@dataclass
+class TransformerConfig:
+    """Sizes and options of a transformer, with Megatron-Core's field names.
+
+    Derived defaults: `num_query_groups` = `num_attention_heads` (plain multi-head attention),
+    `kv_channels` = `hidden_size // num_attention_heads`, `ffn_hidden_size` = 4 * `hidden_size`.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    ffn_hidden_size: int | None = None
+
+    # Normalization.
+    normalization: Normalization = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    qk_layernorm: bool = False
+
+    # Linear layers and the MLP.
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False
+    gated_linear_unit: bool = False
+    activation_func: Callable[[Tensor], Tensor] = F.gelu
+
+    # Initialisation.
+    init_method_std: float = 0.02
+    perform_initialization: bool = True
+    params_dtype: torch.dtype = torch.float32
+
+    # Regularisation.
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+
+    # Attention.
+    softmax_scale: float | None = None
+    attention_softmax_in_fp32: bool = True
+
+    # Rotary position embedding (read by the model, which builds one table for all layers).
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rotary_interleaved: bool = False
+    rope_scaling: RopeScaling | None = None
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+
+    # Parallelism and performance.
+    sequence_parallel: bool = False
+    delay_wgrad_compute: bool = False
+    bf16: bool = False
+    recompute_granularity: RecomputeGranularity | None = None
+
+    def __post_init__(self) -> None:
+        self._validate_sizes()
+        self._validate_options()
+
+    def _validate_sizes(self) -> None:
+        _require_int("num_layers", self.num_layers, minimum=1)
+        _require_int("hidden_size", self.hidden_size, minimum=1)
+        heads = _require_int("num_attention_heads", self.num_attention_heads, minimum=1)
+
+        if self.num_query_groups is None:
+            self.num_query_groups = heads
+        groups = _require_int("num_query_groups", self.num_query_groups, minimum=1)
+        if heads % groups != 0:
+            raise _fail("num_query_groups", groups,
+                        f"must divide num_attention_heads={heads} (each query group "
+                        "serves the same number of heads)")
+
+        if self.kv_channels is None:
+            if self.hidden_size % heads != 0:
+                raise _fail("hidden_size", self.hidden_size,
+                            f"must be divisible by num_attention_heads={heads} when "
+                            "kv_channels is not given; set kv_channels to the head size")
+            self.kv_channels = self.hidden_size // heads
+        _require_int("kv_channels", self.kv_channels, minimum=1)
+
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        _require_int("ffn_hidden_size", self.ffn_hidden_size, minimum=1)
+
+    def _validate_options(self) -> None:
+        if self.normalization not in _NORMALIZATIONS:
+            raise _fail("normalization", self.normalization,
+                        f"must be one of {', '.join(_NORMALIZATIONS)}")
+        _require_float("layernorm_epsilon", self.layernorm_epsilon, low=0.0, low_inclusive=False)
+        _require_float("init_method_std", self.init_method_std, low=0.0, low_inclusive=False)
+        _require_float("attention_dropout", self.attention_dropout, low=0.0, high=1.0)
+        _require_float("hidden_dropout", self.hidden_dropout, low=0.0, high=1.0)
+        if self.softmax_scale is not None:
+            _require_float("softmax_scale", self.softmax_scale, low=0.0, low_inclusive=False)
+        _require_float("rotary_base", self.rotary_base, low=0.0, low_inclusive=False)
+        _require_float("rotary_percent", self.rotary_percent, low=0.0, high=1.0,
+                       low_inclusive=False, high_inclusive=True)
+        if self.rope_scaling not in (None, "llama3"):
+            raise _fail("rope_scaling", self.rope_scaling, "must be None or 'llama3'")
+        _require_float("rope_scaling_factor", self.rope_scaling_factor, low=1.0)
+        _require_float("rope_low_freq_factor", self.rope_low_freq_factor, low=0.0,
+                       low_inclusive=False)
+        _require_float("rope_high_freq_factor", self.rope_high_freq_factor, low=0.0,
+                       low_inclusive=False)
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise _fail("rope_high_freq_factor", self.rope_high_freq_factor,
+                        f"must be greater than rope_low_freq_factor={self.rope_low_freq_factor}")
+        _require_int("rope_original_max_position_embeddings",
+                     self.rope_original_max_position_embeddings, minimum=1)
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise _fail("recompute_granularity", self.recompute_granularity,
+                        "must be None, 'selective' or 'full'")
+        for name in ("qk_layernorm", "add_bias_linear", "add_qkv_bias", "gated_linear_unit",
+                     "perform_initialization", "attention_softmax_in_fp32",
+                     "rotary_interleaved", "sequence_parallel", "delay_wgrad_compute", "bf16"):
+            _require_bool(name, getattr(self, name))
+        if not _is_floating_dtype(self.params_dtype):
+            raise _fail("params_dtype", self.params_dtype, "must be a floating torch.dtype")
+        if not callable(self.activation_func):
+            raise _fail("activation_func", self.activation_func,
+                        "must be a callable Tensor -> Tensor such as torch.nn.functional.gelu")
+
+    # Derived sizes, named as Megatron-Core derives them.
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head (`kv_channels`)."""
+        assert self.kv_channels is not None  # set in __post_init__
+        return self.kv_channels
+
+    @property
+    def query_groups(self) -> int:
+        """Number of key/value heads (`num_query_groups` after defaults)."""
+        assert self.num_query_groups is not None  # set in __post_init__
+        return self.num_query_groups
+
+    @property
+    def ffn_size(self) -> int:
+        """Width of the MLP's hidden layer (`ffn_hidden_size` after defaults)."""
+        assert self.ffn_hidden_size is not None  # set in __post_init__
+        return self.ffn_hidden_size
+
+
+@dataclass
+class MLATransformerConfig(TransformerConfig):
+    """Configuration of DeepSeek-V2/V3 multi-latent attention (MLA), Megatron-Core's names.
+
+    `q_lora_rank=None` projects queries directly (no query compression). Rotary embedding
+    covers only the `qk_pos_emb_head_dim` part of each head; `rope_type="yarn"` applies
+    YaRN frequency interpolation and, through `mscale`/`mscale_all_dim`, the softmax-scale
+    correction DeepSeek-V3 uses.
+    """
+
+    q_lora_rank: int | None = 512
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    normalization: Normalization = "RMSNorm"
+    rope_type: MLARopeType = "yarn"
+    rotary_scaling_factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    cache_mla_latents: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.q_lora_rank is not None:
+            _require_int("q_lora_rank", self.q_lora_rank, minimum=1)
+        _require_int("kv_lora_rank", self.kv_lora_rank, minimum=1)
+        _require_int("qk_head_dim", self.qk_head_dim, minimum=1)
+        _require_int("qk_pos_emb_head_dim", self.qk_pos_emb_head_dim, minimum=1)
+        _require_int("v_head_dim", self.v_head_dim, minimum=1)
+        if self.rope_type not in ("rope", "yarn"):
+            raise _fail("rope_type", self.rope_type, "must be 'rope' or 'yarn'")
+        _require_float("rotary_scaling_factor", self.rotary_scaling_factor, low=1.0)
+        _require_int("original_max_position_embeddings", self.original_max_position_embeddings,
+                     minimum=1)
+        _require_float("beta_fast", self.beta_fast, low=0.0, low_inclusive=False)
+        _require_float("beta_slow", self.beta_slow, low=0.0, low_inclusive=False)
+        if self.beta_fast <= self.beta_slow:
+            raise _fail("beta_fast", self.beta_fast,
+                        f"must be greater than beta_slow={self.beta_slow}")
+        _require_float("mscale", self.mscale, low=0.0)
+        _require_float("mscale_all_dim", self.mscale_all_dim, low=0.0)
+        _require_bool("cache_mla_latents", self.cache_mla_latents)
+        if self.num_query_groups != self.num_attention_heads:
+            raise _fail("num_query_groups", self.num_query_groups,
+                        "multi-latent attention has one key/value head per query head; leave "
+                        "num_query_groups unset or equal to num_attention_heads")
+
+    @property
+    def q_head_dim(self) -> int:
+        """Query/key head size: the no-position part plus the rotary part."""
+        return self.qk_head_dim + self.qk_pos_emb_head_dim

@@ -1,0 +1,87 @@
+"""Process groups for tensor and data parallelism, passed down explicitly.
+
+`None` stands for "this process alone": the default `ProcessGroups()` needs no
+`torch.distributed` initialisation, so single-device users never touch process groups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+__all__ = ["ProcessGroup", "ProcessGroups", "group_rank", "group_size"]
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    """Number of ranks in `group`; 1 for None (a single process)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    """This process's rank in `group`; 0 for None (a single process)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    """The groups a model is split over: tensor-parallel (`tp`) and data-parallel (`dp`)."""
+
+    tp: ProcessGroup | None = None
+    dp: ProcessGroup | None = None
+
+    @property
+    def tp_size(self) -> int:
+        return group_size(self.tp)
+
+    @property
+    def tp_rank(self) -> int:
+        return group_rank(self.tp)
+
+    @property
+    def dp_size(self) -> int:
+        return group_size(self.dp)
+
+    @property
+    def dp_rank(self) -> int:
+        return group_rank(self.dp)
+
+    @classmethod
+    def from_torchrun(cls, *, tp: int = 1) -> ProcessGroups:
+        """Build TP and DP groups from an initialised `torch.distributed` world.
+
+        Ranks are laid out tensor-parallel-first (ranks 0..tp-1 form the first TP group), as
+        Megatron-Core does, so a TP group stays within one node. Every rank must call this.
+        """
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ProcessGroups.from_torchrun needs torch.distributed initialised; launch with "
+                "`torchrun` and call torch.distributed.init_process_group() first")
+        world = dist.get_world_size()
+        rank = dist.get_rank()
+        if tp < 1 or world % tp != 0:
+            raise ValueError(f"tp={tp} must be >= 1 and divide the world size {world} "
+                             f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
+        tp_group: ProcessGroup | None = None
+        dp_group: ProcessGroup | None = None
+        # Every rank creates every group (new_group is collective), keeping its own.
+        for start in range(0, world, tp):
+            ranks = list(range(start, start + tp))
+            group = _new_group(ranks)
+            if rank in ranks:
+                tp_group = group
+        for offset in range(tp):
+            ranks = list(range(offset, world, tp))
+            group = _new_group(ranks)
+            if rank in ranks:
+                dp_group = group
+        return cls(tp=tp_group, dp=dp_group)
+
+
+def _new_group(ranks: list[int]) -> ProcessGroup:
+    group = dist.new_group(ranks)  # pyright: ignore[reportUnknownMemberType]  # torch leaves parameters unannotated
+    if not isinstance(group, ProcessGroup):
+        raise RuntimeError(f"torch.distributed.new_group({ranks}) returned {group!r}, not a ProcessGroup")
+    return group

@@ -1,0 +1,1 @@
+ColumnParallelLinear = Linear = RowParallelLinear = VocabParallelEmbedding = None  # placeholder

@@ -1,0 +1,315 @@
+"""Runtime conformance of a builder value against a Builder protocol.
+
+The static checkers compare a builder with its slot's protocol when the recipe is type
+checked; `check_builder` makes the same comparison when the spec is *built*, so a recipe
+assembled dynamically (from a config file, a registry, a notebook) fails at construction
+with a message naming the slot, the builder and every mismatch, not deep inside `forward`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from inspect import Parameter
+
+__all__ = ["SpecError", "check_builder", "describe_builder", "protocol_members"]
+
+_POSITIONAL = (Parameter.POSITIONAL_ONLY, Parameter.POSITIONAL_OR_KEYWORD)
+_BY_NAME = (Parameter.POSITIONAL_OR_KEYWORD, Parameter.KEYWORD_ONLY)
+
+
+class SpecError(TypeError):
+    """A spec slot holds a value that cannot build what the slot promises."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What a builder value calls and what it builds."""
+
+    signature: inspect.Signature | None
+    built: object  # the class (or protocol) of the built object; None when unknown
+    origin: object  # the object whose source location is reported
+
+
+def describe_builder(builder: object) -> str:
+    """A short name for a builder value with its source file and line, for messages."""
+    if isinstance(builder, functools.partial):
+        inner = describe_builder(builder.func)  # pyright: ignore[reportUnknownMemberType]
+        bound = [*(repr(a) for a in builder.args),  # pyright: ignore[reportUnknownMemberType,reportUnknownArgumentType]
+                 *(f"{k}=..." for k in builder.keywords)]  # pyright: ignore[reportUnknownMemberType,reportUnknownVariableType]
+        return f"functools.partial({inner}, {', '.join(bound)})"
+    name = getattr(builder, "__qualname__", None) or type(builder).__qualname__
+    module = getattr(builder, "__module__", None) or type(builder).__module__
+    return f"{module}.{name} ({_location(builder)})"
+
+
+def _location(obj: object) -> str:
+    target = obj if isinstance(obj, (type, types.FunctionType, types.MethodType)) else type(obj)
+    try:
+        source = inspect.getsourcefile(target)  # pyright: ignore[reportArgumentType]
+        _, line = inspect.getsourcelines(target)  # pyright: ignore[reportArgumentType]
+    except (OSError, TypeError):
+        return "source unknown"
+    return f"{source}:{line}"
+
+
+def _unwrap_partial(builder: object) -> object:
+    while isinstance(builder, functools.partial):
+        builder = builder.func  # pyright: ignore[reportUnknownMemberType]
+    return builder
+
+
+def _return_hint(func: object) -> object:
+    """The evaluated return annotation of `func`, or None when absent or unresolvable."""
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - annotations of user code may not resolve; skip the check
+        return None
+    return hints.get("return")
+
+
+def _built_by_class(cls: type) -> object:
+    """The type a class builds: itself, unless its `__new__` is annotated to return another."""
+    new = cls.__dict__.get("__new__")
+    if new is not None:
+        func = new.__func__ if isinstance(new, staticmethod) else new  # pyright: ignore[reportUnknownMemberType,reportUnknownVariableType]
+        built = _return_hint(func)
+        if isinstance(built, type) and not issubclass(cls, built):
+            return built
+    return cls
+
+
+def _target(builder: object) -> _Target:
+    try:
+        signature: inspect.Signature | None = inspect.signature(builder)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]  # any callable; TypeError otherwise
+    except (TypeError, ValueError):
+        signature = None
+    base = _unwrap_partial(builder)
+    if isinstance(base, type):
+        return _Target(signature, _built_by_class(base), base)
+    if isinstance(base, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return _Target(signature, _return_hint(base), base)
+    call = getattr(type(base), "__call__", None)
+    return _Target(signature, _return_hint(call) if call is not None else None, type(base))
+
+
+def _params(signature: inspect.Signature, *, drop_self: bool) -> list[Parameter]:
+    params = list(signature.parameters.values())
+    if drop_self and params and params[0].kind in _POSITIONAL:
+        params = params[1:]
+    return params
+
+
+def compare_signatures(expected: list[Parameter], actual: list[Parameter]) -> list[str]:
+    """Every way a callable with `actual` parameters fails to accept calls made as `expected`.
+
+    `expected` is the protocol's parameter list (the calls the parent makes); `actual` is the
+    builder's. Positional-only parameters are passed by position, keyword-only ones by name,
+    positional-or-keyword ones either way.
+    """
+    problems: list[str] = []
+    actual_positional = [p for p in actual if p.kind in _POSITIONAL]
+    actual_by_name = {p.name: p for p in actual if p.kind in _BY_NAME}
+    has_var_args = any(p.kind is Parameter.VAR_POSITIONAL for p in actual)
+    has_var_kwargs = any(p.kind is Parameter.VAR_KEYWORD for p in actual)
+    served: set[str] = set()
+
+    position = 0
+    for param in expected:
+        if param.kind is Parameter.VAR_POSITIONAL:
+            if not has_var_args:
+                problems.append(f"does not accept extra positional arguments (*{param.name})")
+            continue
+        if param.kind is Parameter.VAR_KEYWORD:
+            if not has_var_kwargs:
+                problems.append(f"does not accept extra keyword arguments (**{param.name})")
+            continue
+        optional = param.default is not Parameter.empty
+        if param.kind in _POSITIONAL:
+            if position < len(actual_positional):
+                match = actual_positional[position]
+                served.add(match.name)
+                if optional and match.default is Parameter.empty:
+                    problems.append(
+                        f"positional parameter {position} ('{param.name}') is optional in the "
+                        f"protocol but '{match.name}' has no default")
+                if param.kind is Parameter.POSITIONAL_OR_KEYWORD and match.name != param.name \
+                        and param.name not in actual_by_name and not has_var_kwargs:
+                    problems.append(f"missing parameter '{param.name}': the protocol may pass it by name")
+            elif not has_var_args:
+                problems.append(
+                    f"takes {len(actual_positional)} positional argument(s) but the protocol "
+                    f"passes '{param.name}' at position {position}")
+            position += 1
+            continue
+        # Keyword-only in the protocol.
+        named = actual_by_name.get(param.name)
+        if named is None:
+            if not has_var_kwargs:
+                problems.append(f"missing keyword parameter '{param.name}' (the protocol passes it by name)")
+            continue
+        if named.kind is Parameter.POSITIONAL_OR_KEYWORD and \
+                actual_positional.index(named) < position:
+            problems.append(
+                f"parameter '{param.name}' is filled by position {actual_positional.index(named)} "
+                "and again by name")
+        served.add(named.name)
+        if optional and named.default is Parameter.empty:
+            problems.append(f"keyword parameter '{param.name}' is optional in the protocol "
+                            "but required by the builder; give it a default")
+
+    for param in actual:
+        if param.kind in (Parameter.VAR_POSITIONAL, Parameter.VAR_KEYWORD):
+            continue
+        if param.default is Parameter.empty and param.name not in served:
+            problems.append(f"requires parameter '{param.name}' that the protocol never passes; "
+                            "give it a default or bind it with functools.partial")
+    return problems
+
+
+def protocol_members(protocol: type) -> dict[str, Callable[..., object]]:
+    """The methods a (Interface) protocol declares, own and inherited, without dunders."""
+    members: dict[str, Callable[..., object]] = {}
+    for klass in reversed(protocol.__mro__):
+        if klass is object or klass is typing.Generic or getattr(klass, "_is_protocol", False) is False:
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("_") or not callable(value):
+                continue
+            members[name] = value
+    return members
+
+
+def _origin(hint: object) -> object:
+    return typing.get_origin(hint) or hint
+
+
+def _options(hint: object) -> tuple[object, ...]:
+    """The members of a union annotation, or the annotation alone."""
+    origin: object = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _is_concrete_class(hint: object) -> bool:
+    return isinstance(hint, type) and not getattr(hint, "_is_protocol", False)
+
+
+def _return_mismatch(expected: object, actual: object) -> str | None:
+    """A message when two return annotations obviously disagree (Tensor vs tuple), else None."""
+    if expected is None or actual is None:
+        return None
+    expected_origins = [_origin(e) for e in _options(expected)]
+    for option in _options(actual):
+        got = _origin(option)
+        if not isinstance(got, type) or not _is_concrete_class(got):
+            return None
+        if not any(
+            not isinstance(e, type) or not _is_concrete_class(e) or issubclass(got, e)
+            for e in expected_origins
+        ):
+            return f"returns {_hint_name(actual)}, the protocol expects {_hint_name(expected)}"
+    return None
+
+
+def _hint_name(hint: object) -> str:
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__qualname__
+    return str(hint).replace("torch.Tensor", "Tensor").replace("typing.", "")
+
+
+def _interface_problems(interface: type, built: object) -> list[str]:
+    if not isinstance(built, type):
+        return []  # unknown or unannotated: the static checkers are the only judge here
+    problems: list[str] = []
+    for name, proto_method in protocol_members(interface).items():
+        impl = inspect.getattr_static(built, name, None)
+        if impl is None or not callable(impl) and not isinstance(impl, (staticmethod, classmethod)):
+            problems.append(f"the built {built.__qualname__} has no method '{name}' "
+                            f"required by {interface.__qualname__}")
+            continue
+        impl_func = getattr(built, name)
+        try:
+            expected = _params(inspect.signature(proto_method), drop_self=True)
+            actual = _params(inspect.signature(impl_func), drop_self=not isinstance(impl, staticmethod))
+        except (TypeError, ValueError):
+            continue
+        for problem in compare_signatures(expected, actual):
+            problems.append(f"{built.__qualname__}.{name} {problem}")
+        mismatch = _return_mismatch(_return_hint(proto_method), _return_hint(impl_func))
+        if mismatch is not None:
+            problems.append(f"{built.__qualname__}.{name} {mismatch}")
+    return problems
+
+
+_cache: dict[tuple[object, type], tuple[str, ...]] = {}
+
+
+def _mismatches(builder: object, protocol: type) -> tuple[str, ...]:
+    try:
+        key = (builder, protocol)
+        cached = _cache.get(key)
+    except TypeError:  # unhashable builder (an instance with __eq__): check every time
+        return tuple(_compute_mismatches(builder, protocol))
+    if cached is None:
+        cached = tuple(_compute_mismatches(builder, protocol))
+        _cache[key] = cached
+    return cached
+
+
+def _compute_mismatches(builder: object, protocol: type) -> list[str]:
+    if not callable(builder):
+        return [f"is a {type(builder).__qualname__} value, not a builder; a slot takes a "
+                "class, function or functools.partial that builds the submodule"]
+    if isinstance(builder, _module_type()):
+        return ["is a module instance; a slot takes the class (or a functools.partial of it) "
+                "and the parent builds the module"]
+    call = _protocol_call(protocol)
+    if call is None:
+        raise TypeError(f"{protocol.__qualname__} is not a Builder protocol: it has no __call__")
+    target = _target(builder)
+    problems: list[str] = []
+    if target.signature is None:
+        return ["has no inspectable signature"]
+    expected = _params(inspect.signature(call), drop_self=True)
+    problems.extend(compare_signatures(expected, list(target.signature.parameters.values())))
+    interface = _return_hint(call)
+    if isinstance(interface, type) and getattr(interface, "_is_protocol", False):
+        problems.extend(_interface_problems(interface, target.built))
+    return problems
+
+
+def _protocol_call(protocol: type) -> Callable[..., object] | None:
+    for klass in protocol.__mro__:
+        if getattr(klass, "_is_protocol", False) and "__call__" in vars(klass):
+            call: Callable[..., object] = vars(klass)["__call__"]
+            return call
+    return None
+
+
+def _module_type() -> type:
+    from torch import nn  # imported lazily: the spec core itself does not need torch
+
+    return nn.Module
+
+
+def check_builder(builder: object, protocol: type, *, slot: str | None = None) -> None:
+    """Raise `SpecError` unless `builder` can be called as `protocol.__call__` and builds its interface.
+
+    `builder` is a class (checked through its `__init__`, or its `__new__` when that builds
+    another type), a function, a `functools.partial` (nested partials too) or a callable
+    instance. Every mismatch is reported, each on its own line; results are cached per
+    (builder, protocol).
+    """
+    problems = _mismatches(builder, protocol)
+    if not problems:
+        return
+    where = f"{slot}: " if slot else ""
+    shown = describe_builder(builder) if callable(builder) else repr(builder)
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise SpecError(f"{where}{shown} does not satisfy {protocol.__qualname__}:\n{lines}")

@@ -1,0 +1,1 @@
+"""Transformer layers: norms, rotary embedding, attention, MLA, MLP, layer and block."""
