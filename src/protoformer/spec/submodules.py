@@ -10,7 +10,7 @@ from protoformer.spec.check import SpecError, check_builder
 
 __all__ = ["Submodules", "slot_protocols", "validate_submodules"]
 
-_hints_cache: dict[type, dict[str, tuple[type | None, bool]]] = {}
+_hints_cache: dict[type, dict[str, tuple[type[object] | None, bool]]] = {}
 
 
 def _is_builder_protocol(hint: object) -> bool:
@@ -18,7 +18,7 @@ def _is_builder_protocol(hint: object) -> bool:
         "__call__" in vars(k) for k in hint.__mro__ if getattr(k, "_is_protocol", False))
 
 
-def slot_protocols(cls: type) -> dict[str, tuple[type | None, bool]]:
+def slot_protocols(cls: type) -> dict[str, tuple[type[object] | None, bool]]:
     """For each field of a Submodules dataclass: (the type it holds, whether None is allowed).
 
     The type is a Builder protocol for a slot, a Submodules class for a nested record, or
@@ -28,7 +28,7 @@ def slot_protocols(cls: type) -> dict[str, tuple[type | None, bool]]:
     if cached is not None:
         return cached
     hints = typing.get_type_hints(cls)
-    result: dict[str, tuple[type | None, bool]] = {}
+    result: dict[str, tuple[type[object] | None, bool]] = {}
     for field in dataclasses.fields(cls):
         hint = hints.get(field.name)
         optional = False
@@ -65,7 +65,7 @@ def validate_submodules(record: object) -> None:
                 errors.append(f"{slot}: expected a {expected.__qualname__}, "
                               f"got {type(value).__qualname__}")
             continue
-        protocol: type = expected
+        protocol: type[object] = expected
         try:
             check_builder(value, protocol, slot=slot)
         except SpecError as error:
