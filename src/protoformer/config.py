@@ -42,9 +42,14 @@ def _require_float(name: str, value: object, *, low: float, high: float | None =
                    high_inclusive: bool = False, low_inclusive: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(name, value, "must be a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        raise _fail(name, value, "must be a finite number") from None
     if math.isnan(number):
         raise _fail(name, value, "must not be NaN")
+    if math.isinf(number):
+        raise _fail(name, value, "must be a finite number")
     if number < low or (number == low and not low_inclusive):
         bound = ">=" if low_inclusive else ">"
         raise _fail(name, value, f"must be {bound} {low}")
@@ -238,6 +243,9 @@ class MLATransformerConfig(TransformerConfig):
         _require_int("kv_lora_rank", self.kv_lora_rank, minimum=1)
         _require_int("qk_head_dim", self.qk_head_dim, minimum=1)
         _require_int("qk_pos_emb_head_dim", self.qk_pos_emb_head_dim, minimum=1)
+        if self.qk_pos_emb_head_dim % 2 != 0:
+            raise _fail("qk_pos_emb_head_dim", self.qk_pos_emb_head_dim,
+                        "must be even (the rotary part of each head rotates in pairs)")
         _require_int("v_head_dim", self.v_head_dim, minimum=1)
         if self.rope_type not in ("rope", "yarn"):
             raise _fail("rope_type", self.rope_type, "must be 'rope' or 'yarn'")

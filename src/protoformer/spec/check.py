@@ -67,20 +67,24 @@ def _return_hint(func: object) -> object:
     """The evaluated return annotation of `func`, or None when absent or unresolvable."""
     try:
         hints = typing.get_type_hints(func)
-    except Exception:  # noqa: BLE001 - annotations of user code may not resolve; skip the check
+    except Exception:  # annotations of user code may not resolve: skip the check
         return None
     return hints.get("return")
 
 
 def _built_by_class(cls: type) -> object:
     """The type a class builds: itself, unless its `__new__` is annotated to return another."""
-    new = cls.__dict__.get("__new__")
-    if new is not None:
-        func = new.__func__ if isinstance(new, staticmethod) else new  # pyright: ignore[reportUnknownMemberType,reportUnknownVariableType]
-        built = _return_hint(func)
-        if isinstance(built, type) and not issubclass(cls, built):
-            return built
-    return cls
+    owner = next((k for k in cls.__mro__ if k is not object and "__new__" in vars(k)), None)
+    if owner is None:
+        return cls
+    new: object = vars(owner)["__new__"]
+    func = new.__func__ if isinstance(new, staticmethod) else new  # pyright: ignore[reportUnknownMemberType,reportUnknownVariableType]
+    built = _return_hint(func)
+    if not isinstance(built, type) or built is cls:
+        return cls
+    if getattr(built, "_is_protocol", False):
+        return built  # issubclass() is refused for protocols; compare the declared interface
+    return cls if issubclass(cls, built) else built
 
 
 def _target(builder: object) -> _Target:
@@ -93,7 +97,7 @@ def _target(builder: object) -> _Target:
         return _Target(signature, _built_by_class(base), base)
     if isinstance(base, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
         return _Target(signature, _return_hint(base), base)
-    call = getattr(type(base), "__call__", None)
+    call: object = inspect.getattr_static(type(base), "__call__", None)
     return _Target(signature, _return_hint(call) if call is not None else None, type(base))
 
 
@@ -229,7 +233,7 @@ def _interface_problems(interface: type, built: object) -> list[str]:
     problems: list[str] = []
     for name, proto_method in protocol_members(interface).items():
         impl = inspect.getattr_static(built, name, None)
-        if impl is None or not callable(impl) and not isinstance(impl, (staticmethod, classmethod)):
+        if impl is None or (not callable(impl) and not isinstance(impl, (staticmethod, classmethod))):
             problems.append(f"the built {built.__qualname__} has no method '{name}' "
                             f"required by {interface.__qualname__}")
             continue
@@ -264,7 +268,7 @@ def _mismatches(builder: object, protocol: type) -> tuple[str, ...]:
 
 def _compute_mismatches(builder: object, protocol: type) -> list[str]:
     if not callable(builder):
-        return [f"is a {type(builder).__qualname__} value, not a builder; a slot takes a "
+        return [f"is a value of type {type(builder).__qualname__}, not a builder; a slot takes a "
                 "class, function or functools.partial that builds the submodule"]
     if isinstance(builder, _module_type()):
         return ["is a module instance; a slot takes the class (or a functools.partial of it) "

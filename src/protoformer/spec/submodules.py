@@ -27,7 +27,13 @@ def slot_protocols(cls: type) -> dict[str, tuple[type[object] | None, bool]]:
     cached = _hints_cache.get(cls)
     if cached is not None:
         return cached
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as error:
+        raise SpecError(
+            f"{cls.__qualname__}: cannot evaluate the slot annotations ({error}); every name "
+            "used in a Submodules annotation must be importable at runtime in its module "
+            "(not only under `if TYPE_CHECKING:`)") from error
     result: dict[str, tuple[type[object] | None, bool]] = {}
     for field in dataclasses.fields(cls):
         hint = hints.get(field.name)
