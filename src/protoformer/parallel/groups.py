@@ -69,19 +69,22 @@ class ProcessGroups:
         # Every rank creates every group (new_group is collective), keeping its own.
         for start in range(0, world, tp):
             ranks = list(range(start, start + tp))
-            group = _new_group(ranks)
-            if rank in ranks:
+            group = _new_group(ranks, member=rank in ranks)
+            if group is not None:
                 tp_group = group
         for offset in range(tp):
             ranks = list(range(offset, world, tp))
-            group = _new_group(ranks)
-            if rank in ranks:
+            group = _new_group(ranks, member=rank in ranks)
+            if group is not None:
                 dp_group = group
         return cls(tp=tp_group, dp=dp_group)
 
 
-def _new_group(ranks: list[int]) -> ProcessGroup:
+def _new_group(ranks: list[int], *, member: bool) -> ProcessGroup | None:
+    """Create the group on every rank (a collective call); return it only to its members."""
     group = dist.new_group(ranks)  # pyright: ignore[reportUnknownMemberType]  # torch leaves parameters unannotated
+    if not member:
+        return None  # torch hands non-members a sentinel, not a group
     if not isinstance(group, ProcessGroup):
         raise RuntimeError(f"torch.distributed.new_group({ranks}) returned {group!r}, not a ProcessGroup")
     return group
