@@ -1,5 +1,6 @@
 """Tensor-parallel layers and process groups (single-process by default)."""
 
+from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import (
     ColumnParallelLinear,
@@ -16,6 +17,12 @@ from protoformer.parallel.protocols import (
     RowParallelLinearBuilder,
     RowParallelLinearInterface,
 )
+from protoformer.parallel.random import (
+    RNGStatesTracker,
+    get_rng_tracker,
+    model_parallel_manual_seed,
+    model_parallel_rng_tracker,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -26,8 +33,13 @@ __all__ = [
     "LinearBuilder",
     "LinearLayerInterface",
     "ProcessGroups",
+    "RNGStatesTracker",
     "RowParallelLinear",
     "RowParallelLinearBuilder",
     "RowParallelLinearInterface",
     "VocabParallelEmbedding",
+    "get_rng_tracker",
+    "model_parallel_manual_seed",
+    "model_parallel_rng_tracker",
+    "vocab_parallel_cross_entropy",
 ]

@@ -1,0 +1,190 @@
+"""Gradient bookkeeping after backward: sums over tensor-parallel ranks, DP averaging, clipping.
+
+Under tensor parallelism most gradients are complete after backward: a split parameter's
+gradient is its slice of the single-process gradient, and a replicated parameter used on
+replicated activations gets the full gradient on every rank. Two kinds of replicated
+parameters are the exception; each rank holds only a *partial* gradient that must be summed
+over the tensor-parallel group (`finalize_model_grads` does it, in one coalesced all-reduce):
+
+- parameters tagged `sequence_parallel = True` (norms, replicated `Linear`s and learned
+  position embeddings under `config.sequence_parallel`: each rank sees only its slice of the
+  sequence), and
+- parameters tagged `tensor_parallel_partial_grad = True` (`mark_partial_grad_over_tp`):
+  per-head q/k norms, applied on each rank to that rank's heads only.
+
+Gradient clipping needs the norm of the *whole* model's gradient: `clip_grad_norm_` sums the
+squares of split parameters over the tensor-parallel group, counts replicated ones once, and
+skips rows that a rank holds only as a copy of another rank's (replicated key/value heads when
+`num_query_groups < tp`, tagged `tensor_parallel_duplicate_rows_from`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from protoformer.parallel.groups import ProcessGroup, ProcessGroups, group_size
+from protoformer.parallel.mappings import all_reduce_in_place
+
+__all__ = [
+    "DUPLICATE_ROWS_ATTRIBUTE",
+    "PARTIAL_GRAD_ATTRIBUTE",
+    "all_reduce_data_parallel_grads",
+    "clip_grad_norm_",
+    "finalize_model_grads",
+    "grad_norm",
+    "mark_duplicate_rows",
+    "mark_partial_grad_over_tp",
+    "needs_tensor_parallel_grad_sum",
+]
+
+PARTIAL_GRAD_ATTRIBUTE = "tensor_parallel_partial_grad"
+"""A replicated parameter whose gradient each tensor-parallel rank holds only in part."""
+
+DUPLICATE_ROWS_ATTRIBUTE = "tensor_parallel_duplicate_rows_from"
+"""On a split parameter, the first row this rank holds only as a copy of another rank's rows."""
+
+
+def mark_partial_grad_over_tp(module: nn.Module) -> None:
+    """Tag every parameter of `module`: its gradient is summed over the tensor-parallel group.
+
+    For replicated layers each rank applies to different data (its own heads, say), so that
+    the rank's gradient is a partial sum. `finalize_model_grads` completes it.
+    """
+    for param in module.parameters():
+        setattr(param, PARTIAL_GRAD_ATTRIBUTE, True)
+
+
+def mark_duplicate_rows(param: nn.Parameter, first_row: int) -> None:
+    """Tag rows `first_row:` of `param` as a copy of rows another tensor-parallel rank holds.
+
+    Their gradients stay equal to the original's (the layer sums them), so a global gradient
+    norm must count them once: `clip_grad_norm_` skips them on this rank.
+    """
+    if first_row < 0 or first_row > param.shape[0]:
+        raise ValueError(f"mark_duplicate_rows: first_row={first_row} outside the parameter's "
+                         f"{param.shape[0]} rows")
+    setattr(param, DUPLICATE_ROWS_ATTRIBUTE, first_row)
+
+
+def needs_tensor_parallel_grad_sum(param: Tensor) -> bool:
+    """Whether `param`'s gradient must be summed over the tensor-parallel group after backward."""
+    return bool(getattr(param, "sequence_parallel", False)) \
+        or bool(getattr(param, PARTIAL_GRAD_ATTRIBUTE, False))
+
+
+def _is_split(param: Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def _all_reduce_coalesced(tensors: list[Tensor], group: ProcessGroup, *,
+                          scale: float | None = None) -> None:
+    """Sum `tensors` over `group` in place, one all-reduce per (dtype, device); then `*= scale`."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for tensor in tensors:
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for bucket in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in bucket])  # [sum of numels]
+        all_reduce_in_place(flat, group)
+        if scale is not None:
+            flat.mul_(scale)
+        offset = 0
+        for tensor in bucket:
+            count = tensor.numel()
+            tensor.copy_(flat[offset:offset + count].view_as(tensor))
+            offset += count
+
+
+def _grads(parameters: Iterable[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    pairs: list[tuple[Tensor, Tensor]] = []
+    seen: set[int] = set()
+    for param in parameters:
+        if id(param) in seen:  # a tied parameter listed twice
+            continue
+        seen.add(id(param))
+        if param.grad is not None:
+            pairs.append((param, param.grad))
+    return pairs
+
+
+@torch.no_grad()
+def finalize_model_grads(model: nn.Module, pg: ProcessGroups | None = None, *,
+                         reduce_data_parallel: bool = False) -> None:
+    """Complete the gradients after backward (and after any `backward_dw()`), before clipping.
+
+    Sums over `pg.tp` the gradients of parameters that `needs_tensor_parallel_grad_sum`
+    selects (sequence-parallel norms and the like). With `reduce_data_parallel=True` it also
+    averages every gradient over `pg.dp`: for a model *not* wrapped in
+    `DistributedDataParallel` (which averages during backward itself). A no-op with one rank.
+    """
+    pg = pg if pg is not None else ProcessGroups()
+    pairs = _grads(model.parameters())
+    if pg.tp_size > 1:
+        partial = [grad for param, grad in pairs if needs_tensor_parallel_grad_sum(param)]
+        if partial:
+            _all_reduce_coalesced(partial, _require(pg.tp))
+    if reduce_data_parallel and pg.dp_size > 1:
+        all_reduce_data_parallel_grads(model, pg)
+
+
+@torch.no_grad()
+def all_reduce_data_parallel_grads(model: nn.Module, pg: ProcessGroups) -> None:
+    """Average every gradient of `model` over the data-parallel group `pg.dp` (coalesced)."""
+    if pg.dp_size == 1:
+        return
+    grads = [grad for _, grad in _grads(model.parameters())]
+    if grads:
+        _all_reduce_coalesced(grads, _require(pg.dp), scale=1.0 / pg.dp_size)
+
+
+def _require(group: ProcessGroup | None) -> ProcessGroup:
+    assert group is not None and group_size(group) > 1  # callers check the size first
+    return group
+
+
+@torch.no_grad()
+def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> Tensor:
+    """The 2-norm of the whole model's gradient (float32 scalar), as one process would compute it.
+
+    Split parameters (`tensor_model_parallel`) contribute their squares summed over `pg.tp`;
+    replicated ones count once (their gradients must be complete: call
+    `finalize_model_grads` first); rows tagged as duplicates of another rank's are skipped.
+    Gradients are assumed equal across `pg.dp` (already averaged).
+    """
+    pg = pg if pg is not None else ProcessGroups()
+    pairs = _grads(parameters)
+    device = pairs[0][1].device if pairs else torch.device("cpu")
+    split_sq = torch.zeros((), dtype=torch.float32, device=device)
+    replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for param, grad in pairs:
+        if _is_split(param):
+            first_duplicate: int | None = getattr(param, DUPLICATE_ROWS_ATTRIBUTE, None)
+            if first_duplicate is not None:
+                grad = grad[:first_duplicate]
+            split_sq += grad.float().pow(2).sum().to(device)
+        else:
+            replicated_sq += grad.float().pow(2).sum().to(device)
+    if pg.tp_size > 1:
+        all_reduce_in_place(split_sq, pg.tp)
+    return (split_sq + replicated_sq).sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float,
+                    pg: ProcessGroups | None = None) -> Tensor:
+    """Scale the gradients so that their global norm (`grad_norm`) is at most `max_norm`.
+
+    Returns the norm before clipping. Every tensor-parallel rank computes the same norm, so
+    every rank scales by the same factor (as `torch.nn.utils.clip_grad_norm_` would on one
+    process). A non-finite norm leaves the gradients non-finite, as torch does.
+    """
+    if not max_norm > 0.0:
+        raise ValueError(f"clip_grad_norm_: max_norm={max_norm} must be > 0")
+    params = list(parameters)
+    total = grad_norm(params, pg)
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for _, grad in _grads(params):
+        grad.mul_(coefficient.to(grad.device, grad.dtype))
+    return total
