@@ -616,3 +616,18 @@ def test_user_subclass_of_real_linear_with_extra_option() -> None:
         check_builder(Fp8Row, parallel.RowParallelLinearBuilder, slot="S.row")
     check_builder(functools.partial(Fp8Row, fp8=True), parallel.RowParallelLinearBuilder,
                   slot="S.row")
+
+
+def test_partial_binding_a_wrong_record_type_is_reported() -> None:
+    import functools
+
+    from protoformer.transformer.attention import SelfAttention
+    from protoformer.transformer.interfaces import AttentionBuilder
+    from protoformer.transformer.mlp import MLPSubmodules
+
+    wrong = functools.partial(SelfAttention, submodules=MLPSubmodules.__new__(MLPSubmodules))
+    with pytest.raises(SpecError) as info:
+        check_builder(wrong, AttentionBuilder, slot="Layer.self_attention")
+    message = str(info.value)
+    assert "binds submodules= to a MLPSubmodules" in message
+    assert "SelfAttentionSubmodules" in message

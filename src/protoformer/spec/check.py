@@ -8,6 +8,8 @@ with a message naming the slot, the builder and every mismatch, not deep inside 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import inspect
 import types
@@ -282,9 +284,43 @@ def _compute_mismatches(builder: object, protocol: type) -> list[str]:
         return ["has no inspectable signature"]
     expected = _params(inspect.signature(call), drop_self=True)
     problems.extend(compare_signatures(expected, list(target.signature.parameters.values())))
+    problems.extend(_bound_keyword_problems(builder))
     interface = _return_hint(call)
     if isinstance(interface, type) and getattr(interface, "_is_protocol", False):
         problems.extend(_interface_problems(interface, target.built))
+    return problems
+
+
+def _bound_keyword_problems(builder: object) -> list[str]:
+    """Keywords bound by a partial whose value is not of the record/enum type the builder declares.
+
+    Only dataclass records (such as a `submodules=` Submodules record) and enums are checked:
+    for them an `isinstance` test is exact, whereas numbers and callables are left to the
+    static checkers.
+    """
+    if not isinstance(builder, functools.partial):
+        return []
+    bound: functools.partial[object] = builder  # pyright: ignore[reportUnknownVariableType]  # any partial
+    base = _unwrap_partial(bound)
+    func: object = getattr(base, "__init__") if isinstance(base, type) else base  # noqa: B009 - mypy rejects .__init__ on an instance
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # unresolvable user annotations: nothing to compare against
+        return []
+    problems: list[str] = []
+    keywords: dict[str, object] = dict(bound.keywords)
+    for name, value in keywords.items():
+        options = [o for o in _options(hints.get(name)) if o is not type(None)]
+        if value is None and len(options) < len(_options(hints.get(name))):
+            continue
+        checkable = [o for o in options if isinstance(o, type)
+                     and (dataclasses.is_dataclass(o) or issubclass(o, enum.Enum))]
+        if len(checkable) != len(options) or not checkable:
+            continue
+        if not isinstance(value, tuple(checkable)):
+            expected = " | ".join(c.__qualname__ for c in checkable)
+            problems.append(f"binds {name}= to a {type(value).__qualname__}, but the builder "
+                            f"declares {name}: {expected}")
     return problems
 
 

@@ -1,0 +1,70 @@
+"""Training FLOPs per token of a decoder-only model, for throughput (MFU) reports.
+
+    flops_per_token = 6 * N_matmul + 6 * L * s * n_heads * (d_qk + d_v)
+
+* `N_matmul` counts the weights that take part in a matrix multiply per token: every
+  layer's attention projections (for MLA, the down- and up-projections of the query and
+  the key/value latent) and MLP linears (3 of them when gated), plus the output layer
+  `hidden_size * vocab_size` (counted even when tied to the embedding: the multiply still
+  happens). The embedding lookup, norms and biases do no matmul work and are left out.
+  A multiply-add is 2 FLOPs; the backward pass costs twice the forward pass (gradients
+  with respect to inputs and weights), hence 2 * 3 = 6 per weight.
+* The attention term is the score (`q k^T`: 2 * s * d_qk per head) and context
+  (`p v`: 2 * s * d_v per head) matmuls of one token against `s` positions, times 3 for
+  forward and backward. As in the PaLM and Megatron-LM reports, the causal mask is *not*
+  credited (half of the scores are masked but are usually still computed).
+"""
+
+from __future__ import annotations
+
+from protoformer.config import MLATransformerConfig, TransformerConfig
+
+__all__ = ["attention_flops_per_token", "flops_per_token", "matmul_params"]
+
+
+def _attention_params(config: TransformerConfig) -> int:
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if isinstance(config, MLATransformerConfig):
+        q_head = config.qk_head_dim + config.qk_pos_emb_head_dim
+        if config.q_lora_rank is None:
+            query = hidden * heads * q_head
+        else:
+            query = hidden * config.q_lora_rank + config.q_lora_rank * heads * q_head
+        kv_down = hidden * (config.kv_lora_rank + config.qk_pos_emb_head_dim)
+        kv_up = config.kv_lora_rank * heads * (config.qk_head_dim + config.v_head_dim)
+        proj = heads * config.v_head_dim * hidden
+        return query + kv_down + kv_up + proj
+    head_dim = config.head_dim
+    query = hidden * heads * head_dim
+    key_value = 2 * hidden * config.query_groups * head_dim
+    proj = heads * head_dim * hidden
+    return query + key_value + proj
+
+
+def _mlp_params(config: TransformerConfig) -> int:
+    linears = 3 if config.gated_linear_unit else 2
+    return linears * config.hidden_size * config.ffn_size
+
+
+def matmul_params(config: TransformerConfig, vocab_size: int) -> int:
+    """Weights used in a matmul per token: all layers' linears plus the output layer."""
+    per_layer = _attention_params(config) + _mlp_params(config)
+    return config.num_layers * per_layer + config.hidden_size * vocab_size
+
+
+def attention_flops_per_token(config: TransformerConfig, seq_len: int) -> int:
+    """Forward+backward FLOPs of the attention score and context matmuls for one token."""
+    heads = config.num_attention_heads
+    if isinstance(config, MLATransformerConfig):
+        d_qk, d_v = config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim
+    else:
+        d_qk = d_v = config.head_dim
+    return 6 * config.num_layers * seq_len * heads * (d_qk + d_v)
+
+
+def flops_per_token(config: TransformerConfig, vocab_size: int, seq_len: int) -> int:
+    """Training (forward + backward) FLOPs per token at sequence length `seq_len`."""
+    for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            raise ValueError(f"flops_per_token: {name}={value!r} must be an int >= 1")
+    return 6 * matmul_params(config, vocab_size) + attention_flops_per_token(config, seq_len)

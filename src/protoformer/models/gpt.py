@@ -1,0 +1,243 @@
+"""`GPTModel`: a decoder-only language model (GPT, Llama, DeepSeek-style MLA) from a layer spec."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from protoformer.parallel.random import tensor_parallel_rng_fork
+from protoformer.spec import apply_module
+from protoformer.transformer.block import TransformerBlock
+from protoformer.transformer.inference import InferenceContext
+from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.mlp import init_method_normal
+from protoformer.transformer.rope import RotaryEmbedding, rotary_emb_from_config
+from protoformer.transformer.yarn import MLARotaryEmbedding
+
+__all__ = ["GPTModel", "PositionEmbeddingType"]
+
+PositionEmbeddingType = Literal["rope", "learned_absolute", "none"]
+_POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
+
+# Linears that write into the residual stream; initialised with std / sqrt(2 * num_layers).
+_RESIDUAL_OUTPUT_LINEARS = ("linear_proj", "linear_fc2")
+
+
+class GPTModel(nn.Module):
+    """Token embedding, `config.num_layers` layers of `layer_spec`, final norm, output layer.
+
+    `forward(input_ids [b, s])` returns logits `[b, s, vocab_size]` (gathered to the full
+    vocabulary), or with `labels [b, s]` the per-token loss `[b, s]` (float32, not reduced;
+    mask and average it yourself). The loss is computed on vocabulary-split logits, so under
+    tensor parallelism the full logits are never gathered.
+
+    Positions: `position_embedding_type="rope"` builds one rotary table per forward from the
+    config and every attention layer rotates with it (multi-latent attention ignores it and
+    uses its own); `"learned_absolute"` adds a learned `[max_sequence_length, h]` table to the
+    token embeddings; `"none"` adds nothing. Inputs longer than `max_sequence_length` are
+    rejected.
+
+    Incremental decoding: pass an `InferenceContext`; the tokens of `input_ids` sit at
+    positions `sequence_len_offset ...`, and after the forward the context is advanced by
+    `s` (`inference_context.increment(s)`).
+
+    `share_embeddings_and_output_weights` ties the output layer to the embedding weight.
+    `parallel_output=True` keeps the output layer's logits split over tensor-parallel ranks
+    (they are gathered only when logits are returned); `False` gathers them in the layer.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: TransformerLayerSubmodules,
+        vocab_size: int,
+        max_sequence_length: int,
+        *,
+        pg: ProcessGroups | None = None,
+        share_embeddings_and_output_weights: bool = False,
+        position_embedding_type: PositionEmbeddingType = "rope",
+        parallel_output: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("max_sequence_length", max_sequence_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+                raise ValueError(f"GPTModel: {name}={value!r} must be an int >= 1")
+        if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"GPTModel: position_embedding_type={position_embedding_type!r}; "
+                             f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")
+        self.config = config
+        self.pg = pg if pg is not None else ProcessGroups()
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.position_embedding_type: PositionEmbeddingType = position_embedding_type
+        self.parallel_output = parallel_output
+        init_method = init_method_normal(config.init_method_std)
+
+        self.embedding = VocabParallelEmbedding(
+            vocab_size, config.hidden_size, init_method=init_method, config=config,
+            tp_group=self.pg.tp)
+        self.position_embeddings: nn.Embedding | None = None
+        if position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(
+                max_sequence_length, config.hidden_size, dtype=config.params_dtype)
+            if config.perform_initialization:
+                init_method(self.position_embeddings.weight)
+            # Under sequence parallelism each rank adds the rows of its own slice of the
+            # sequence: its gradient is partial and summed over the tensor-parallel group.
+            self.position_embeddings.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]  # a documented tag, read by finalize_model_grads
+        # Multi-latent attention applies its own (decoupled, possibly YaRN) rotary embedding.
+        self.rotary_pos_emb: RotaryEmbedding | None = None
+        if position_embedding_type == "rope" and not isinstance(config, MLATransformerConfig):
+            self.rotary_pos_emb = rotary_emb_from_config(config)
+
+        self.decoder = TransformerBlock(config, layer_spec, pg=self.pg, post_layer_norm=True)
+        self.output_layer = ColumnParallelLinear(
+            config.hidden_size,
+            vocab_size,
+            config=config,
+            init_method=init_method,
+            bias=False,
+            gather_output=not parallel_output,
+            skip_bias_add=False,
+            tp_group=self.pg.tp,
+            skip_weight_param_allocation=share_embeddings_and_output_weights,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        inference_context: InferenceContext | None = None,
+    ) -> Tensor:
+        """Logits `[b, s, vocab_size]`, or the per-token loss `[b, s]` when `labels` are given."""
+        self._check_ids("input_ids", input_ids)
+        seq_len = input_ids.shape[1]
+        offset = 0
+        if inference_context is not None:
+            offset = inference_context.sequence_len_offset
+            inference_context.check_room(seq_len)
+        if offset + seq_len > self.max_sequence_length:
+            where = f" at offset {offset}" if offset else ""
+            raise ValueError(
+                f"GPTModel: a sequence of {seq_len} token(s){where} reaches position "
+                f"{offset + seq_len}, beyond max_sequence_length={self.max_sequence_length}; "
+                "truncate the input or build the model with a larger max_sequence_length")
+        if labels is not None:
+            self._check_ids("labels", labels)
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"GPTModel: labels of shape {tuple(labels.shape)} must match "
+                                 f"input_ids of shape {tuple(input_ids.shape)} ([b, s])")
+
+        embeddings = apply_module(self.embedding)(input_ids)  # [b, s, h] ([b, s / tp, h] with SP)
+        if self.position_embeddings is not None:
+            local_len = embeddings.shape[1]  # this rank's slice under sequence parallelism
+            start = offset
+            if self.embedding.reduce_scatter_embeddings:
+                start += self.pg.tp_rank * local_len
+            positions = torch.arange(start, start + local_len, device=input_ids.device)  # [s]
+            embeddings = embeddings + self.position_embeddings(positions)  # [b, s, h]
+        hidden_states = embeddings.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.training and self.config.hidden_dropout > 0.0:
+            # Sequence-parallel slices differ per rank, so do their masks; replicated
+            # activations (no sequence parallelism) need the same mask on every rank.
+            rng = (tensor_parallel_rng_fork(self.pg.tp) if self.embedding.reduce_scatter_embeddings
+                   else contextlib.nullcontext())
+            with rng:
+                hidden_states = F.dropout(hidden_states, p=self.config.hidden_dropout,
+                                          training=True)
+        rotary_pos_emb = None
+        if self.rotary_pos_emb is not None:
+            rotary_pos_emb = self.rotary_pos_emb(offset + seq_len)  # [offset + s, 1, 1, rot_dim]
+
+        hidden_states = apply_module(self.decoder)(
+            hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb,
+            inference_context=inference_context)  # [s, b, h]
+
+        weight = self.embedding.weight if self.share_embeddings_and_output_weights else None
+        if labels is None:
+            logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight,
+                                          runtime_gather_output=True)  # [s, b, v]
+            result = logits.transpose(0, 1).contiguous()  # [b, s, v]
+        else:
+            logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight)  # [s, b, v / tp] or [s, b, v]
+            split = self.parallel_output and self.pg.tp_size > 1
+            loss = vocab_parallel_cross_entropy(
+                logits, labels.transpose(0, 1), self.pg.tp if split else None)  # [s, b]
+            result = loss.transpose(0, 1).contiguous()  # [b, s]
+        if inference_context is not None:
+            inference_context.increment(seq_len)
+        return result
+
+    def _check_ids(self, name: str, ids: Tensor) -> None:
+        if not isinstance(ids, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            raise TypeError(f"GPTModel: {name} must be a torch.Tensor of token ids [b, s], "
+                            f"got {type(ids).__qualname__}")
+        if ids.dim() != 2:
+            raise ValueError(f"GPTModel: {name} must be 2-D [batch, sequence], got shape "
+                             f"{tuple(ids.shape)}; add a batch dimension with ids.unsqueeze(0)")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"GPTModel: {name} must hold integer token ids (int64 or int32), "
+                             f"got dtype {ids.dtype}")
+        if ids.shape[1] < 1:
+            raise ValueError(f"GPTModel: {name} of shape {tuple(ids.shape)} has no tokens")
+        if ids.device.type == "cpu" and ids.numel() > 0:  # on an accelerator this would sync
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"GPTModel: {name} must lie in [0, vocab_size={self.vocab_size}), "
+                                 f"got values from {low} to {high}; check the tokenizer against "
+                                 "the model's vocab_size")
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter from `config.init_method_std`, and the rotary tables.
+
+        Weights of linears and embeddings: normal(0, std), the linears writing into the
+        residual stream (`linear_proj`, `linear_fc2`) normal(0, std / sqrt(2 * num_layers));
+        biases 0; norm scales (other 1-D weights) 1. The rotary frequency tables
+        (non-persistent buffers) are recomputed from the config, and any other module with a
+        `reset_parameters` method runs it first. Use it after building on the meta device:
+        `model.to_empty(device=...)` then `model.init_weights()`.
+        """
+        std = self.config.init_method_std
+        scaled_std = std / math.sqrt(2.0 * self.config.num_layers)
+        for module in self.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if module is not self and callable(reset):
+                reset()
+        self._recompute_rotary_tables()
+        for name, param in self.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            if leaf == "bias":
+                param.zero_()
+            elif param.dim() == 1:
+                param.fill_(1.0)
+            elif owner.rpartition(".")[2] in _RESIDUAL_OUTPUT_LINEARS:
+                param.normal_(0.0, scaled_std)
+            else:
+                param.normal_(0.0, std)
+
+    def _recompute_rotary_tables(self) -> None:
+        """Refill the rotary `inv_freq` buffers, which `to_empty` leaves uninitialised."""
+        device = self.embedding.weight.device
+        if self.rotary_pos_emb is not None:
+            with torch.device(device):
+                self.rotary_pos_emb = rotary_emb_from_config(self.config)
+        config = self.config
+        if isinstance(config, MLATransformerConfig):
+            for module in self.modules():
+                if isinstance(module, MLARotaryEmbedding):
+                    with torch.device(module.inv_freq.device):
+                        fresh = MLARotaryEmbedding(config)
+                    module.inv_freq.copy_(fresh.inv_freq)

@@ -1,0 +1,7 @@
+"""Recipes: layer specs assembled from a backend, and named model presets."""
+
+from protoformer.recipes.gpt import gpt_layer_spec, mlp_spec
+from protoformer.recipes.mla import mla_layer_spec
+from protoformer.recipes.presets import Preset, get_preset, list_presets
+
+__all__ = ["Preset", "get_preset", "gpt_layer_spec", "list_presets", "mla_layer_spec", "mlp_spec"]
