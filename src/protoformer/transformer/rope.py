@@ -69,16 +69,20 @@ class RotaryEmbedding(nn.Module):
         self.rotary_interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
 
-        exponents = torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim  # [rot_dim / 2]
-        inv_freq = 1.0 / (rotary_base ** exponents)  # [rot_dim / 2]
-        if rope_scaling:
-            inv_freq = llama3_scaled_inv_freq(
-                inv_freq,
-                factor=rope_scaling_factor,
-                low_freq_factor=low_freq_factor,
-                high_freq_factor=high_freq_factor,
-                original_max_position_embeddings=original_max_position_embeddings,
-            )
+        # Computed on the CPU and moved: under a meta-device context the factory calls would
+        # otherwise run torch's reference kernels, which cost about a second on first use.
+        with torch.device("cpu"):
+            exponents = torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim  # [rot_dim / 2]
+            inv_freq = 1.0 / (rotary_base ** exponents)  # [rot_dim / 2]
+            if rope_scaling:
+                inv_freq = llama3_scaled_inv_freq(
+                    inv_freq,
+                    factor=rope_scaling_factor,
+                    low_freq_factor=low_freq_factor,
+                    high_freq_factor=high_freq_factor,
+                    original_max_position_embeddings=original_max_position_embeddings,
+                )
+        inv_freq = inv_freq.to(torch.get_default_device())
         # Not persistent: it is a pure function of the constructor arguments, so checkpoints
         # need not carry it (and stay loadable when the formula's float rounding changes).
         self.register_buffer("inv_freq", inv_freq, persistent=False)

@@ -115,15 +115,18 @@ class MLARotaryEmbedding(nn.Module):
         self.rope_type = config.rope_type
         if config.rope_type == "yarn":
             factor = config.rotary_scaling_factor
-            inv_freq = yarn_inv_freq(dim, config.rotary_base, factor,
-                                     config.original_max_position_embeddings,
-                                     config.beta_fast, config.beta_slow)
+            with torch.device("cpu"):  # see RotaryEmbedding: avoid meta-device reference kernels
+                inv_freq = yarn_inv_freq(dim, config.rotary_base, factor,
+                                         config.original_max_position_embeddings,
+                                         config.beta_fast, config.beta_slow)
             # DeepSeek-V3's `_mscale`: YaRN's attention temperature, folded into cos/sin.
             self.magnitude = (yarn_get_mscale(factor, config.mscale)
                               / yarn_get_mscale(factor, config.mscale_all_dim))
         else:
-            inv_freq = rope_inv_freq(dim, config.rotary_base)
+            with torch.device("cpu"):
+                inv_freq = rope_inv_freq(dim, config.rotary_base)
             self.magnitude = 1.0
+        inv_freq = inv_freq.to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [dim / 2]
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:

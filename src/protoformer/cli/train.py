@@ -1,0 +1,170 @@
+"""`protoformer train`: train a preset on a byte corpus, checkpoint it and show a sample.
+
+Under `torchrun` (several processes) every rank runs this command: `--tp N` splits the model
+over N ranks, the rest are data-parallel replicas. Rank 0 prints; an error on any rank ends
+the whole job with that rank's message (`protoformer.distributed.fail_fast`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Protocol
+
+from protoformer.distributed import LaunchEnvironment, barrier, destroy_distributed, fail_fast
+from protoformer.generation import generate
+from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
+from protoformer.train.loop import TrainOptions, TrainResult, train
+
+__all__ = ["add_parser", "options_from_args", "run"]
+
+SAMPLE_PROMPT = "def "
+SAMPLE_TOKENS = 200
+_DEFAULTS = TrainOptions()
+# Command-line flag -> TrainOptions field (the flags every run may set).
+_FLAGS = {
+    "preset": "preset", "steps": "steps", "data": "data", "batch_size": "batch_size",
+    "seq_len": "seq_len", "lr": "lr", "warmup_steps": "warmup_steps",
+    "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every",
+    "seed": "seed", "backend": "backend", "device": "device", "tp": "tp",
+    "sequence_parallel": "sequence_parallel", "dist_timeout": "dist_timeout",
+}
+
+
+class _Subparsers(Protocol):
+    def add_parser(self, name: str, *, help: str, description: str) -> argparse.ArgumentParser: ...
+
+
+def add_parser(commands: _Subparsers) -> None:
+    parser = commands.add_parser(
+        "train", help="train a preset on a byte-level corpus",
+        description="Train a preset on a byte-level corpus (default: the Python standard "
+                    "library's source). With no arguments, trains the tiny preset in about "
+                    "2-3 minutes on a laptop CPU. With --resume, options not given on the "
+                    "command line come from the run's latest checkpoint.")
+    d = _DEFAULTS
+    parser.add_argument("--preset", help=f"model preset (default {d.preset})")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--out", type=Path, default=d.out_dir,
+                        help=f"run directory for checkpoints and the loss curve (default {d.out_dir})")
+    parser.add_argument("--data", type=Path,
+                        help="a text file or a directory of text files (default: the Python "
+                             "standard library's source)")
+    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    parser.add_argument("--seq-len", type=int, help=f"bytes per sequence (default {d.seq_len})")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--warmup-steps", type=int,
+                        help=f"linear warmup steps before the cosine decay (default {d.warmup_steps})")
+    parser.add_argument("--eval-every", type=int,
+                        help=f"steps between validation losses (default {d.eval_every})")
+    parser.add_argument("--save-every", type=int,
+                        help=f"steps between checkpoints (default {d.save_every})")
+    parser.add_argument("--log-every", type=int,
+                        help=f"steps between log lines without a terminal (default {d.log_every})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    parser.add_argument("--backend", help=f"layer implementation backend (default {d.backend})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where to train (default auto: CUDA when available)")
+    parser.add_argument("--tp", type=int,
+                        help="tensor-parallel size: split the model over this many processes "
+                             "(launch with torchrun --nproc-per-node N; N / tp data-parallel "
+                             f"replicas; default {d.tp})")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None,
+                        help="with --tp > 1, also split norms and dropout along the sequence")
+    parser.add_argument("--dist-timeout", type=float,
+                        help="seconds a rank waits for the others in a collective before the "
+                             f"run fails (default {d.dist_timeout:.0f})")
+    parser.add_argument("--no-sample", action="store_true",
+                        help="skip the sample generation after training")
+    parser.set_defaults(handler=run)
+
+
+def _saved_options(out_dir: Path) -> dict[str, JSONValue]:
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; train without "
+                         "--resume to start a new run")
+    saved = read_state(checkpoint).get("train_options")
+    return saved if isinstance(saved, dict) else {}
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """TrainOptions from the flags given; with --resume, the rest from the checkpoint."""
+    values: dict[str, object] = {}
+    if args.resume:
+        fields = {f.name for f in dataclasses.fields(TrainOptions)}
+        for name, value in _saved_options(Path(args.out)).items():
+            if name in fields:
+                values[name] = tuple(value) if isinstance(value, list) else value
+    for flag, name in _FLAGS.items():
+        given: object = getattr(args, flag)
+        if given is not None:
+            values[name] = given
+    data = values.get("data")
+    if isinstance(data, str):
+        values["data"] = Path(data)
+    values["out_dir"] = Path(args.out)
+    values["resume"] = bool(args.resume)
+    # The values come from argparse (typed by each flag) and from a checkpoint written by
+    # TrainOptions.to_json; TrainOptions.__post_init__ checks them.
+    options: TrainOptions = TrainOptions(**values)  # type: ignore[arg-type]
+    return options
+
+
+def _summary(result: TrainResult) -> list[str]:
+    lines: list[str] = []
+    if result.train_losses:
+        first_step, first = result.train_losses[0]
+        last_step, last = result.train_losses[-1]
+        lines.append(f"train loss {first:.4f} (step {first_step}) -> {last:.4f} "
+                     f"(step {last_step})")
+    if result.validation_losses:
+        step, value = result.validation_losses[-1]
+        lines.append(f"validation loss {value:.4f} (step {step})")
+    lines.append(f"{result.steps_run} steps in {result.elapsed_seconds:.1f} s, "
+                 f"{result.tokens_per_second:,.0f} tokens/s")
+    if result.checkpoint is not None:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    if result.loss_curve is not None:
+        lines.append(f"loss curve: {result.loss_curve}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    launch = LaunchEnvironment.from_env()
+    with fail_fast(launch):  # under torchrun: one rank's error ends every rank
+        options = options_from_args(args)
+        result = train(options)
+        if launch.is_rank_zero:
+            for line in _summary(result):
+                print(line)
+        if not args.no_sample:
+            _sample(result, options, launch)
+        barrier()
+        destroy_distributed()
+    return 0
+
+
+def _sample(result: TrainResult, options: TrainOptions, launch: LaunchEnvironment) -> None:
+    """Generate a sample: rank 0 alone, or every tensor-parallel rank together (rank 0 prints)."""
+    if options.tp > 1 and result.model.config.sequence_parallel:
+        if launch.is_rank_zero:
+            print("sample: skipped (one-token decoding steps cannot be split along the "
+                  "sequence; train without --sequence-parallel to sample here)")
+        return
+    if options.tp == 1 and not launch.is_rank_zero:
+        return  # data-parallel replicas are identical: rank 0 samples alone
+    prompt = SAMPLE_PROMPT.encode("utf-8")
+    new = generate(result.model, list(prompt), SAMPLE_TOKENS, temperature=0.8, top_k=40,
+                   seed=options.seed)
+    if not launch.is_rank_zero:
+        return
+    text = (prompt + bytes(new)).decode("utf-8", errors="replace")
+    print(f"sample (temperature 0.8, top-k 40, prompt {SAMPLE_PROMPT!r}):")
+    print(text)
+    if options.tp == 1:
+        print(f"more: protoformer generate --checkpoint {options.out_dir} --prompt "
+              f"{SAMPLE_PROMPT.strip()!r}")

@@ -1,0 +1,132 @@
+"""Autoregressive generation with a KV cache: prefill the prompt once, then one token a step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from protoformer.models import GPTModel
+from protoformer.spec import apply_module
+from protoformer.transformer.inference import InferenceContext
+
+__all__ = ["generate", "sample_next_token"]
+
+
+def _prompt_tensor(prompt_ids: Sequence[int] | Tensor, vocab_size: int) -> Tensor:
+    prompt = prompt_ids.detach().cpu() if isinstance(prompt_ids, Tensor) \
+        else torch.tensor(list(prompt_ids), dtype=torch.long)
+    if prompt.dim() != 1:
+        raise ValueError(f"prompt_ids must be one sequence (1-D), got shape {tuple(prompt.shape)}")
+    if prompt.numel() == 0:
+        raise ValueError("the prompt is empty; generation needs at least one prompt token")
+    if prompt.is_floating_point() or prompt.is_complex():
+        raise ValueError(f"prompt_ids must be integer token ids, got dtype {prompt.dtype}")
+    prompt = prompt.long()  # [p]
+    outside = prompt[(prompt < 0) | (prompt >= vocab_size)]
+    if outside.numel() > 0:
+        shown = ", ".join(str(int(t)) for t in outside[:5])
+        raise ValueError(f"prompt token id(s) {shown} are outside the model's vocabulary "
+                         f"[0, {vocab_size}); encode the prompt with the model's tokenizer")
+    return prompt
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k}: must be >= 1 (or None for no limit)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1] (or None for no limit)")
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Choose a token from one position's logits `[v]`: argmax, or a sample after filtering.
+
+    `top_k` keeps the k highest-scoring tokens; `top_p` keeps the smallest set of tokens whose
+    probabilities sum to at least p (always at least one). `temperature=0` is greedy.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if greedy or temperature == 0.0:
+        return int(torch.argmax(logits))
+    scores = logits.detach().float().cpu() / temperature  # [v]
+    if top_k is not None and top_k < scores.numel():
+        kth_best = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)  # [v], [v]
+        probabilities = torch.softmax(sorted_scores, dim=-1)
+        mass_before = torch.cumsum(probabilities, dim=-1) - probabilities  # [v]
+        sorted_scores = sorted_scores.masked_fill(mass_before >= top_p, float("-inf"))
+        scores = torch.empty_like(scores).scatter_(0, order, sorted_scores)  # [v]
+    probabilities = torch.softmax(scores, dim=-1)  # [v]
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def generate(
+    model: GPTModel,
+    prompt_ids: Sequence[int] | Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    stream: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Continue `prompt_ids` (one sequence of token ids) by up to `max_new_tokens` tokens.
+
+    The prompt is run once to fill the model's KV caches (an `InferenceContext`); each later
+    step feeds only the newest token. Generation stops early when the sequence reaches the
+    model's `max_sequence_length`. `stream` is called with each token as it is chosen;
+    `seed` makes sampling reproducible. Returns the new tokens (not the prompt).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    _check_sampling(temperature, top_k, top_p)
+    prompt = _prompt_tensor(prompt_ids, model.vocab_size)  # [p]
+    limit = model.max_sequence_length
+    if prompt.numel() > limit:
+        raise ValueError(f"the prompt has {prompt.numel()} tokens, more than the model's "
+                         f"max_sequence_length={limit}; shorten it")
+    total = min(prompt.numel() + max_new_tokens, limit)
+    num_new = total - prompt.numel()
+    if num_new == 0:
+        return []
+    device = next(model.parameters()).device
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    context = InferenceContext(max_batch_size=1, max_sequence_length=total)
+    forward = apply_module(model)
+    was_training = model.training
+    model.eval()
+    new_tokens: list[int] = []
+    try:
+        with torch.inference_mode():
+            logits = forward(prompt[None].to(device), inference_context=context)  # [1, p, v]
+            while True:
+                token = sample_next_token(logits[0, -1], temperature=temperature, top_k=top_k,
+                                          top_p=top_p, greedy=greedy, generator=generator)
+                new_tokens.append(token)
+                if stream is not None:
+                    stream(token)
+                if len(new_tokens) == num_new:
+                    break
+                step_input = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
+                logits = forward(step_input, inference_context=context)  # [1, 1, v]
+    finally:
+        model.train(was_training)
+    return new_tokens

@@ -1,0 +1,229 @@
+"""Byte-level training data: the default corpus, the train/validation split and batch sampling.
+
+Tokens are bytes (vocabulary 256), so any text trains without a tokenizer. With no `--data`,
+the corpus is the Python standard library's own source, which every Python install carries:
+`*.py` files under `sysconfig.get_paths()["stdlib"]`, sorted by path and read until a byte
+budget is spent, so the same interpreter always yields the same corpus.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "DEFAULT_MAX_CORPUS_BYTES",
+    "BatchSampler",
+    "Corpus",
+    "DataError",
+    "load_corpus",
+    "stdlib_source_files",
+    "validation_batches",
+]
+
+BYTE_VOCAB_SIZE = 256
+DEFAULT_MAX_CORPUS_BYTES = 8 * 1024 * 1024
+DEFAULT_VALIDATION_FRACTION = 0.05
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+class DataError(ValueError):
+    """The training data cannot be used: missing or unreadable path, empty or too small corpus."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A byte corpus split into a training part and the validation part that follows it."""
+
+    train: Tensor  # [n_train] uint8
+    validation: Tensor  # [n_validation] uint8
+    source: str
+    num_files: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.train.numel() + self.validation.numel()
+
+
+def stdlib_source_files() -> list[Path]:
+    """The standard library's `*.py` files, sorted by path (third-party packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [path for path in root.rglob("*.py")
+             if _SKIPPED_DIRS.isdisjoint(path.relative_to(root).parts) and path.is_file()]
+    return sorted(files)
+
+
+def _text_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.rglob("*")
+                  if path.is_file() and not any(part.startswith(".")
+                                                for part in path.relative_to(directory).parts))
+
+
+def _read_capped(files: list[Path], max_bytes: int, *, skip_unreadable: bool) -> tuple[bytes, int]:
+    """Concatenate `files` in order until `max_bytes` are read; returns (data, files used)."""
+    chunks: list[bytes] = []
+    total = 0
+    used = 0
+    for path in files:
+        if total >= max_bytes:
+            break
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(max_bytes - total)
+        except OSError as error:
+            if skip_unreadable:
+                continue
+            raise DataError(f"cannot read data file {path}: {error.strerror or error}") from error
+        if data:
+            chunks.append(data)
+            total += len(data)
+            used += 1
+    return b"".join(chunks), used
+
+
+def _byte_tensor(data: bytes) -> Tensor:
+    # bytearray: torch.frombuffer warns on read-only buffers.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()  # [n]
+
+
+def load_corpus(
+    path: str | Path | None = None,
+    *,
+    sequence_length: int,
+    max_bytes: int = DEFAULT_MAX_CORPUS_BYTES,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+) -> Corpus:
+    """Read a byte corpus and split off its last `validation_fraction` for validation.
+
+    `path` is a text file or a directory (every non-hidden file under it, sorted by path);
+    None reads the standard library's source. Both parts hold at least one window of
+    `sequence_length + 1` bytes, so a sampler can draw from each; a corpus too small for that
+    raises `DataError`.
+    """
+    if sequence_length < 1:
+        raise DataError(f"sequence_length={sequence_length}: must be >= 1")
+    if max_bytes < 1:
+        raise DataError(f"max_bytes={max_bytes}: must be >= 1")
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"validation_fraction={validation_fraction}: must be between 0 and 1")
+    if path is None:
+        files = stdlib_source_files()
+        source = f"Python standard library source ({sysconfig.get_paths()['stdlib']})"
+        data, used = _read_capped(files, max_bytes, skip_unreadable=True)
+    else:
+        root = Path(path)
+        if not root.exists():
+            raise DataError(f"data path {str(root)!r} does not exist; pass a text file or a "
+                            "directory of text files with --data")
+        files = _text_files(root) if root.is_dir() else [root]
+        if not files:
+            raise DataError(f"data directory {str(root)!r} contains no files")
+        source = str(root)
+        data, used = _read_capped(files, max_bytes, skip_unreadable=False)
+    if not data:
+        raise DataError(f"the corpus from {source} is empty: {len(files)} file(s), 0 bytes")
+    window = sequence_length + 1
+    # The last fraction validates, but never less than one window.
+    num_validation = max(int(len(data) * validation_fraction), window)
+    if len(data) - num_validation < window:
+        raise DataError(
+            f"the corpus from {source} has {len(data)} bytes, too few for sequence length "
+            f"{sequence_length}: a training and a validation window need at least "
+            f"{2 * window} bytes; give more text or a smaller --seq-len")
+    tokens = _byte_tensor(data)  # [n]
+    split = len(data) - num_validation
+    return Corpus(train=tokens[:split], validation=tokens[split:], source=source, num_files=used)
+
+
+def _check_sizes(tokens: Tensor, batch_size: int, sequence_length: int,
+                 dp_rank: int, dp_size: int) -> None:
+    if tokens.dim() != 1:
+        raise DataError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if batch_size < 1 or sequence_length < 1:
+        raise DataError(f"batch_size={batch_size} and sequence_length={sequence_length} "
+                        "must both be >= 1")
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank={dp_rank}, dp_size={dp_size}: need 0 <= dp_rank < dp_size")
+    if tokens.numel() < sequence_length + 1:
+        raise DataError(f"{tokens.numel()} tokens are fewer than one window of "
+                        f"sequence_length + 1 = {sequence_length + 1}")
+
+
+def _windows(tokens: Tensor, starts: Tensor, sequence_length: int) -> Tensor:
+    offsets = torch.arange(sequence_length + 1)  # [s + 1]
+    index = starts[:, None] + offsets[None, :]  # [b, s + 1]
+    return tokens[index].long()  # [b, s + 1]
+
+
+class BatchSampler:
+    """Random windows of `sequence_length + 1` tokens, `[batch_size, sequence_length + 1]` each.
+
+    The window starts come from a `torch.Generator` seeded with `seed`. Data-parallel ranks
+    share the seed and draw the same `dp_size * batch_size` starts, each keeping its own
+    slice, so the global batch does not depend on how it is split across ranks. `state_dict`
+    / `load_state_dict` save and restore the position, for exact resumption.
+    """
+
+    def __init__(self, tokens: Tensor, batch_size: int, sequence_length: int, *, seed: int,
+                 dp_rank: int = 0, dp_size: int = 1) -> None:
+        _check_sizes(tokens, batch_size, sequence_length, dp_rank, dp_size)
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.sequence_length = sequence_length
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+
+    def next_batch(self) -> Tensor:
+        """The next `[batch_size, sequence_length + 1]` int64 batch of this rank."""
+        num_starts = self.tokens.numel() - self.sequence_length  # valid window starts
+        starts = torch.randint(0, num_starts, (self.dp_size * self.batch_size,),
+                               generator=self.generator)  # [dp * b]
+        mine = starts[self.dp_rank * self.batch_size:(self.dp_rank + 1) * self.batch_size]  # [b]
+        self.batches_drawn += 1
+        return _windows(self.tokens, mine, self.sequence_length)  # [b, s + 1]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Tensor | int]:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Tensor | int]) -> None:
+        generator = state["generator"]
+        batches = state["batches_drawn"]
+        if not isinstance(generator, Tensor) or not isinstance(batches, int):
+            raise DataError("sampler state needs a 'generator' tensor and a 'batches_drawn' int")
+        self.generator.set_state(generator)
+        self.batches_drawn = batches
+
+
+def validation_batches(tokens: Tensor, batch_size: int, sequence_length: int, num_batches: int,
+                       *, dp_rank: int = 0, dp_size: int = 1) -> list[Tensor]:
+    """Fixed validation batches: windows spread evenly over `tokens`, the same on every call.
+
+    Up to `num_batches` batches of `[batch_size, sequence_length + 1]`; fewer when the tokens
+    hold fewer windows. Data-parallel ranks take interleaved batches of the same list.
+    """
+    _check_sizes(tokens, batch_size, sequence_length, dp_rank, dp_size)
+    if num_batches < 1:
+        raise DataError(f"num_batches={num_batches}: must be >= 1")
+    last_start = tokens.numel() - sequence_length - 1
+    wanted = num_batches * dp_size * batch_size
+    # Evenly spaced starts: disjoint windows when the tokens hold enough, overlapping otherwise.
+    count = min(wanted, last_start + 1)
+    starts = torch.linspace(0, last_start, count).round().long()  # [count]
+    usable = (count // batch_size) * batch_size
+    if usable == 0:
+        usable = count
+    batches = [_windows(tokens, starts[i:i + batch_size], sequence_length)
+               for i in range(0, usable, batch_size)]
+    return batches[dp_rank::dp_size] or batches[:1]

@@ -1,0 +1,92 @@
+"""Training progress on the terminal: a rich progress bar, or plain lines when not a TTY."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+__all__ = ["TrainProgress", "format_step"]
+
+
+def format_step(step: int, total: int, loss: float, lr: float, tokens_per_second: float,
+                validation_loss: float | None = None) -> str:
+    """One log line: `step 10/300  loss 3.1416  lr 1.00e-03  12,345 tok/s  val 3.2000`."""
+    line = (f"step {step:>{len(str(total))}}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
+            f"{tokens_per_second:,.0f} tok/s")
+    if validation_loss is not None:
+        line += f"  val {validation_loss:.4f}"
+    return line
+
+
+class TrainProgress:
+    """Shows training progress: a live bar when `enabled`, else a printed line per report.
+
+    `silent` shows nothing at all (the ranks other than 0 of a multi-process run).
+    """
+
+    def __init__(self, *, total: int, completed: int = 0, enabled: bool,
+                 console: Console | None = None, silent: bool = False) -> None:
+        self.total = total
+        self.silent = silent
+        self.enabled = enabled and not silent
+        self.console = console if console is not None else Console()
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._completed = completed
+
+    def __enter__(self) -> TrainProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(),
+                TimeRemainingColumn(), console=self.console)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total,
+                                                 completed=self._completed, loss="-", lr="-",
+                                                 rate="-")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def note(self, message: str) -> None:
+        """A line of text above the bar (or on its own when the bar is off)."""
+        if self.silent:
+            return
+        if self._progress is not None:
+            self._progress.console.print(message, markup=False, highlight=False)
+        else:
+            print(message, flush=True)
+
+    def advance(self, step: int, loss: float, lr: float, tokens_per_second: float) -> None:
+        """Move the bar to `step` (prints nothing without a bar)."""
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}",
+                                  lr=f"{lr:.2e}", rate=f"{tokens_per_second:,.0f}")
+
+    def report(self, step: int, loss: float, lr: float, tokens_per_second: float,
+               validation_loss: float | None) -> None:
+        """Move the bar, or print a line when there is no bar; validation shows either way."""
+        if self.silent:
+            return
+        if self._progress is None:
+            print(format_step(step, self.total, loss, lr, tokens_per_second, validation_loss),
+                  flush=True)
+            return
+        self.advance(step, loss, lr, tokens_per_second)
+        if validation_loss is not None:
+            self.note(f"step {step}: validation loss {validation_loss:.4f}")
