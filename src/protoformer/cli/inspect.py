@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from protoformer.backends import get_backend
+from protoformer.cli.spec_args import add_spec_arguments, layer_spec_from_args
 from protoformer.cli.spec_tree import SlotEntry, walk_spec
 from protoformer.flops import flops_per_token
 from protoformer.models import GPTModel
 from protoformer.recipes import get_preset, list_presets
+from protoformer.transformer.layer import TransformerLayerSubmodules
 
 __all__ = ["PresetReport", "add_parser", "inspect_preset", "run"]
 
@@ -40,6 +42,7 @@ def add_parser(commands: _Subparsers) -> None:
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"sequence length for the FLOPs count (default: "
                              f"min({DEFAULT_FLOPS_SEQ_LEN}, the preset's maximum))")
+    add_spec_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -78,18 +81,21 @@ def _param_counts(model: nn.Module) -> tuple[list[tuple[str, int, int]], int]:
     return rows, total
 
 
-def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | None = None
-                   ) -> PresetReport:
-    """Build `name` on the meta device and collect its spec tree, parameters and FLOPs."""
+def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | None = None,
+                   layer_spec: TransformerLayerSubmodules | None = None) -> PresetReport:
+    """Build `name` on the meta device and collect its spec tree, parameters and FLOPs.
+
+    `layer_spec` replaces the preset's recipe (from `--spec FILE` and `--set` overrides).
+    """
     preset = get_preset(name)
     backend = get_backend(backend_name)
     config = preset.config_factory()
-    spec = preset.layer_spec(backend, config)
+    spec = layer_spec if layer_spec is not None else preset.layer_spec(backend, config)
     length = min(DEFAULT_FLOPS_SEQ_LEN, preset.max_sequence_length) if seq_len is None else seq_len
     if length < 1:
         raise ValueError(f"--seq-len {length}: must be >= 1")
     started = time.perf_counter()
-    model = preset.build_model(backend, device=torch.device("meta"))
+    model = preset.build_model(backend, device=torch.device("meta"), layer_spec=spec)
     build_seconds = time.perf_counter() - started
     rows, total = _param_counts(model)
     return PresetReport(
@@ -132,7 +138,10 @@ def format_report(report: PresetReport) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect_preset(str(args.preset), str(args.backend), seq_len=args.seq_len)
+    preset = get_preset(str(args.preset))
+    spec = layer_spec_from_args(args, preset, get_backend(str(args.backend)))
+    report = inspect_preset(str(args.preset), str(args.backend), seq_len=args.seq_len,
+                            layer_spec=spec)
     for line in format_report(report):
         print(line)
     return 0

@@ -49,15 +49,17 @@ class Preset:
         *,
         device: torch.device | str | None = None,
         pg: ProcessGroups | None = None,
+        layer_spec: TransformerLayerSubmodules | None = None,
     ) -> GPTModel:
         """Build the model with `backend` (default: the `"local"` backend), on `device` if given.
 
         `device="meta"` builds every parameter without storage, to inspect shapes and count
-        parameters of models that do not fit in memory.
+        parameters of models that do not fit in memory. `layer_spec` replaces the preset's own
+        recipe (a spec loaded from a file, or one with overrides applied).
         """
         backend = backend if backend is not None else get_backend("local")
         config = self.config()
-        spec = self.layer_spec(backend, config)
+        spec = layer_spec if layer_spec is not None else self.layer_spec(backend, config)
         placement = torch.device(device) if device is not None else contextlib.nullcontext()
         with placement:
             return GPTModel(

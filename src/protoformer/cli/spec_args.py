@@ -1,0 +1,52 @@
+"""`--spec FILE`, `--set PATH=VALUE` and `--allow PREFIX`: a layer spec from data, on the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+from protoformer.backends import BackendSpecProvider
+from protoformer.recipes import Preset
+from protoformer.spec import DEFAULT_ALLOW, SpecError, apply_overrides, load_spec
+from protoformer.transformer.layer import TransformerLayerSubmodules
+
+__all__ = ["add_spec_arguments", "layer_spec_from_args"]
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the spec-file options to a subcommand's parser."""
+    parser.add_argument(
+        "--spec", metavar="FILE", default=None,
+        help="layer spec file (.json, .toml, .yaml) replacing the preset's recipe; builders are "
+             "'package.module:Name' strings, imported only from allowed prefixes")
+    parser.add_argument(
+        "--set", metavar="PATH=VALUE", action="append", default=[], dest="overrides",
+        help="override one slot or keyword, e.g. "
+             "self_attention.core_attention=protoformer.transformer.core_attention:"
+             "DotProductAttention (repeatable; applied after --spec)")
+    parser.add_argument(
+        "--allow", metavar="PREFIX", action="append", default=[],
+        help=f"also allow importing builders from modules under PREFIX (default only "
+             f"{', '.join(DEFAULT_ALLOW)}; repeatable)")
+
+
+def layer_spec_from_args(args: argparse.Namespace, preset: Preset,
+                         backend: BackendSpecProvider) -> TransformerLayerSubmodules | None:
+    """The layer spec `--spec`/`--set` describe, or None when neither was given.
+
+    `--set` without `--spec` overrides the preset's own recipe. The result is checked by the
+    runtime conformance check (a `SpecError` names the slot); anything but a transformer-layer
+    spec is refused.
+    """
+    path: str | None = args.spec
+    overrides: list[str] = list(args.overrides)
+    if path is None and not overrides:
+        return None
+    allow = (*DEFAULT_ALLOW, *(str(prefix) for prefix in args.allow))
+    spec = (load_spec(path, allow=allow) if path is not None
+            else preset.layer_spec(backend, preset.config()))
+    if overrides:
+        spec = apply_overrides(spec, overrides, allow=allow)
+    if not isinstance(spec, TransformerLayerSubmodules):
+        raise SpecError(f"{path}: holds a {type(spec).__qualname__}; --spec needs a "
+                        "TransformerLayerSubmodules (a whole layer's spec)")
+    return spec
