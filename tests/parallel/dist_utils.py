@@ -34,12 +34,15 @@ _GRACE_S = 10.0  # after one rank fails, how long the others get to report befor
 
 
 def _worker(fn: Callable[..., object], rank: int, world_size: int, init_file: str,
-            results: multiprocessing.queues.Queue[tuple[int, str | None]], args: tuple[object, ...], timeout_s: float) -> None:
+            results: multiprocessing.queues.Queue[tuple[int, str | None]], args: tuple[object, ...],
+            timeout_s: float, backend: str) -> None:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # never depend on the host name resolving
     torch.set_num_threads(1)  # the ranks share the machine's cores
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
             fn(rank, world_size, *args)
@@ -71,8 +74,10 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def run_distributed(fn: Callable[..., object], world_size: int, *args: object,
-                    timeout_s: float = 120) -> None:
-    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes, one gloo world group.
+                    timeout_s: float = 120, backend: str = "gloo") -> None:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes, one world group.
+
+    `backend` is "gloo" (CPU tensors) or "nccl" (rank `r` uses CUDA device `r % count`).
 
     `torch.distributed` is initialised (file store in a temporary directory) before `fn` runs
     and destroyed after. `fn` and `args` must be picklable. Raises `RuntimeError` with the
@@ -85,7 +90,7 @@ def run_distributed(fn: Callable[..., object], world_size: int, *args: object,
     init_file = os.path.join(workdir, "store")
     processes = [
         context.Process(target=_worker, name=f"rank{rank}", daemon=True,
-                        args=(fn, rank, world_size, init_file, results, args, timeout_s))
+                        args=(fn, rank, world_size, init_file, results, args, timeout_s, backend))
         for rank in range(world_size)
     ]
     failures: list[tuple[int, str]] = []

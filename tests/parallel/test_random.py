@@ -89,3 +89,34 @@ def test_the_process_wide_tracker_is_seeded_by_default() -> None:
     assert get_rng_tracker() is model_parallel_rng_tracker
     model_parallel_manual_seed(5, 0)
     assert model_parallel_rng_tracker.names() == [MODEL_PARALLEL_RNG_TRACKER_NAME]
+
+
+def test_the_tensor_parallel_fork_is_a_no_op_on_one_rank() -> None:
+    from protoformer.parallel.random import tensor_parallel_rng_fork
+
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    with tensor_parallel_rng_fork(None, tracker=RNGStatesTracker()):  # no stream needed
+        drawn = torch.rand(3)
+    assert torch.equal(drawn, expected)
+
+
+def test_checkpoint_context_replays_the_streams_for_the_recompute() -> None:
+    from protoformer.parallel.random import checkpoint_rng_context_fn
+
+    tracker = RNGStatesTracker()
+    tracker.add("model-parallel-rng", 99)
+    forward_context, recompute_context = checkpoint_rng_context_fn(tracker)()
+    with forward_context:
+        first = draws_in_fork(tracker)
+    later = draws_in_fork(tracker)  # the stream moves on (other layers)
+    with recompute_context:
+        replayed = draws_in_fork(tracker)
+    assert torch.equal(replayed, first)
+    assert torch.equal(draws_in_fork(tracker), draws_after(99, skip=8, count=4))
+    assert not torch.equal(later, first)
+
+
+def draws_after(seed: int, *, skip: int, count: int) -> torch.Tensor:
+    return torch.rand(skip + count, generator=torch.Generator().manual_seed(seed))[skip:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -23,7 +25,7 @@ from protoformer.transformer.mlp import init_method_normal
 from protoformer.transformer.rope import RotaryEmbedding, rotary_emb_from_config
 from protoformer.transformer.yarn import MLARotaryEmbedding
 
-__all__ = ["GPTModel", "PositionEmbeddingType"]
+__all__ = ["GPTModel", "PositionEmbeddingType", "mixed_precision_context"]
 
 PositionEmbeddingType = Literal["rope", "learned_absolute", "none"]
 _POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
@@ -121,7 +123,23 @@ class GPTModel(nn.Module):
         attention_mask: Tensor | None = None,
         inference_context: InferenceContext | None = None,
     ) -> Tensor:
-        """Logits `[b, s, vocab_size]`, or the per-token loss `[b, s]` when `labels` are given."""
+        """Logits `[b, s, vocab_size]`, or the per-token loss `[b, s]` when `labels` are given.
+
+        With `config.bf16` and float32 parameters the model runs under bfloat16 autocast
+        (`mixed_precision_context`); the norms, softmax and loss stay float32.
+        """
+        with mixed_precision_context(self.config, input_ids.device):
+            return self._forward(input_ids, labels, attention_mask=attention_mask,
+                                 inference_context=inference_context)
+
+    def _forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None,
+        *,
+        attention_mask: Tensor | None,
+        inference_context: InferenceContext | None,
+    ) -> Tensor:
         self._check_ids("input_ids", input_ids)
         seq_len = input_ids.shape[1]
         offset = 0
@@ -170,6 +188,13 @@ class GPTModel(nn.Module):
             logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight,
                                           runtime_gather_output=True)  # [s, b, v]
             result = logits.transpose(0, 1).contiguous()  # [b, s, v]
+        elif self._fuses_output_and_loss():
+            # The output layer and the loss in one chunked step: never the full [s, b, v] logits.
+            output_weight = weight if weight is not None else self.output_layer.weight
+            assert output_weight is not None  # allocated unless shared with the embedding
+            loss = fused_linear_cross_entropy(
+                hidden_states, output_weight, labels.transpose(0, 1))  # [s, b]
+            result = loss.transpose(0, 1).contiguous()  # [b, s]
         else:
             logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight)  # [s, b, v / tp] or [s, b, v]
             split = self.parallel_output and self.pg.tp_size > 1
@@ -179,6 +204,12 @@ class GPTModel(nn.Module):
         if inference_context is not None:
             inference_context.increment(seq_len)
         return result
+
+    def _fuses_output_and_loss(self) -> bool:
+        """`config.cross_entropy_loss_fusion` applies: one rank holds the whole vocabulary
+        (no sequence-parallel gather), and the output weight's gradient is not deferred."""
+        return (self.config.cross_entropy_loss_fusion and self.pg.tp_size == 1
+                and not self.config.delay_wgrad_compute and self.output_layer.bias is None)
 
     def _check_ids(self, name: str, ids: Tensor) -> None:
         if not isinstance(ids, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
@@ -241,3 +272,16 @@ class GPTModel(nn.Module):
                     with torch.device(module.inv_freq.device):
                         fresh = MLARotaryEmbedding(config)
                     module.inv_freq.copy_(fresh.inv_freq)
+
+
+def mixed_precision_context(config: TransformerConfig,
+                            device: torch.device) -> AbstractContextManager[object]:
+    """bfloat16 autocast on `device` when `config.bf16` and the weights are not bf16 already.
+
+    Mixed precision in the usual sense: float32 master weights and gradients, matmuls in
+    bfloat16. The norms and the loss compute in float32 by construction and SDPA accumulates
+    its softmax in float32. With `params_dtype=torch.bfloat16` (pure bf16) nothing is needed.
+    """
+    if config.bf16 and config.params_dtype != torch.bfloat16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

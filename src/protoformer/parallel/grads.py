@@ -33,6 +33,7 @@ __all__ = [
     "PARTIAL_GRAD_ATTRIBUTE",
     "all_reduce_data_parallel_grads",
     "clip_grad_norm_",
+    "compute_deferred_weight_grads",
     "finalize_model_grads",
     "grad_norm",
     "mark_duplicate_rows",
@@ -73,6 +74,27 @@ def needs_tensor_parallel_grad_sum(param: Tensor) -> bool:
     """Whether `param`'s gradient must be summed over the tensor-parallel group after backward."""
     return bool(getattr(param, "sequence_parallel", False)) \
         or bool(getattr(param, PARTIAL_GRAD_ATTRIBUTE, False))
+
+
+def compute_deferred_weight_grads(model: nn.Module) -> int:
+    """Call `backward_dw()` on the outermost submodules of `model` that have one.
+
+    With `config.delay_wgrad_compute` backward leaves the weight gradients of the linear
+    layers queued; this computes them (an attention layer's `backward_dw` also keeps its
+    replicated key/value gradients summed, so it is called instead of its linears'). Returns
+    how many modules were called; a no-op (cheap) when nothing is queued.
+    """
+    called = 0
+    pending: list[nn.Module] = [model]
+    while pending:
+        module = pending.pop()
+        backward_dw: object = getattr(module, "backward_dw", None)
+        if callable(backward_dw):
+            backward_dw()
+            called += 1
+            continue
+        pending.extend(reversed(list(module.children())))
+    return called
 
 
 def _is_split(param: Tensor) -> bool:

@@ -21,11 +21,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils import checkpoint as torch_checkpoint
 
 from protoformer.config import TransformerConfig
+from protoformer.kernels.rope import fused_apply_rotary_pos_emb
+from protoformer.parallel.grads import mark_duplicate_rows, mark_partial_grad_over_tp
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.mappings import all_reduce_in_place
 from protoformer.parallel.protocols import (
@@ -34,6 +38,7 @@ from protoformer.parallel.protocols import (
     RowParallelLinearBuilder,
     RowParallelLinearInterface,
 )
+from protoformer.parallel.random import checkpoint_rng_context_fn
 from protoformer.spec import Submodules, apply_module
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.inference import InferenceContext
@@ -46,6 +51,9 @@ from protoformer.transformer.masks import check_mask
 from protoformer.transformer.mlp import init_method_normal, scaled_init_method_normal
 from protoformer.transformer.norm import LayerNormBuilder, LayerNormInterface
 from protoformer.transformer.rope import apply_rotary_pos_emb
+
+# torch leaves checkpoint's `function` parameter unannotated; this is the type we call it with.
+_checkpoint = cast("Callable[..., object]", torch_checkpoint.checkpoint)  # pyright: ignore[reportUnknownMemberType]
 
 __all__ = [
     "Attention",
@@ -172,8 +180,13 @@ class Attention(nn.Module, abc.ABC):
     def _build_norm(self, builder: LayerNormBuilder | None) -> LayerNormInterface | None:
         if builder is None:
             return None
-        return builder(self.hidden_size_per_attention_head, config=self.config,
+        norm = builder(self.hidden_size_per_attention_head, config=self.config,
                        eps=self.config.layernorm_epsilon)
+        if self.pg.tp_size > 1 and isinstance(norm, nn.Module):
+            # One per-head norm serves this rank's heads only: its gradient is a partial sum
+            # over heads, completed over the tensor-parallel group by finalize_model_grads.
+            mark_partial_grad_over_tp(norm)
+        return norm
 
     def _tie_replicated_kv(self, linear: ColumnParallelLinearInterface, rows: int,
                            kv_offset: int) -> None:
@@ -194,6 +207,8 @@ class Attention(nn.Module, abc.ABC):
             with torch.no_grad():
                 kv = param[kv_offset:]
                 kv.copy_(self._sum_over_replicas(kv, first_copy_only=True))
+            if self.pg.tp_rank % self.kv_replicas != 0:
+                mark_duplicate_rows(param, kv_offset)  # counted once in a global grad norm
             hook = self._make_kv_grad_hook(kv_offset)
             param.register_hook(hook)  # type: ignore[no-untyped-call]  # pyright: ignore[reportUnknownMemberType]  # torch leaves it unannotated
             self._tied_kv_params.append((param, kv_offset))
@@ -248,8 +263,16 @@ class Attention(nn.Module, abc.ABC):
         """Core attention then the output projection: `[sq, b, np, hn]` -> (`[sq, b, h]`, bias)."""
         sq, batch = query.shape[0], query.shape[1]
         self._check_mask(mask, batch, sq, key.shape[0])
-        context = apply_module(self.core_attention)(
-            query, key, value, mask, attn_mask_type=mask_type)  # [sq, b, np * hn]
+        core = apply_module(self.core_attention)
+        if self.config.recompute_granularity == "selective" and self.training \
+                and torch.is_grad_enabled():
+            # Selective recomputation: keep q, k, v but not the core's internals (softmax
+            # statistics, dropout masks); rerun it in backward, RNG streams replayed.
+            context = _checkpoint(core, query, key, value, mask, attn_mask_type=mask_type,
+                                  use_reentrant=False, context_fn=checkpoint_rng_context_fn())
+            assert isinstance(context, Tensor)
+        else:
+            context = core(query, key, value, mask, attn_mask_type=mask_type)  # [sq, b, np * hn]
         return apply_module(self.linear_proj)(context)  # ([sq, b, h], bias or None)
 
     # Built in the subclasses' __init__ through the helpers above.
@@ -373,8 +396,11 @@ class SelfAttention(Attention):
         if rotary_pos_emb is not None:
             freqs = _rotary_positions(rotary_pos_emb, offset, s, self.hidden_size_per_attention_head)
             interleaved = self.config.rotary_interleaved
-            query = apply_rotary_pos_emb(query, freqs, rotary_interleaved=interleaved)  # [s, b, np, hn]
-            key = apply_rotary_pos_emb(key, freqs, rotary_interleaved=interleaved)  # [s, b, ng, hn]
+            # `apply_rope_fusion`: one Triton kernel per tensor on CUDA (same math elsewhere).
+            rotate = fused_apply_rotary_pos_emb if self.config.apply_rope_fusion \
+                else apply_rotary_pos_emb
+            query = rotate(query, freqs, rotary_interleaved=interleaved)  # [s, b, np, hn]
+            key = rotate(key, freqs, rotary_interleaved=interleaved)  # [s, b, ng, hn]
         if inference_context is not None:
             # The core's causal mask is bottom-right aligned, so the s new queries at
             # [offset, offset + s) see exactly the keys at or before their own positions.

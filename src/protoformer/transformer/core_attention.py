@@ -26,6 +26,7 @@ Shared semantics
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
 from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.interfaces import AttentionTypeName
 from protoformer.transformer.masks import (
@@ -206,7 +208,10 @@ class DotProductAttention(_CoreAttentionBase):
         if blocked_rows is not None:
             probs = probs.masked_fill(blocked_rows, 0.0)
         probs = probs.to(value.dtype)
-        probs = F.dropout(probs, p=self.attention_dropout, training=self.training)
+        if self.training and self.attention_dropout > 0.0:
+            # This rank's heads: a mask of its own (the per-rank stream under tensor parallelism).
+            with tensor_parallel_rng_fork(self.pg.tp):
+                probs = F.dropout(probs, p=self.attention_dropout, training=True)
 
         grouped_probs = probs.view(batch, groups, per_group, sq, sk)  # [b, ng, r, sq, sk]
         context = torch.einsum("bgrqk,kbgd->qbgrd", grouped_probs, value)  # [sq, b, ng, r, hv]
@@ -256,17 +261,21 @@ class SDPAttention(_CoreAttentionBase):
 
         dropout_p = self.attention_dropout if self.training else 0.0
         scale = self._scale_for(query.shape[3])
-        if groups != heads and _SDPA_HAS_GQA and attn_mask is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=is_plain_causal, scale=scale,
-                enable_gqa=True)  # [b, np, sq, hv]
-        else:
-            if groups != heads:
-                k = k.repeat_interleave(heads // groups, dim=1)  # [b, np, sk, hn]
-                v = v.repeat_interleave(heads // groups, dim=1)  # [b, np, sk, hv]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_plain_causal,
-                scale=scale)  # [b, np, sq, hv]
+        # Dropout inside the kernel masks this rank's heads: draw from the per-rank stream.
+        rng = (tensor_parallel_rng_fork(self.pg.tp) if dropout_p > 0.0
+               else contextlib.nullcontext())
+        with rng:
+            if groups != heads and _SDPA_HAS_GQA and attn_mask is None:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout_p, is_causal=is_plain_causal, scale=scale,
+                    enable_gqa=True)  # [b, np, sq, hv]
+            else:
+                if groups != heads:
+                    k = k.repeat_interleave(heads // groups, dim=1)  # [b, np, sk, hn]
+                    v = v.repeat_interleave(heads // groups, dim=1)  # [b, np, sk, hv]
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_plain_causal,
+                    scale=scale)  # [b, np, sq, hv]
         if blocked_rows is not None:
             out = out.masked_fill(blocked_rows, 0.0)
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * hv)  # [sq, b, np * hv]

@@ -21,7 +21,11 @@ value half `W_uv` is applied to the latent context before `linear_proj`. With
 
 Tensor parallelism: heads are split over `pg.tp` (`np / tp` per rank); the down-projections
 and their norms are replicated (`LinearBuilder`), the up-projections column-parallel and
-`linear_proj` row-parallel.
+`linear_proj` row-parallel. With `config.sequence_parallel` the down-projections and latent
+norms run on this rank's slice of the sequence (their parameters are tagged
+`sequence_parallel`, so their gradients are summed over ranks after backward); the
+up-projections all-gather the sequence, and the shared rotary key part `k_pe` (and, for the
+absorbed cache path, `c_kv`) is all-gathered explicitly.
 
 Biases: the down-projections take `config.add_qkv_bias`, `linear_proj` takes
 `config.add_bias_linear`; the direct `linear_q_proj` and the up-projections have none (as in
@@ -38,7 +42,10 @@ from torch import Tensor, nn
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.parallel.groups import ProcessGroups
-from protoformer.parallel.mappings import copy_to_tensor_model_parallel_region
+from protoformer.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from protoformer.parallel.protocols import (
     ColumnParallelLinearBuilder,
     ColumnParallelLinearInterface,
@@ -141,9 +148,6 @@ class MultiLatentAttention(nn.Module):
         if heads % tp != 0:
             raise ValueError(f"num_attention_heads={heads} must be divisible by the tensor-parallel "
                              f"size {tp} (MLA splits whole heads over ranks)")
-        if config.sequence_parallel and tp > 1:
-            raise ValueError("MultiLatentAttention does not support sequence_parallel=True with "
-                             f"tensor-parallel size {tp}; set config.sequence_parallel=False")
         self.num_attention_heads_per_partition = heads // tp
         self.softmax_scale = mla_softmax_scale(config)
         _require_slots(config, submodules)
@@ -222,7 +226,9 @@ class MultiLatentAttention(nn.Module):
             raise ValueError("MultiLatentAttention is self-attention only; key_value_states must "
                              "be None")
         self._check_input(hidden_states)
-        sq = hidden_states.shape[0]
+        # Under sequence parallelism the input is this rank's [s / tp, b, h] slice; the
+        # column-parallel up-projections gather the sequence, so queries cover all s tokens.
+        sq = hidden_states.shape[0] * (self.pg.tp_size if self.config.sequence_parallel else 1)
         offset = 0
         if inference_context is not None:
             inference_context.check_room(sq)
@@ -240,7 +246,7 @@ class MultiLatentAttention(nn.Module):
             context = self._core(query, key, value, attention_mask)  # [sq, b, np * v]
         elif self.config.cache_mla_latents:
             # Used directly by this rank's heads only (no column-parallel layer sums its gradient).
-            c_kv = copy_to_tensor_model_parallel_region(c_kv, self.pg.tp)
+            c_kv = self._enter_head_parallel(c_kv)  # [sq, b, r]
             c_kv, k_pe = self._cached(inference_context, (c_kv, k_pe))  # [sk, b, r], [sk, b, rope]
             context = self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask)
         else:
@@ -253,7 +259,6 @@ class MultiLatentAttention(nn.Module):
     def _query(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """Queries split into the no-position part and the rotated part."""
         config = self.config
-        sq, batch = x.shape[0], x.shape[1]
         if self.linear_q_proj is not None:
             q = _apply_linear(self.linear_q_proj, x)  # [sq, b, np * (qk + rope)]
         else:
@@ -262,6 +267,7 @@ class MultiLatentAttention(nn.Module):
             q_compressed = _apply_linear(self.linear_q_down_proj, x)  # [sq, b, q_lora_rank]
             q_compressed = apply_module(self.q_layernorm)(q_compressed)
             q = _apply_linear(self.linear_q_up_proj, q_compressed)  # [sq, b, np * (qk + rope)]
+        sq, batch = q.shape[0], q.shape[1]  # the whole sequence, also under sequence parallelism
         q = q.view(sq, batch, self.num_attention_heads_per_partition, config.q_head_dim)
         q_nope, q_pe = torch.split(q, [config.qk_head_dim, config.qk_pos_emb_head_dim], dim=-1)
         return q_nope, apply_interleaved_rotary(q_pe, cos, sin)  # [sq, b, np, qk], [.., rope]
@@ -272,18 +278,28 @@ class MultiLatentAttention(nn.Module):
         latent = _apply_linear(self.linear_kv_down_proj, x)  # [sq, b, r + rope]
         c_kv, k_pe = torch.split(latent, [config.kv_lora_rank, config.qk_pos_emb_head_dim],
                                  dim=-1)  # [sq, b, r], [sq, b, rope]
-        c_kv = apply_module(self.kv_layernorm)(c_kv)  # [sq, b, r]
+        c_kv = apply_module(self.kv_layernorm)(c_kv)  # [sq, b, r] ([sq / tp, b, r] with SP)
+        k_pe = self._enter_head_parallel(k_pe)  # [sq, b, rope], the whole sequence
         k_pe = apply_interleaved_rotary(k_pe, cos[:, :, 0], sin[:, :, 0])  # [sq, b, rope]
-        # k_pe comes from a replicated layer but each rank uses it for its own heads only, so
-        # its gradient is summed over the tensor-parallel ranks (identity without them).
-        return c_kv, copy_to_tensor_model_parallel_region(k_pe, self.pg.tp)
+        return c_kv, k_pe
+
+    def _enter_head_parallel(self, x: Tensor) -> Tensor:
+        """A replicated-layer output that each rank uses for its own heads only.
+
+        Its gradient is summed over the tensor-parallel ranks in backward (identity without
+        them); under sequence parallelism the rank's `[s / tp, ...]` slice is all-gathered
+        first (`[s, ...]`), and backward reduce-scatters the gradient back.
+        """
+        if self.config.sequence_parallel:
+            return gather_from_sequence_parallel_region(x, self.pg.tp)  # [s, ...]
+        return copy_to_tensor_model_parallel_region(x, self.pg.tp)
 
     def _expand(self, c_kv: Tensor, k_pe: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys and values from the latent (the non-absorbed form)."""
         config = self.config
-        s, batch = c_kv.shape[0], c_kv.shape[1]
         heads = self.num_attention_heads_per_partition
         kv = _apply_linear(self.linear_kv_up_proj, c_kv)  # [s, b, np * (qk + v)]
+        s, batch = kv.shape[0], kv.shape[1]  # the whole sequence, also under sequence parallelism
         kv = kv.view(s, batch, heads, config.qk_head_dim + config.v_head_dim)
         k_nope, value = torch.split(kv, [config.qk_head_dim, config.v_head_dim], dim=-1)
         k_pe = k_pe.unsqueeze(2).expand(s, batch, heads, config.qk_pos_emb_head_dim)
