@@ -1,0 +1,34 @@
+"""Interoperability with other frameworks' checkpoints: Hugging Face transformers (`hf`)."""
+
+from protoformer.interop.hf import (
+    from_hf,
+    hf_config_dict,
+    hf_model_info,
+    model_from_hf_config,
+    parse_hf_config,
+    save_hf,
+    to_hf,
+)
+from protoformer.interop.hf_cli import HFCheckpoint, load_hf_for_cli
+from protoformer.interop.hf_common import (
+    SUPPORTED_ARCHITECTURES,
+    HFConversionError,
+    HFModelInfo,
+    UnsupportedHFModelError,
+)
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "HFCheckpoint",
+    "HFConversionError",
+    "HFModelInfo",
+    "UnsupportedHFModelError",
+    "from_hf",
+    "hf_config_dict",
+    "hf_model_info",
+    "load_hf_for_cli",
+    "model_from_hf_config",
+    "parse_hf_config",
+    "save_hf",
+    "to_hf",
+]

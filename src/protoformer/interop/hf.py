@@ -1,0 +1,408 @@
+"""Hugging Face checkpoints in and out: `from_hf`, `to_hf`, `save_hf`.
+
+    model = from_hf("path/to/Llama-3.2-1B")          # a directory: config.json + safetensors
+    model = from_hf(hf_model)                         # a transformers model instance
+    save_hf(model, "out/")                            # loadable by AutoModelForCausalLM
+
+Supported: Llama (incl. Llama-3 rope scaling), Mistral, Qwen2, Qwen3 and DeepSeek-V3 attention
+(MLA) with dense MLP layers. Loading a directory reads config.json and the safetensors files
+directly, so it does not need transformers. Every tensor of the checkpoint must be used and
+every parameter filled: missing or unexpected tensors raise `HFConversionError` listing them.
+Exceptions: a tied model's `lm_head.weight` (checked equal to the embedding), and, with a
+warning naming them, DeepSeek's multi-token-prediction layers and old checkpoints' stored
+rotary tables (`rotary_emb.inv_freq`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from protoformer.backends import get_backend
+from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.interop.hf_common import (
+    HFConversionError,
+    HFModelInfo,
+    JSONDict,
+    TensorRule,
+    UnsupportedHFModelError,
+    model_rules,
+    supported_list,
+)
+from protoformer.interop.hf_deepseek import (
+    export_deepseek_config,
+    mla_attention_rules,
+    parse_deepseek_config,
+)
+from protoformer.interop.hf_files import (
+    SafetensorsSource,
+    StateDictSource,
+    TensorSource,
+    read_config,
+    write_safetensors,
+)
+from protoformer.interop.hf_llama import (
+    DENSE_MODEL_TYPES,
+    dense_attention_rules,
+    export_dense_config,
+    parse_dense_config,
+)
+from protoformer.models import GPTModel
+from protoformer.recipes import gpt_layer_spec, mla_layer_spec
+
+__all__ = [
+    "HFConversionError",
+    "HFSource",
+    "UnsupportedHFModelError",
+    "from_hf",
+    "hf_config_dict",
+    "hf_model_info",
+    "model_from_hf_config",
+    "parse_hf_config",
+    "save_hf",
+    "to_hf",
+]
+
+HFSource = Union[str, "os.PathLike[str]", nn.Module]
+"""A checkpoint directory or a transformers `PreTrainedModel` instance."""
+
+HFConfigLike = Union[Mapping[str, object], object]
+"""A config.json mapping or a transformers `PretrainedConfig` (anything with `to_dict()`)."""
+
+# The description each model made by `from_hf` was read from, so `to_hf`/`save_hf` write
+# the same layout and config back (e.g. DeepSeek's rope_interleave, the token ids).
+_ORIGINS: weakref.WeakKeyDictionary[GPTModel, HFModelInfo] = weakref.WeakKeyDictionary()
+
+
+# ------------------------------------------------------------------ configs
+def _jsonable(value: object) -> object:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"config value {value!r} is not JSON-serialisable")
+
+
+def _config_values(config: HFConfigLike, where: str) -> JSONDict:
+    """A plain JSON mapping from a mapping or an object with `to_dict()`."""
+    values: object = config
+    if not isinstance(config, Mapping):
+        to_dict: object = getattr(config, "to_dict", None)
+        if not callable(to_dict):
+            raise TypeError(f"{where}: expected a config.json mapping or a transformers config "
+                            f"(with to_dict()), got {type(config).__qualname__}")
+        values = to_dict()
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{where}: the config is not a mapping ({type(values).__qualname__})")
+    # A JSON round trip: plain values only (dtypes become names), and a private copy.
+    text = json.dumps(dict(values), default=_jsonable)  # pyright: ignore[reportUnknownArgumentType]  # checked Mapping
+    decoded: dict[str, object] = json.loads(text)
+    return decoded
+
+
+def parse_hf_config(config: HFConfigLike, *, dtype: torch.dtype = torch.float32) -> HFModelInfo:
+    """Describe a Hugging Face config in protoformer's terms (parameters in `dtype`).
+
+    Raises `UnsupportedHFModelError` for an architecture or feature protoformer cannot
+    represent exactly (naming it and what is supported) and `HFConversionError` for a config
+    with missing or ill-typed values.
+    """
+    values = _config_values(config, "parse_hf_config")
+    model_type = values.get("model_type")
+    if model_type == "deepseek_v3":
+        return parse_deepseek_config(values, dtype)
+    if isinstance(model_type, str) and model_type in DENSE_MODEL_TYPES:
+        return parse_dense_config(values, model_type, dtype)
+    architectures = values.get("architectures")
+    named = f" ({', '.join(map(str, architectures))})" if isinstance(architectures, list) else ""  # pyright: ignore[reportUnknownArgumentType]  # JSON list
+    raise UnsupportedHFModelError(
+        f"Hugging Face model_type={model_type!r}{named} is not supported; protoformer.interop "
+        f"converts {supported_list()}")
+
+
+def _export_config(model: GPTModel) -> JSONDict:
+    if model.position_embedding_type != "rope":
+        raise UnsupportedHFModelError(f"position_embedding_type={model.position_embedding_type!r}: "
+                                      "the Hugging Face architectures use rotary embeddings")
+    vocab, length = model.vocab_size, model.max_sequence_length
+    tied = model.share_embeddings_and_output_weights
+    if isinstance(model.config, MLATransformerConfig):
+        return export_deepseek_config(model.config, vocab_size=vocab, max_sequence_length=length,
+                                      tie_word_embeddings=tied)
+    return export_dense_config(model.config, vocab_size=vocab, max_sequence_length=length,
+                               tie_word_embeddings=tied)
+
+
+def _model_dtype(model: GPTModel) -> torch.dtype:
+    return model.embedding.weight.dtype
+
+
+def _compare(config: TransformerConfig, expected: TransformerConfig) -> list[str]:
+    names = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+             "normalization", "layernorm_epsilon", "qk_layernorm", "add_bias_linear",
+             "add_qkv_bias", "gated_linear_unit", "rotary_base", "rotary_percent",
+             "rotary_interleaved", "softmax_scale"]
+    if isinstance(expected, MLATransformerConfig):
+        names += ["q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+                  "v_head_dim", "rope_type"]
+        if expected.rope_type == "yarn":
+            names += ["rotary_scaling_factor", "original_max_position_embeddings",
+                      "beta_fast", "beta_slow", "mscale", "mscale_all_dim"]
+    else:
+        names += ["num_query_groups", "kv_channels", "rope_scaling"]
+        if expected.rope_scaling is not None:
+            names += ["rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                      "rope_original_max_position_embeddings"]
+    problems: list[str] = []
+    if isinstance(config, MLATransformerConfig) != isinstance(expected, MLATransformerConfig):
+        return [f"the config is a {type(expected).__name__}, the model's a {type(config).__name__}"]
+    for name in names:
+        ours: object = getattr(config, name)
+        theirs: object = getattr(expected, name)
+        if isinstance(ours, float) and isinstance(theirs, float):
+            same_value = math.isclose(ours, theirs, rel_tol=1e-9, abs_tol=1e-12)
+        else:
+            same_value = ours == theirs
+        if not same_value:
+            problems.append(f"{name}: model {ours!r}, config {theirs!r}")
+    if config.activation_func is not expected.activation_func:
+        problems.append(f"activation_func: model {config.activation_func!r}, config "
+                        f"{expected.activation_func!r}")
+    return problems
+
+
+def hf_model_info(model: GPTModel, config: HFConfigLike | None = None) -> HFModelInfo:
+    """The Hugging Face description of `model`: from `config` if given, else the one `from_hf`
+    read it from, else derived from the model's own config (Llama/Qwen2/Qwen3/DeepSeek-V3).
+
+    Raises `ValueError` when `config` does not describe `model`'s shapes and options.
+    """
+    if not isinstance(model, GPTModel):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+        raise TypeError(f"expected a protoformer GPTModel, got {type(model).__qualname__}")
+    if model.pg.tp_size > 1:
+        raise UnsupportedHFModelError("exporting a tensor-parallel model is not supported; "
+                                      "convert the single-process model")
+    dtype = _model_dtype(model)
+    if config is not None:
+        info = parse_hf_config(config, dtype=dtype)
+    elif model in _ORIGINS:
+        return _ORIGINS[model]
+    else:
+        info = parse_hf_config(_export_config(model), dtype=dtype)
+    problems = _compare(model.config, info.config)
+    if info.vocab_size != model.vocab_size:
+        problems.append(f"vocab_size: model {model.vocab_size}, config {info.vocab_size}")
+    if info.tie_word_embeddings != model.share_embeddings_and_output_weights:
+        problems.append(f"tie_word_embeddings: model {model.share_embeddings_and_output_weights}, "
+                        f"config {info.tie_word_embeddings}")
+    if problems:
+        raise ValueError(f"the {info.architecture} config does not describe this model:\n  "
+                         + "\n  ".join(problems))
+    return info
+
+
+def hf_config_dict(model: GPTModel, config: HFConfigLike | None = None) -> JSONDict:
+    """The config.json mapping `save_hf` writes for `model` (see `hf_model_info`)."""
+    info = hf_model_info(model, config)
+    values = {key: value for key, value in info.hf_config.items() if not key.startswith("_")}
+    values["architectures"] = [info.architecture]
+    values["model_type"] = info.model_type
+    dtype_name = str(_model_dtype(model)).removeprefix("torch.")
+    values["torch_dtype"] = dtype_name
+    if "dtype" in values:
+        values["dtype"] = dtype_name
+    return values
+
+
+# ------------------------------------------------------------------ tensors
+def tensor_rules(info: HFModelInfo) -> list[TensorRule]:
+    """The conversion rule of every tensor of `info`'s model."""
+    attention = (mla_attention_rules if info.model_type == "deepseek_v3"
+                 else dense_attention_rules)
+    return model_rules(info, attention)
+
+
+def _natural(name: str) -> tuple[tuple[int, str], ...]:
+    return tuple((int(part), "") if part.isdigit() else (-1, part)
+                 for part in re.split(r"(\d+)", name))
+
+
+def _listing(title: str, names: list[str], limit: int = 200) -> str:
+    shown = "\n    ".join(names[:limit])
+    more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"\n  {title} ({len(names)}):\n    {shown}{more}"
+
+
+def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSource) -> None:
+    expected = {name for rule in rules for name in rule.theirs}
+    present = set(source.names())
+    missing = sorted(expected - present, key=_natural)
+    unexpected: list[str] = []
+    ignored: list[str] = []
+    layers = info.config.num_layers
+    for name in sorted(present - expected, key=_natural):
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if name == "lm_head.weight" and info.tie_word_embeddings:
+            embedding = "model.embed_tokens.weight"
+            if embedding in present and not torch.equal(source.get(name), source.get(embedding)):
+                raise HFConversionError(
+                    f"{source.where}: tie_word_embeddings is true but lm_head.weight differs "
+                    "from model.embed_tokens.weight; set tie_word_embeddings=false in the config")
+        elif layer is not None and layers <= int(layer.group(1)) < layers + info.extra_layers:
+            ignored.append(name)
+        elif name.endswith("rotary_emb.inv_freq"):
+            ignored.append(name)
+        else:
+            unexpected.append(name)
+    if missing or unexpected:
+        raise HFConversionError(
+            f"{source.where}: the tensors do not match the {info.architecture} layout its config "
+            "describes" + (_listing("missing", missing) if missing else "")
+            + (_listing("unexpected", unexpected) if unexpected else "")
+            + "\nCheck that config.json belongs to these weights (a *ForCausalLM checkpoint).")
+    if ignored:
+        warnings.warn(f"{source.where}: not loading {len(ignored)} tensor(s) protoformer does not "
+                      f"use (DeepSeek multi-token-prediction layers {layers}..."
+                      f"{layers + info.extra_layers - 1} or stored rotary tables): "
+                      f"{', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}",
+                      stacklevel=3)
+
+
+def _build(info: HFModelInfo, device: torch.device | str | None) -> GPTModel:
+    backend = get_backend("local")
+    recipe = mla_layer_spec if isinstance(info.config, MLATransformerConfig) else gpt_layer_spec
+    spec = recipe(backend, info.config)
+    placement = torch.device(device) if device is not None else contextlib.nullcontext()
+    with placement:
+        return GPTModel(info.config, spec, info.vocab_size, info.max_sequence_length,
+                        share_embeddings_and_output_weights=info.tie_word_embeddings)
+
+
+def _load(model: GPTModel, rules: list[TensorRule], source: TensorSource) -> None:
+    state = model.state_dict()
+    filled = {rule.ours for rule in rules}
+    if filled != set(state):
+        raise RuntimeError(f"internal error: the mapping fills {sorted(filled - set(state))} "
+                           f"that the model lacks and leaves {sorted(set(state) - filled)} empty")
+    with torch.no_grad():
+        for rule in rules:
+            parts = [source.get(name) for name in rule.theirs]
+            target = state[rule.ours]
+            shapes = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(rule.theirs, parts, strict=True))
+            try:
+                value = rule.to_ours(parts)
+            except RuntimeError as error:
+                raise HFConversionError(f"{source.where}: cannot make {rule.ours} "
+                                        f"{tuple(target.shape)} from {shapes}: {error}") from error
+            if value.shape != target.shape:
+                raise HFConversionError(
+                    f"{source.where}: {shapes} give {rule.ours} of shape {tuple(value.shape)}, "
+                    f"but the config makes it {tuple(target.shape)}; the weights do not match "
+                    "config.json")
+            target.copy_(value)
+
+
+def _open_source(source: HFSource) -> tuple[JSONDict, TensorSource]:
+    if isinstance(source, (str, os.PathLike)):
+        directory = Path(source)
+        if not directory.is_dir():
+            raise HFConversionError(f"{directory}: not a directory; from_hf expects a Hugging "
+                                    "Face checkpoint directory or a transformers model")
+        return read_config(directory), SafetensorsSource(directory)
+    if isinstance(source, nn.Module):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+        where = type(source).__name__
+        config: object = getattr(source, "config", None)
+        if config is None:
+            raise TypeError(f"from_hf: {where} has no .config; pass a transformers "
+                            "PreTrainedModel such as LlamaForCausalLM")
+        return _config_values(config, where), StateDictSource(source.state_dict(), where)
+    raise TypeError(f"from_hf expects a checkpoint directory or a transformers model, got "
+                    f"{type(source).__qualname__}")
+
+
+def from_hf(source: HFSource, *, dtype: torch.dtype | None = None,
+            device: torch.device | str | None = None) -> GPTModel:
+    """A protoformer `GPTModel` with the weights of a Hugging Face causal LM.
+
+    `source`: a checkpoint directory (config.json with model.safetensors or sharded
+    model-0000x-of-0000y.safetensors and model.safetensors.index.json; read without
+    transformers and without network) or a transformers `PreTrainedModel`. `dtype`: the
+    parameters' dtype (default: the checkpoint's); `device`: where to build the model.
+    The model is single-process (no tensor parallelism), in training mode like any new
+    module: call `.eval()` for inference.
+    """
+    values, tensors = _open_source(source)
+    if dtype is None and "model.embed_tokens.weight" in tensors.names():
+        dtype = tensors.dtype("model.embed_tokens.weight")
+    info = parse_hf_config(values, dtype=dtype if dtype is not None else torch.float32)
+    rules = tensor_rules(info)
+    _check_names(info, rules, tensors)
+    model = _build(info, device)
+    _load(model, rules, tensors)
+    # Built without random initialisation (every weight is loaded); a model rebuilt from
+    # this config later should initialise its weights as usual.
+    info.config.perform_initialization = True
+    _ORIGINS[model] = info
+    return model
+
+
+def model_from_hf_config(config: HFConfigLike, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str | None = None) -> GPTModel:
+    """A freshly initialised protoformer model of a Hugging Face config's architecture (no weights).
+
+    For rebuilding a model before loading a protoformer checkpoint of it; `to_hf`/`save_hf`
+    of the result write this config.
+    """
+    info = parse_hf_config(config, dtype=dtype)
+    info.config.perform_initialization = True
+    model = _build(info, device)
+    _ORIGINS[model] = info
+    return model
+
+
+def to_hf(model: GPTModel, *, config: HFConfigLike | None = None) -> dict[str, Tensor]:
+    """`model`'s weights as a Hugging Face state dict (the names and layout of `*ForCausalLM`).
+
+    The architecture comes from `config` if given, else from the checkpoint `from_hf` read,
+    else from the model's config (see `hf_model_info`). As in a transformers model's
+    `state_dict()`, a tied model lists `lm_head.weight` too (the embedding tensor itself).
+    Tensors that are stored unchanged share memory with the model's parameters.
+    """
+    info = hf_model_info(model, config)
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    for rule in tensor_rules(info):
+        parts = rule.to_theirs(state[rule.ours].detach())
+        tensors.update(zip(rule.theirs, parts, strict=True))
+    if info.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    return tensors
+
+
+def save_hf(model: GPTModel, directory: str | os.PathLike[str], *,
+            config: HFConfigLike | None = None, max_shard_size: int | None = None) -> Path:
+    """Write `model` as a Hugging Face checkpoint: config.json and safetensors weights.
+
+    `AutoModelForCausalLM.from_pretrained(directory)` loads the result. `config` as in
+    `to_hf`; `max_shard_size` (bytes) splits the weights into shards with an index. A tied
+    model's `lm_head.weight` is not stored (transformers re-ties it). Returns the directory.
+    """
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    values = hf_config_dict(model, config)
+    tensors = to_hf(model, config=config)
+    if model.share_embeddings_and_output_weights:
+        del tensors["lm_head.weight"]
+    write_safetensors(path, tensors, max_shard_size=max_shard_size)
+    (path / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n",
+                                      encoding="utf-8")
+    return path

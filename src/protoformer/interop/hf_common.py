@@ -1,0 +1,307 @@
+"""What every Hugging Face architecture mapping shares: errors, the model description, config
+reading, activations and the tensor rules of embeddings, norms and the gated MLP.
+
+A `TensorRule` ties one protoformer parameter to the Hugging Face tensor(s) it is made from,
+with both directions of the conversion. Loading and exporting walk the same list of rules, so
+`to_hf(from_hf(m))` gives back exactly `m`'s tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from protoformer.config import TransformerConfig
+
+__all__ = [
+    "ACTIVATIONS",
+    "SUPPORTED_ARCHITECTURES",
+    "ConfigReader",
+    "HFConversionError",
+    "HFModelInfo",
+    "JSONDict",
+    "TensorRule",
+    "UnsupportedHFModelError",
+    "activation_for",
+    "activation_name",
+    "format_layer_list",
+    "json_object",
+    "mlp_rules",
+    "model_rules",
+    "owned",
+    "read_rope",
+    "same",
+    "supported_list",
+]
+
+JSONDict = dict[str, object]
+
+# Hugging Face `model_type` -> the causal-LM class name written to config.json `architectures`.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+# Hugging Face `hidden_act` names and the functions that compute them exactly.
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
+class HFConversionError(ValueError):
+    """A Hugging Face checkpoint or config that does not describe a loadable model."""
+
+
+class UnsupportedHFModelError(NotImplementedError, ValueError):
+    """A Hugging Face architecture or feature that protoformer cannot represent exactly.
+
+    A `NotImplementedError` (the feature may come later) and a `ValueError` (to the user it is
+    a value in their config), so command-line error handling that catches `ValueError` reports
+    it in one line.
+    """
+
+
+def json_object(value: object) -> JSONDict:
+    """A mapping (from `json.loads` or a config's `to_dict()`) with its keys as strings."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a mapping, got {type(value).__qualname__}")
+    items = cast("Mapping[object, object]", value)
+    return {str(key): item for key, item in items.items()}
+
+
+def supported_list() -> str:
+    """The supported `model_type`s with their classes, for error messages."""
+    return ", ".join(f"{kind} ({cls})" for kind, cls in SUPPORTED_ARCHITECTURES.items())
+
+
+@dataclass(frozen=True)
+class HFModelInfo:
+    """A Hugging Face causal LM described in protoformer's terms: its config and the model sizes.
+
+    `hf_config` is the Hugging Face config the description was read from (written back by
+    `save_hf`). `rope_interleave` (DeepSeek-V3 only) says whether the checkpoint stores the
+    rotary rows of queries and keys as interleaved pairs (protoformer's MLA layout) or as
+    halves. `extra_layers` counts DeepSeek's multi-token-prediction layers stored after the
+    decoder, which protoformer does not use.
+    """
+
+    model_type: str
+    config: TransformerConfig
+    vocab_size: int
+    max_sequence_length: int
+    tie_word_embeddings: bool
+    hf_config: JSONDict = field(repr=False)
+    rope_interleave: bool = True
+    extra_layers: int = 0
+
+    @property
+    def architecture(self) -> str:
+        """The Hugging Face class name, e.g. `LlamaForCausalLM`."""
+        return SUPPORTED_ARCHITECTURES[self.model_type]
+
+
+class ConfigReader:
+    """Typed access to a config.json mapping, with errors that name the key and the value."""
+
+    def __init__(self, values: Mapping[str, object], where: str) -> None:
+        self.values = values
+        self.where = where
+
+    def _fail(self, key: str, value: object, expected: str) -> HFConversionError:
+        return HFConversionError(f"{self.where}: {key}={value!r} must be {expected}")
+
+    def present(self, key: str) -> bool:
+        """Whether `key` is set to something other than null."""
+        return self.values.get(key) is not None
+
+    def get_int(self, key: str, default: int | None = None) -> int:
+        value = self.values.get(key)
+        if value is None:
+            if default is None:
+                raise HFConversionError(f"{self.where}: the config has no {key!r}; a "
+                                        f"{self.where} config needs it")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, value, "an integer")
+        return value
+
+    def get_optional_int(self, key: str) -> int | None:
+        return self.get_int(key) if self.present(key) else None
+
+    def get_float(self, key: str, default: float | None = None) -> float:
+        value = self.values.get(key)
+        if value is None:
+            if default is None:
+                raise HFConversionError(f"{self.where}: the config has no {key!r}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(key, value, "a number")
+        return float(value)
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self.values.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._fail(key, value, "true or false")
+        return value
+
+    def get_str(self, key: str, default: str) -> str:
+        value = self.values.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._fail(key, value, "a string")
+        return value
+
+    def get_mapping(self, key: str) -> JSONDict | None:
+        value = self.values.get(key)
+        if value is None:
+            return None
+        try:
+            return json_object(value)
+        except TypeError:
+            raise self._fail(key, value, "an object") from None
+
+
+def activation_for(reader: ConfigReader) -> Callable[[Tensor], Tensor]:
+    """The function for the config's `hidden_act` (default `silu`)."""
+    name = reader.get_str("hidden_act", "silu")
+    function = ACTIVATIONS.get(name)
+    if function is None:
+        raise UnsupportedHFModelError(
+            f"{reader.where}: hidden_act={name!r} is not supported; protoformer maps "
+            f"{', '.join(sorted(ACTIVATIONS))}")
+    return function
+
+
+def read_rope(reader: ConfigReader) -> tuple[str, float, ConfigReader]:
+    """The rotary settings: (`rope_type`, `rope_theta`, a reader over the rope parameters).
+
+    Transformers 5 keeps them in `rope_parameters` (with `rope_theta` inside); older
+    config.json files have a top-level `rope_theta` and a `rope_scaling` object whose type
+    may be under `type`. As in transformers 5, `rope_scaling` wins when both are present.
+    """
+    params = reader.get_mapping("rope_scaling") or reader.get_mapping("rope_parameters") or {}
+    nested = [key for key, value in params.items() if isinstance(value, Mapping)]
+    if nested:
+        raise UnsupportedHFModelError(
+            f"{reader.where}: rope parameters per layer type ({', '.join(nested)}) are not "
+            "supported; protoformer uses one rotary table for every layer")
+    rope = ConfigReader(params, f"{reader.where} rope parameters")
+    rope_type = rope.get_str("rope_type", rope.get_str("type", "default"))
+    theta = rope.get_float("rope_theta", reader.get_float("rope_theta", 10000.0))
+    partial = rope.get_float("partial_rotary_factor",
+                             reader.get_float("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedHFModelError(
+            f"{reader.where}: partial_rotary_factor={partial} is not supported; the "
+            f"{reader.where} layers rotate whole heads only")
+    return rope_type, theta, rope
+
+
+def activation_name(config: TransformerConfig) -> str:
+    """The Hugging Face `hidden_act` of `config.activation_func`."""
+    for name, function in ACTIVATIONS.items():
+        if config.activation_func is function:
+            return name
+    raise UnsupportedHFModelError(
+        f"activation_func={config.activation_func!r} has no Hugging Face name; export supports "
+        "torch.nn.functional.silu, gelu and relu")
+
+
+def format_layer_list(layers: Sequence[int]) -> str:
+    """`[3, 4, 5, 9]` -> `"3-5, 9"`."""
+    parts: list[str] = []
+    start = previous = layers[0]
+    for layer in [*layers[1:], None]:
+        if layer is not None and layer == previous + 1:
+            previous = layer
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if layer is not None:
+            start = previous = layer
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------ tensor rules
+ToOurs = Callable[[Sequence[Tensor]], Tensor]
+ToTheirs = Callable[[Tensor], tuple[Tensor, ...]]
+
+
+def owned(t: Tensor) -> Tensor:
+    """A contiguous copy with its own storage (saved tensors must not share memory)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _single(parts: Sequence[Tensor]) -> Tensor:
+    return parts[0]
+
+
+def _as_tuple(t: Tensor) -> tuple[Tensor, ...]:
+    return (t,)
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One protoformer tensor `ours` <-> the Hugging Face tensors `theirs`, both directions."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    to_ours: ToOurs = _single
+    to_theirs: ToTheirs = _as_tuple
+
+
+def same(ours: str, theirs: str) -> TensorRule:
+    """A tensor stored identically under two names."""
+    return TensorRule(ours, (theirs,))
+
+
+def _cat_rows(parts: Sequence[Tensor]) -> Tensor:
+    return torch.cat(tuple(parts), dim=0)  # [2 * ffn, ...]: gate rows then up rows
+
+
+def _split_halves(t: Tensor) -> tuple[Tensor, ...]:
+    gate, up = torch.chunk(t, 2, dim=0)  # [ffn, ...] each
+    return owned(gate), owned(up)
+
+
+def mlp_rules(config: TransformerConfig, ours: str, theirs: str) -> list[TensorRule]:
+    """The gated MLP: `linear_fc1 = [gate_proj; up_proj]`, `linear_fc2 = down_proj`."""
+    kinds = ("weight", "bias") if config.add_bias_linear else ("weight",)
+    rules: list[TensorRule] = []
+    for kind in kinds:
+        rules.append(TensorRule(f"{ours}.linear_fc1.{kind}",
+                                (f"{theirs}.gate_proj.{kind}", f"{theirs}.up_proj.{kind}"),
+                                _cat_rows, _split_halves))
+    for kind in kinds:
+        rules.append(same(f"{ours}.linear_fc2.{kind}", f"{theirs}.down_proj.{kind}"))
+    return rules
+
+
+def model_rules(info: HFModelInfo,
+                layer_rules: Callable[[HFModelInfo, str, str], list[TensorRule]]) -> list[TensorRule]:
+    """Every tensor of the model: embedding, each layer (via `layer_rules`), final norm, head."""
+    rules = [same("embedding.weight", "model.embed_tokens.weight")]
+    for index in range(info.config.num_layers):
+        ours, theirs = f"decoder.layers.{index}", f"model.layers.{index}"
+        rules.append(same(f"{ours}.input_layernorm.weight", f"{theirs}.input_layernorm.weight"))
+        rules.extend(layer_rules(info, f"{ours}.self_attention", f"{theirs}.self_attn"))
+        rules.append(same(f"{ours}.pre_mlp_layernorm.weight",
+                          f"{theirs}.post_attention_layernorm.weight"))
+        rules.extend(mlp_rules(info.config, f"{ours}.mlp", f"{theirs}.mlp"))
+    rules.append(same("decoder.final_layernorm.weight", "model.norm.weight"))
+    if not info.tie_word_embeddings:
+        rules.append(same("output_layer.weight", "lm_head.weight"))
+    return rules

@@ -1,0 +1,329 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2, Qwen3) <-> protoformer's `gpt_layer_spec` model.
+
+Config: sizes map one to one (`num_key_value_heads` -> `num_query_groups`, `head_dim` ->
+`kv_channels`, `intermediate_size` -> `ffn_hidden_size`); RMSNorm, SwiGLU (or the gated
+`hidden_act`), RoPE with `rope_theta` and optionally Llama-3 frequency scaling; Qwen3's per-head
+`q_norm`/`k_norm` become `qk_layernorm`. Biases: Qwen2's q/k/v bias is `add_qkv_bias`;
+`add_bias_linear` puts a bias on o_proj *and* the MLP, so it covers Llama's
+`attention_bias=mlp_bias=True` only.
+
+Weights: q/k/v are fused into `linear_qkv` in Megatron-Core's grouped layout (per key/value
+group: its query heads, its key head, its value head; see `protoformer.transformer.attention`);
+gate/up into `linear_fc1` (gate rows first); the rest keep their shape under new names.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from protoformer.config import TransformerConfig
+from protoformer.interop.hf_common import (
+    SUPPORTED_ARCHITECTURES,
+    ConfigReader,
+    HFConversionError,
+    HFModelInfo,
+    JSONDict,
+    TensorRule,
+    UnsupportedHFModelError,
+    activation_for,
+    activation_name,
+    owned,
+    read_rope,
+    same,
+)
+
+__all__ = [
+    "DENSE_MODEL_TYPES",
+    "dense_attention_rules",
+    "export_dense_config",
+    "fuse_qkv",
+    "parse_dense_config",
+    "split_qkv",
+]
+
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+# ------------------------------------------------------------------ fused QKV layout
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, *, heads: int, groups: int, head_dim: int) -> Tensor:
+    """Hugging Face q/k/v projections (weights `[n * hn, h]` or biases `[n * hn]`) -> grouped `linear_qkv`.
+
+    Query head `i` belongs to key/value group `i // (heads / groups)`, as in Hugging Face's
+    `repeat_kv`; each group's rows are `[its query heads | its key head | its value head]`.
+    """
+    per_group = heads // groups
+    rest = tuple(q.shape[1:])  # (h,) for a weight, () for a bias
+    q = q.reshape(groups, per_group * head_dim, *rest)  # [ng, np/ng * hn, ...]
+    k = k.reshape(groups, head_dim, *rest)  # [ng, hn, ...]
+    v = v.reshape(groups, head_dim, *rest)  # [ng, hn, ...]
+    fused = torch.cat((q, k, v), dim=1)  # [ng, (np/ng + 2) * hn, ...]
+    return fused.reshape(groups * (per_group + 2) * head_dim, *rest)
+
+
+def split_qkv(fused: Tensor, *, heads: int, groups: int,
+              head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The inverse of `fuse_qkv`: grouped `linear_qkv` rows -> (q, k, v), each with its own storage."""
+    per_group = heads // groups
+    rest = tuple(fused.shape[1:])
+    grouped = fused.reshape(groups, (per_group + 2) * head_dim, *rest)  # [ng, (np/ng + 2) * hn, ...]
+    q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
+    return (owned(q.reshape(heads * head_dim, *rest)),  # [np * hn, ...]
+            owned(k.reshape(groups * head_dim, *rest)),  # [ng * hn, ...]
+            owned(v.reshape(groups * head_dim, *rest)))
+
+
+def _qkv_rule(ours: str, theirs: str, kind: str, config: TransformerConfig) -> TensorRule:
+    heads, groups, head_dim = config.num_attention_heads, config.query_groups, config.head_dim
+
+    def to_ours(parts: Sequence[Tensor]) -> Tensor:
+        q, k, v = parts
+        return fuse_qkv(q, k, v, heads=heads, groups=groups, head_dim=head_dim)
+
+    def to_theirs(fused: Tensor) -> tuple[Tensor, ...]:
+        return split_qkv(fused, heads=heads, groups=groups, head_dim=head_dim)
+
+    names = tuple(f"{theirs}.{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj"))
+    return TensorRule(f"{ours}.linear_qkv.{kind}", names, to_ours, to_theirs)
+
+
+def dense_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:
+    """Self-attention of one layer: `linear_qkv` (+ bias), q/k norms, `linear_proj` (+ bias)."""
+    config = info.config
+    rules = [_qkv_rule(ours, theirs, "weight", config)]
+    if config.add_bias_linear or config.add_qkv_bias:
+        rules.append(_qkv_rule(ours, theirs, "bias", config))
+    if config.qk_layernorm:
+        rules.append(same(f"{ours}.q_layernorm.weight", f"{theirs}.q_norm.weight"))
+        rules.append(same(f"{ours}.k_layernorm.weight", f"{theirs}.k_norm.weight"))
+    rules.append(same(f"{ours}.linear_proj.weight", f"{theirs}.o_proj.weight"))
+    if config.add_bias_linear:
+        rules.append(same(f"{ours}.linear_proj.bias", f"{theirs}.o_proj.bias"))
+    return rules
+
+
+# ------------------------------------------------------------------ config: HF -> protoformer
+def _biases(model_type: str, reader: ConfigReader) -> tuple[bool, bool]:
+    """(`add_bias_linear`, `add_qkv_bias`) for the checkpoint's biases, or an error if inexpressible."""
+    if model_type == "llama":
+        attention = reader.get_bool("attention_bias", False)
+        qkv, o_proj, mlp = attention, attention, reader.get_bool("mlp_bias", False)
+    elif model_type == "qwen3":
+        attention = reader.get_bool("attention_bias", False)
+        qkv, o_proj, mlp = attention, attention, False
+    elif model_type == "qwen2":
+        qkv, o_proj, mlp = True, False, False
+    else:  # mistral
+        qkv, o_proj, mlp = False, False, False
+    if o_proj != mlp:
+        raise UnsupportedHFModelError(
+            f"{reader.where}: this checkpoint has biases on q/k/v={qkv}, o_proj={o_proj}, "
+            f"MLP={mlp}; protoformer's add_bias_linear puts a bias on o_proj and on the MLP "
+            "together, so a bias on only one of them cannot be represented")
+    return o_proj, qkv
+
+
+def _sliding_window(model_type: str, reader: ConfigReader, num_layers: int) -> int | None:
+    """The attention window of the layers that slide, or None when every layer sees everything."""
+    if model_type == "mistral":
+        return reader.get_optional_int("sliding_window")
+    if model_type not in ("qwen2", "qwen3") or not reader.get_bool("use_sliding_window", False):
+        return None
+    window = reader.get_optional_int("sliding_window")
+    if window is None:
+        return None
+    layer_types = reader.values.get("layer_types")
+    if isinstance(layer_types, list):
+        slides = "sliding_attention" in layer_types
+    else:
+        slides = num_layers > reader.get_int("max_window_layers", num_layers)
+    return window if slides else None
+
+
+def parse_dense_config(values: Mapping[str, object], model_type: str,
+                       dtype: torch.dtype) -> HFModelInfo:
+    """A Llama/Mistral/Qwen2/Qwen3 config.json mapping -> `HFModelInfo` (parameters in `dtype`).
+
+    A sliding attention window `W` (Mistral, Qwen with `use_sliding_window`) caps the model's
+    `max_sequence_length` at `W`: up to that length sliding-window and full causal attention
+    agree exactly, and protoformer has no sliding-window mask.
+    """
+    reader = ConfigReader(values, f"{SUPPORTED_ARCHITECTURES[model_type]} config")
+    hidden = reader.get_int("hidden_size")
+    heads = reader.get_int("num_attention_heads")
+    head_dim = reader.get_optional_int("head_dim")
+    if head_dim is None:
+        if hidden % heads != 0:
+            raise HFConversionError(f"{reader.where}: hidden_size={hidden} is not divisible by "
+                                    f"num_attention_heads={heads} and head_dim is not given")
+        head_dim = hidden // heads
+    num_layers = reader.get_int("num_hidden_layers")
+    max_positions = reader.get_int("max_position_embeddings")
+    rope_type, theta, rope = read_rope(reader)
+    # Llama-3 frequency scaling; the other values are TransformerConfig's defaults, unused.
+    llama3: Literal["llama3"] | None = None
+    factor, low_freq, high_freq, original = 8.0, 1.0, 4.0, 8192
+    if rope_type == "llama3":
+        llama3 = "llama3"
+        factor = rope.get_float("factor")
+        low_freq = rope.get_float("low_freq_factor")
+        high_freq = rope.get_float("high_freq_factor")
+        original = rope.get_int("original_max_position_embeddings", max_positions)
+    elif rope_type != "default":
+        raise UnsupportedHFModelError(
+            f"{reader.where}: rope_type={rope_type!r} is not supported; protoformer maps "
+            "'default' and 'llama3'")
+    add_bias_linear, add_qkv_bias = _biases(model_type, reader)
+    try:
+        config = TransformerConfig(
+            num_layers=num_layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
+            kv_channels=head_dim,
+            ffn_hidden_size=reader.get_int("intermediate_size"),
+            normalization="RMSNorm",
+            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+            qk_layernorm=model_type == "qwen3",
+            add_bias_linear=add_bias_linear,
+            add_qkv_bias=add_qkv_bias,
+            gated_linear_unit=True,
+            activation_func=activation_for(reader),
+            init_method_std=reader.get_float("initializer_range", 0.02),
+            perform_initialization=False,
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            attention_dropout=reader.get_float("attention_dropout", 0.0),
+            hidden_dropout=0.0,
+            rotary_base=theta,
+            rope_scaling=llama3,
+            rope_scaling_factor=factor,
+            rope_low_freq_factor=low_freq,
+            rope_high_freq_factor=high_freq,
+            rope_original_max_position_embeddings=original,
+        )
+    except (HFConversionError, UnsupportedHFModelError):
+        raise  # already names the config key
+    except ValueError as error:  # TransformerConfig's validation
+        raise HFConversionError(f"{reader.where}: {error}") from error
+    max_sequence_length = max_positions
+    window = _sliding_window(model_type, reader, num_layers)
+    if window is not None and window < max_positions:
+        warnings.warn(f"{reader.where}: sliding_window={window} is below "
+                      f"max_position_embeddings={max_positions}; the protoformer model accepts "
+                      f"sequences of up to {window} tokens, where full causal attention equals "
+                      "the sliding window", stacklevel=3)
+        max_sequence_length = window
+    return HFModelInfo(
+        model_type=model_type,
+        config=config,
+        vocab_size=reader.get_int("vocab_size"),
+        max_sequence_length=max_sequence_length,
+        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
+        hf_config=dict(values),
+    )
+
+
+# ------------------------------------------------------------------ config: protoformer -> HF
+def _choose_dense_type(config: TransformerConfig) -> str:
+    if config.qk_layernorm:
+        return "qwen3"
+    if config.add_qkv_bias and not config.add_bias_linear:
+        return "qwen2"
+    return "llama"
+
+
+def _check_exportable(config: TransformerConfig, model_type: str) -> None:
+    problems: list[str] = []
+    if config.normalization != "RMSNorm":
+        problems.append(f"normalization={config.normalization!r} (these models use RMSNorm)")
+    if not config.gated_linear_unit:
+        problems.append("gated_linear_unit=False (these models use a gated MLP)")
+    if config.rotary_percent != 1.0:
+        problems.append(f"rotary_percent={config.rotary_percent} (whole heads rotate)")
+    if config.rotary_interleaved:
+        problems.append("rotary_interleaved=True (these models rotate halves)")
+    if config.softmax_scale is not None:
+        problems.append(f"softmax_scale={config.softmax_scale} (they use 1/sqrt(head_dim))")
+    qkv_bias = config.add_bias_linear or config.add_qkv_bias
+    wants_qk_norm = model_type == "qwen3"
+    if config.qk_layernorm != wants_qk_norm:
+        problems.append(f"qk_layernorm={config.qk_layernorm} ({model_type} "
+                        f"{'has' if wants_qk_norm else 'has no'} q/k norms)")
+    if model_type == "llama" and qkv_bias != config.add_bias_linear:
+        problems.append("a q/k/v bias without add_bias_linear (Llama's attention_bias also "
+                        "covers o_proj; use model_type='qwen2')")
+    if model_type == "mistral" and qkv_bias:
+        problems.append("biases (Mistral has none)")
+    if model_type == "qwen2" and (config.add_bias_linear or not config.add_qkv_bias):
+        problems.append("Qwen2 has a q/k/v bias and no other: add_qkv_bias=True, "
+                        "add_bias_linear=False")
+    if model_type == "qwen3" and qkv_bias:
+        problems.append("biases (Qwen3's attention_bias would also bias o_proj, not the MLP)")
+    if problems:
+        raise UnsupportedHFModelError(
+            f"cannot export this model as {SUPPORTED_ARCHITECTURES[model_type]}: "
+            + "; ".join(problems))
+
+
+def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_sequence_length: int,
+                        tie_word_embeddings: bool, model_type: str | None = None) -> JSONDict:
+    """A config.json mapping for a Llama-family model equal to a protoformer `gpt_layer_spec` model.
+
+    `model_type=None` picks Qwen3 for per-head q/k norms, Qwen2 for a q/k/v-only bias and
+    Llama otherwise. Rotary settings are written both as transformers 5 `rope_parameters` and
+    as the older `rope_theta`/`rope_scaling` keys, so either major version reads them.
+    """
+    kind = model_type if model_type is not None else _choose_dense_type(config)
+    if kind not in DENSE_MODEL_TYPES:
+        raise UnsupportedHFModelError(f"model_type={kind!r}: a dense protoformer model exports as "
+                                      f"one of {', '.join(DENSE_MODEL_TYPES)}")
+    _check_exportable(config, kind)
+    rope: JSONDict = {"rope_type": "default", "rope_theta": config.rotary_base}
+    legacy_scaling: JSONDict | None = None
+    if config.rope_scaling == "llama3":
+        legacy_scaling = {
+            "rope_type": "llama3",
+            "factor": config.rope_scaling_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_position_embeddings,
+        }
+        rope = {**legacy_scaling, "rope_theta": config.rotary_base}
+    values: JSONDict = {
+        "architectures": [SUPPORTED_ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.query_groups,
+        "head_dim": config.head_dim,
+        "hidden_act": activation_name(config),
+        "max_position_embeddings": max_sequence_length,
+        "rms_norm_eps": config.layernorm_epsilon,
+        "initializer_range": config.init_method_std,
+        "attention_dropout": config.attention_dropout,
+        "tie_word_embeddings": tie_word_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": config.rotary_base,
+        "rope_scaling": legacy_scaling,
+        "use_cache": True,
+    }
+    if kind == "llama":
+        values["attention_bias"] = config.add_bias_linear
+        values["mlp_bias"] = config.add_bias_linear
+    elif kind == "qwen3":
+        values["attention_bias"] = False
+    if kind == "mistral":
+        values["sliding_window"] = None
+    elif kind in ("qwen2", "qwen3"):
+        values["use_sliding_window"] = False
+        values["sliding_window"] = None
+        values["max_window_layers"] = config.num_layers
+    return values
