@@ -124,6 +124,11 @@ class TransformerConfig:
     bf16: bool = False
     recompute_granularity: RecomputeGranularity | None = None
 
+    # Fusions the layers apply themselves (a backend's fused kernels fill the slots; these two
+    # are calls inside attention and the model, so they are switched here, as in Megatron-Core).
+    apply_rope_fusion: bool = False
+    cross_entropy_loss_fusion: bool = False
+
     def __post_init__(self) -> None:
         self._validate_sizes()
         self._validate_options()
@@ -184,6 +189,8 @@ class TransformerConfig:
         for name in ("qk_layernorm", "add_bias_linear", "add_qkv_bias", "gated_linear_unit",
                      "perform_initialization", "attention_softmax_in_fp32",
                      "rotary_interleaved", "sequence_parallel", "delay_wgrad_compute", "bf16"):
+            _require_bool(name, getattr(self, name))
+        for name in ("apply_rope_fusion", "cross_entropy_loss_fusion"):
             _require_bool(name, getattr(self, name))
         if not _is_floating_dtype(self.params_dtype):
             raise _fail("params_dtype", self.params_dtype, "must be a floating torch.dtype")

@@ -58,4 +58,12 @@ def get_backend(name: str) -> BackendSpecProvider:
     return factory()
 
 
+def _fused_backend() -> BackendSpecProvider:
+    # Imported on request: the fused module probes its optional kernels (liger, Triton).
+    from protoformer.backends.fused import FusedSpecProvider
+
+    return FusedSpecProvider()
+
+
 register_backend("local", LocalSpecProvider)
+register_backend("fused", _fused_backend)
