@@ -41,11 +41,17 @@ fi
 max_tp=$(( gpus >= 4 ? 4 : 2 ))
 echo "GPUs: $gpus; tensor-parallel sizes up to $max_tp"
 
+# GPU_STEPS picks the steps (default all three), so the work can be split over calls that
+# each have a time limit: GPU_STEPS="tests train" then GPU_STEPS=bench.
+steps_wanted="${GPU_STEPS:-tests train bench}"
+wants() { [[ " $steps_wanted " == *" $1 "* ]]; }
+
 # 1. Equality tests on NCCL (each rank on its own GPU; 4-rank tests skip on 2 GPUs).
-step "equality tests (NCCL)" 200 env PROTOFORMER_TEST_DIST_BACKEND=nccl \
+wants tests && step "equality tests (NCCL)" 200 env PROTOFORMER_TEST_DIST_BACKEND=nccl \
   "$PYTHON" -m pytest tests/distributed -q -p no:cacheprovider -rs
 
 # 2. The trainer end to end on 2 GPUs: TP=2 for 30 steps, then resume to 40.
+if wants train; then
 run_dir=$(mktemp -d /tmp/protoformer-gpu-train-XXXXXX)
 train_args=(-m protoformer.cli train --preset tiny --tp 2 --device cuda --batch-size 8
             --seq-len 128 --eval-every 10 --save-every 10 --log-every 10 --out "$run_dir")
@@ -54,9 +60,10 @@ step "train --tp 2 (NCCL)" 120 "$PYTHON" -m torch.distributed.run --standalone \
 step "train --tp 2 --resume (NCCL)" 120 "$PYTHON" -m torch.distributed.run --standalone \
   --nproc-per-node=2 "${train_args[@]}" --steps 40 --resume
 ls -la "$run_dir" "$run_dir/checkpoints" 2>/dev/null | head -20
+fi
 
 # 3. Scaling benchmark: one torchrun launch per TP size, with and without sequence parallel.
-step "tp_scaling benchmark" 290 "$PYTHON" benchmarks/tp_scaling.py --launch --max-tp "$max_tp" \
+wants bench && step "tp_scaling benchmark" 290 "$PYTHON" benchmarks/tp_scaling.py --launch --max-tp "$max_tp" \
   --deadline 250 --launch-timeout 120
 
 echo
