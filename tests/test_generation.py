@@ -52,6 +52,27 @@ def test_generation_stops_at_the_maximum_sequence_length(model: GPTModel) -> Non
     assert generate(model, [65] * model.max_sequence_length, 5) == []
 
 
+def test_generation_stops_after_emitting_a_stop_token(model: GPTModel) -> None:
+    prompt = list(b"class ")
+    free = generate(model, prompt, 12, greedy=True)  # no stop tokens: all 12
+    assert len(free) == 12
+    stop = free[4]
+    expected = free[:free.index(stop) + 1]  # up to and including its first occurrence
+    streamed: list[int] = []
+    stopped = generate(model, prompt, 12, greedy=True, stop_token_ids={stop, 999_999},
+                       stream=streamed.append)
+    assert stopped == expected and streamed == expected
+    assert generate(model, prompt, 12, greedy=True, stop_token_ids=[1000]) == free  # never chosen
+
+
+def test_sampling_stops_at_a_stop_token_too(model: GPTModel) -> None:
+    prompt = list(b"x = ")
+    free = generate(model, prompt, 30, temperature=1.0, seed=7)
+    stop = free[len(free) // 2]
+    stopped = generate(model, prompt, 30, temperature=1.0, seed=7, stop_token_ids=(stop,))
+    assert stopped == free[:free.index(stop) + 1]
+
+
 def test_the_model_is_left_in_its_training_mode(model: GPTModel) -> None:
     model.train()
     generate(model, [1, 2, 3], 2, greedy=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -83,17 +83,21 @@ def generate(
     greedy: bool = False,
     seed: int | None = None,
     stream: Callable[[int], None] | None = None,
+    stop_token_ids: Collection[int] = (),
 ) -> list[int]:
     """Continue `prompt_ids` (one sequence of token ids) by up to `max_new_tokens` tokens.
 
     The prompt is run once to fill the model's KV caches (an `InferenceContext`); each later
     step feeds only the newest token. Generation stops early when the sequence reaches the
-    model's `max_sequence_length`. `stream` is called with each token as it is chosen;
-    `seed` makes sampling reproducible. Returns the new tokens (not the prompt).
+    model's `max_sequence_length`, and after emitting a token of `stop_token_ids` (an
+    end-of-sequence token; it is the last one returned and streamed). `stream` is called with
+    each token as it is chosen; `seed` makes sampling reproducible. Returns the new tokens
+    (not the prompt).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     _check_sampling(temperature, top_k, top_p)
+    stop = frozenset(int(token) for token in stop_token_ids)
     prompt = _prompt_tensor(prompt_ids, model.vocab_size)  # [p]
     limit = model.max_sequence_length
     if prompt.numel() > limit:
@@ -123,7 +127,7 @@ def generate(
                 new_tokens.append(token)
                 if stream is not None:
                     stream(token)
-                if len(new_tokens) == num_new:
+                if len(new_tokens) == num_new or token in stop:
                     break
                 step_input = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
                 logits = forward(step_input, inference_context=context)  # [1, 1, v]

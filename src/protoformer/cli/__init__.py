@@ -1,8 +1,9 @@
 """The `protoformer` command: `train`, `generate`, `inspect` and `check`.
 
 Errors in what the user gave (an unknown preset, a missing file, a corrupt checkpoint, a
-miswired spec) print one line, `protoformer: error: ...`, and exit with status 1; anything
-else is a bug and keeps its traceback.
+miswired spec, an optional package that is not installed) print one line,
+`protoformer: error: ...`, and exit with status 1; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
-    except (SpecError, CheckpointError, ValueError, OSError) as error:
+    except (SpecError, CheckpointError, ValueError, OSError, ImportError) as error:
         print(f"{PROGRAM}: error: {error_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,18 +1,28 @@
-"""`protoformer generate`: continue a prompt with a trained checkpoint, streaming the text."""
+"""`protoformer generate`: continue a prompt with a trained checkpoint or a Hugging Face model.
+
+A protoformer checkpoint (`--checkpoint`) is byte-level: the prompt's UTF-8 bytes are its token
+ids. A Hugging Face checkpoint directory (`--hf`) brings its own tokenizer (tokenizer.json) and
+stop tokens (generation_config.json or config.json `eos_token_id`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import codecs
 import sys
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from protoformer.backends import get_backend
 from protoformer.generation import generate
+from protoformer.interop import load_hf_for_cli, model_from_hf_config
+from protoformer.interop.hf_tokenizer import TOKENIZER_FILE, StreamDecoder
 from protoformer.models import GPTModel
 from protoformer.recipes import get_preset
+from protoformer.recipes.spec_data import stored_layer_spec
 from protoformer.train.checkpoint import (
+    STATE_FILE,
     CheckpointError,
     JSONValue,
     load_checkpoint,
@@ -21,7 +31,9 @@ from protoformer.train.checkpoint import (
 )
 from protoformer.train.loop import resolve_device
 
-__all__ = ["add_parser", "check_prompt_bytes", "load_model", "run"]
+__all__ = ["add_parser", "check_prompt_bytes", "load_model", "run", "token_bytes"]
+
+_REPLACEMENT = "\ufffd".encode()
 
 
 class _Subparsers(Protocol):
@@ -30,23 +42,33 @@ class _Subparsers(Protocol):
 
 def add_parser(commands: _Subparsers) -> None:
     parser = commands.add_parser(
-        "generate", help="continue a prompt with a trained checkpoint",
-        description="Continue a prompt with a trained byte-level checkpoint, printing the "
-                    "bytes as they are generated.")
-    parser.add_argument("--checkpoint", type=Path, required=True,
+        "generate", help="continue a prompt with a trained checkpoint or a Hugging Face model",
+        description="Continue a prompt, printing the text as it is generated: with a trained "
+                    "byte-level checkpoint (--checkpoint), or with a Hugging Face checkpoint "
+                    "directory and its tokenizer.json (--hf), stopping at its end-of-sequence "
+                    "token.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path,
                         help="a run directory (uses checkpoints/latest) or a step directory")
+    source.add_argument("--hf", type=Path, metavar="PATH",
+                        help="a Hugging Face checkpoint directory (config.json, safetensors "
+                             "weights and tokenizer.json)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=200,
-                        help="bytes to generate (default 200)")
+                        help="tokens (bytes, for --checkpoint) to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature (default 0.8; 0 is greedy)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest bytes")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample from the k likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None,
-                        help="sample from the likeliest bytes holding probability p")
-    parser.add_argument("--greedy", action="store_true", help="always take the likeliest byte")
+                        help="sample from the likeliest tokens holding probability p")
+    parser.add_argument("--greedy", action="store_true", help="always take the likeliest token")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default auto)")
+    parser.add_argument("--allow", metavar="PREFIX", action="append", default=[],
+                        help="allow importing the checkpoint's layer-spec builders from modules "
+                             "under PREFIX (as the run's train --allow did; repeatable)")
     parser.set_defaults(handler=run)
 
 
@@ -65,51 +87,115 @@ def check_prompt_bytes(prompt: bytes, vocab_size: int) -> None:
                          f"[0, {vocab_size}); use characters the model was trained on")
 
 
-def load_model(checkpoint: Path, *, device: str = "auto") -> tuple[GPTModel, Path]:
-    """Rebuild the checkpoint's preset and load its weights; returns (model, step directory)."""
+def token_bytes(token: int) -> bytes:
+    """The byte a byte-level model's token stands for; U+FFFD for an id past 255 (a model
+    with a larger vocabulary, e.g. one started from a Hugging Face checkpoint)."""
+    return bytes([token]) if 0 <= token < 256 else _REPLACEMENT
+
+
+def load_model(checkpoint: Path, *, device: str = "auto", allow: Sequence[str] = ()
+               ) -> tuple[GPTModel, Path]:
+    """Rebuild the checkpoint's model and load its weights; returns (model, step directory)."""
     step_dir = resolve_checkpoint(checkpoint)
-    return _load_from(step_dir, read_state(step_dir), device), step_dir
+    return _load_from(step_dir, read_state(step_dir), device, allow), step_dir
 
 
-def _load_from(step_dir: Path, state: dict[str, JSONValue], device: str) -> GPTModel:
+def _build_saved_model(step_dir: Path, state: dict[str, JSONValue], device: str,
+                       allow: Sequence[str]) -> GPTModel:
+    """The model a checkpoint describes, freshly initialised: from the Hugging Face config a
+    run started from, else the preset with the layer spec the run resolved (if any).
+
+    A stored spec is imported with the default allowlist plus `allow` (the `--allow` given to
+    *this* command), never an allowlist read from the checkpoint: a file from elsewhere must
+    not widen what may be imported."""
+    placement = resolve_device(device)
+    hf_config = state.get("hf_config")
+    if isinstance(hf_config, dict):
+        return model_from_hf_config(hf_config, device=placement)
     preset_name = state.get("preset")
     backend_name = state.get("backend", "local")
     if not isinstance(preset_name, str) or not isinstance(backend_name, str):
-        raise CheckpointError(f"{step_dir / 'state.json'}: lacks the 'preset' (and 'backend') "
+        raise CheckpointError(f"{step_dir / STATE_FILE}: lacks the 'preset' (and 'backend') "
                               "the model was built from")
-    model = get_preset(preset_name).build_model(get_backend(backend_name),
-                                                device=resolve_device(device))
+    stored = state.get("layer_spec")
+    spec = (stored_layer_spec(stored, allow=allow,
+                              where=f"{step_dir / STATE_FILE} layer_spec")
+            if stored is not None else None)
+    return get_preset(preset_name).build_model(get_backend(backend_name), device=placement,
+                                               layer_spec=spec)
+
+
+def _load_from(step_dir: Path, state: dict[str, JSONValue], device: str,
+               allow: Sequence[str] = ()) -> GPTModel:
+    model = _build_saved_model(step_dir, state, device, allow)
     load_checkpoint(step_dir, model)
     return model.eval()
+
+
+def _stream_generation(model: GPTModel, prompt_ids: Sequence[int], args: argparse.Namespace, *,
+                       echo: str, piece: Callable[[int], str], finish: Callable[[], str],
+                       stop_token_ids: Collection[int] = ()) -> None:
+    """Print `echo` (the prompt), then the text of each new token as it comes, then a newline."""
+
+    def stream(token: int) -> None:
+        sys.stdout.write(piece(token))
+        sys.stdout.flush()
+
+    def run_generation(max_new_tokens: int) -> list[int]:
+        return generate(model, prompt_ids, max_new_tokens,
+                        temperature=float(args.temperature), top_k=args.top_k, top_p=args.top_p,
+                        greedy=bool(args.greedy), seed=args.seed, stream=stream,
+                        stop_token_ids=stop_token_ids)
+
+    run_generation(0)  # validates prompt and sampling options before the prompt is echoed
+    sys.stdout.write(echo)
+    sys.stdout.flush()
+    run_generation(int(args.max_new_tokens))
+    sys.stdout.write(finish() + "\n")
+
+
+def _no_tokenizer(directory: Path) -> ValueError:
+    return ValueError(f"{directory}: no {TOKENIZER_FILE}; generate --hf encodes the prompt with "
+                      f"the checkpoint's own tokenizer, so copy {TOKENIZER_FILE} from the model's "
+                      "repository into that directory")
+
+
+def _run_hf(args: argparse.Namespace, prompt: str) -> None:
+    directory = Path(args.hf)
+    device = resolve_device(str(args.device))
+    if directory.is_dir() and not (directory / TOKENIZER_FILE).is_file():
+        raise _no_tokenizer(directory)  # before the (slower) weight loading
+    checkpoint = load_hf_for_cli(directory, device=device)
+    if checkpoint.tokenizer is None:
+        raise _no_tokenizer(directory)
+    decoder = StreamDecoder(checkpoint.tokenizer)
+    _stream_generation(checkpoint.model, checkpoint.tokenizer.encode(prompt), args, echo=prompt,
+                       piece=decoder.push, finish=decoder.flush,
+                       stop_token_ids=checkpoint.eos_token_ids)
+
+
+def _run_checkpoint(args: argparse.Namespace, prompt: str) -> None:
+    prompt_bytes = prompt.encode("utf-8")
+    step_dir = resolve_checkpoint(Path(args.checkpoint))
+    state = read_state(step_dir)
+    vocab_size = _saved_vocab_size(state)
+    if vocab_size is not None:  # before the (slower) model build
+        check_prompt_bytes(prompt_bytes, vocab_size)
+    model = _load_from(step_dir, state, str(args.device), [str(a) for a in args.allow])
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    _stream_generation(model, list(prompt_bytes), args, echo=prompt,
+                       piece=lambda token: decoder.decode(token_bytes(token)),
+                       finish=lambda: decoder.decode(b"", final=True))
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
     prompt: str = args.prompt
-    prompt_bytes = prompt.encode("utf-8")
-    if not prompt_bytes:
+    if not prompt:
         raise ValueError("--prompt is empty; give at least one character to continue")
-    step_dir = resolve_checkpoint(Path(args.checkpoint))
-    state = read_state(step_dir)
-    vocab_size = _saved_vocab_size(state)
-    if vocab_size is not None:  # before the (slower) model build
-        check_prompt_bytes(prompt_bytes, vocab_size)
-    model = _load_from(step_dir, state, str(args.device))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def stream(token: int) -> None:
-        sys.stdout.write(decoder.decode(bytes([token])))
-        sys.stdout.flush()
-
-    def run_generation(max_new_tokens: int) -> list[int]:
-        return generate(model, list(prompt_bytes), max_new_tokens,
-                        temperature=float(args.temperature), top_k=args.top_k, top_p=args.top_p,
-                        greedy=bool(args.greedy), seed=args.seed, stream=stream)
-
-    run_generation(0)  # validates prompt and sampling options before the prompt is echoed
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    run_generation(int(args.max_new_tokens))
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    if args.hf is not None:
+        _run_hf(args, prompt)
+    else:
+        _run_checkpoint(args, prompt)
     return 0

@@ -6,7 +6,8 @@ import argparse
 
 from protoformer.backends import BackendSpecProvider
 from protoformer.recipes import Preset
-from protoformer.spec import DEFAULT_ALLOW, SpecError, apply_overrides, load_spec
+from protoformer.recipes.spec_data import layer_spec_from_data
+from protoformer.spec import DEFAULT_ALLOW
 from protoformer.transformer.layer import TransformerLayerSubmodules
 
 __all__ = ["add_spec_arguments", "layer_spec_from_args"]
@@ -35,18 +36,9 @@ def layer_spec_from_args(args: argparse.Namespace, preset: Preset,
 
     `--set` without `--spec` overrides the preset's own recipe. The result is checked by the
     runtime conformance check (a `SpecError` names the slot); anything but a transformer-layer
-    spec is refused.
+    spec is refused (see `protoformer.recipes.spec_data.layer_spec_from_data`).
     """
     path: str | None = args.spec
-    overrides: list[str] = list(args.overrides)
-    if path is None and not overrides:
-        return None
-    allow = (*DEFAULT_ALLOW, *(str(prefix) for prefix in args.allow))
-    spec = (load_spec(path, allow=allow) if path is not None
-            else preset.layer_spec(backend, preset.config()))
-    if overrides:
-        spec = apply_overrides(spec, overrides, allow=allow)
-    if not isinstance(spec, TransformerLayerSubmodules):
-        raise SpecError(f"{path}: holds a {type(spec).__qualname__}; --spec needs a "
-                        "TransformerLayerSubmodules (a whole layer's spec)")
-    return spec
+    return layer_spec_from_data(preset, backend, spec_file=path,
+                                overrides=[str(item) for item in args.overrides],
+                                allow=[str(prefix) for prefix in args.allow])

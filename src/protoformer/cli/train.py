@@ -1,5 +1,10 @@
 """`protoformer train`: train a preset on a byte corpus, checkpoint it and show a sample.
 
+The model is a preset, optionally with its layer spec from a file and overrides (`--spec`,
+`--set`, `--allow`), or a Hugging Face checkpoint's architecture and weights
+(`--init-from-hf`). Checkpoints record the resolved spec or the Hugging Face config, so
+`--resume` and `protoformer generate --checkpoint` rebuild the same model.
+
 Under `torchrun` (several processes) every rank runs this command: `--tp N` splits the model
 over N ranks, the rest are data-parallel replicas. Rank 0 prints; an error on any rank ends
 the whole job with that rank's message (`protoformer.distributed.fail_fast`).
@@ -12,6 +17,8 @@ import dataclasses
 from pathlib import Path
 from typing import Protocol
 
+from protoformer.cli.generate import token_bytes
+from protoformer.cli.spec_args import add_spec_arguments
 from protoformer.distributed import LaunchEnvironment, barrier, destroy_distributed, fail_fast
 from protoformer.generation import generate
 from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
@@ -29,7 +36,10 @@ _FLAGS = {
     "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every",
     "seed": "seed", "backend": "backend", "device": "device", "tp": "tp",
     "sequence_parallel": "sequence_parallel", "dist_timeout": "dist_timeout",
+    "init_from_hf": "init_from_hf", "spec": "spec",
 }
+# Repeatable flags (empty when not given) -> TrainOptions field.
+_LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
 
 
 class _Subparsers(Protocol):
@@ -41,10 +51,16 @@ def add_parser(commands: _Subparsers) -> None:
         "train", help="train a preset on a byte-level corpus",
         description="Train a preset on a byte-level corpus (default: the Python standard "
                     "library's source). With no arguments, trains the tiny preset in about "
-                    "2-3 minutes on a laptop CPU. With --resume, options not given on the "
-                    "command line come from the run's latest checkpoint.")
+                    "2-3 minutes on a laptop CPU. --spec/--set replace or edit the preset's "
+                    "layer spec; --init-from-hf starts from a Hugging Face checkpoint instead. "
+                    "With --resume, options not given on the command line come from the run's "
+                    "latest checkpoint, and the model is rebuilt as the checkpoint records it.")
     d = _DEFAULTS
     parser.add_argument("--preset", help=f"model preset (default {d.preset})")
+    parser.add_argument("--init-from-hf", type=Path, metavar="PATH",
+                        help="start from a Hugging Face checkpoint directory (its architecture "
+                             "and weights) instead of a preset; single process or data-parallel "
+                             "only, local backend")
     parser.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
     parser.add_argument("--out", type=Path, default=d.out_dir,
                         help=f"run directory for checkpoints and the loss curve (default {d.out_dir})")
@@ -79,6 +95,7 @@ def add_parser(commands: _Subparsers) -> None:
                              f"run fails (default {d.dist_timeout:.0f})")
     parser.add_argument("--no-sample", action="store_true",
                         help="skip the sample generation after training")
+    add_spec_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -97,12 +114,19 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     if args.resume:
         fields = {f.name for f in dataclasses.fields(TrainOptions)}
         for name, value in _saved_options(Path(args.out)).items():
-            if name in fields:
+            # The import allowlist is never taken from a checkpoint: --allow must be given again.
+            if name in fields and name != "allow":
                 values[name] = tuple(value) if isinstance(value, list) else value
     for flag, name in _FLAGS.items():
         given: object = getattr(args, flag)
         if given is not None:
             values[name] = given
+    for flag, name in _LIST_FLAGS.items():
+        items: list[str] = getattr(args, flag)
+        if items:
+            values[name] = tuple(items)
+    if args.init_from_hf is not None and args.preset is not None:
+        raise ValueError("--preset and --init-from-hf both choose the model; give one of them")
     data = values.get("data")
     if isinstance(data, str):
         values["data"] = Path(data)
@@ -162,7 +186,8 @@ def _sample(result: TrainResult, options: TrainOptions, launch: LaunchEnvironmen
                    seed=options.seed)
     if not launch.is_rank_zero:
         return
-    text = (prompt + bytes(new)).decode("utf-8", errors="replace")
+    text = (prompt + b"".join(token_bytes(token) for token in new)).decode("utf-8",
+                                                                          errors="replace")
     print(f"sample (temperature 0.8, top-k 40, prompt {SAMPLE_PROMPT!r}):")
     print(text)
     if options.tp == 1:

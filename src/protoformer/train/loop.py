@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -39,6 +40,7 @@ from protoformer.distributed import (
     init_distributed,
     wrap_data_parallel,
 )
+from protoformer.interop import from_hf, hf_config_dict, hf_model_info, model_from_hf_config
 from protoformer.models import GPTModel
 from protoformer.parallel.grads import (
     clip_grad_norm_,
@@ -49,13 +51,17 @@ from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.mappings import all_reduce_in_place
 from protoformer.parallel.random import get_rng_tracker, model_parallel_manual_seed
 from protoformer.recipes import Preset, get_preset
+from protoformer.recipes.spec_data import layer_spec_from_data, stored_layer_spec
+from protoformer.spec import to_dict
 from protoformer.train.checkpoint import (
+    STATE_FILE,
     CheckpointError,
     JSONValue,
     bytes_from_json,
     bytes_to_json,
     latest_checkpoint,
     load_distributed_checkpoint,
+    read_state,
     save_checkpoint,
     save_distributed_checkpoint,
 )
@@ -63,6 +69,7 @@ from protoformer.train.data import BYTE_VOCAB_SIZE, BatchSampler, load_corpus, v
 from protoformer.train.plot import plot_losses
 from protoformer.train.progress import TrainProgress
 from protoformer.train.schedule import WarmupCosineSchedule
+from protoformer.transformer.layer import TransformerLayerSubmodules
 
 __all__ = [
     "LOSS_CURVE_FILE",
@@ -80,8 +87,8 @@ LOSS_CURVE_FILE = "loss_curve.png"
 # Options that define what a run computes; a resumed run must keep them. The value a
 # checkpoint written before an option existed implies for it:
 _RUN_DEFINING = ("preset", "backend", "batch_size", "seq_len", "data", "seed", "max_corpus_bytes",
-                 "tp")
-_IMPLIED: dict[str, JSONValue] = {"tp": 1}
+                 "tp", "init_from_hf", "spec", "overrides")
+_IMPLIED: dict[str, JSONValue] = {"tp": 1, "init_from_hf": None, "spec": None, "overrides": []}
 FAULT_INJECTION_VARIABLE = "PROTOFORMER_FAULT_INJECT"
 """`rank=R,step=S`: rank R raises at step S (to test that one rank's failure ends the job)."""
 _DATA_PARALLEL_SEED_STRIDE = 1_000_003  # data-parallel replicas draw different dropout masks
@@ -120,10 +127,29 @@ class TrainOptions:
     """With `tp` > 1: keep norms and dropout on slices of the sequence (less memory)."""
     dist_timeout: float = DEFAULT_TIMEOUT_S
     """Seconds a collective waits for the other ranks before the run fails."""
+    init_from_hf: Path | None = None
+    """A Hugging Face checkpoint directory whose architecture and weights replace the preset."""
+    spec: Path | None = None
+    """A layer spec file (.json, .toml, .yaml) replacing the preset's recipe."""
+    overrides: tuple[str, ...] = ()
+    """`PATH=VALUE` edits of the layer spec (of `spec`, else of the preset's recipe)."""
+    allow: tuple[str, ...] = ()
+    """Module prefixes, besides protoformer's, that the spec's builders may be imported from."""
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.data = None if self.data is None else Path(self.data)
+        self.init_from_hf = None if self.init_from_hf is None else Path(self.init_from_hf)
+        self.spec = None if self.spec is None else Path(self.spec)
+        for name in ("overrides", "allow"):
+            items: object = getattr(self, name)
+            if isinstance(items, str) or not isinstance(items, (list, tuple)) \
+                    or not all(isinstance(item, str) for item in items):  # pyright: ignore[reportUnknownVariableType]  # checked here
+                raise ValueError(f"{name}={items!r}: must be a sequence of strings")
+            setattr(self, name, tuple(items))  # pyright: ignore[reportUnknownArgumentType]  # checked above
+        if self.init_from_hf is not None and (self.spec is not None or self.overrides):
+            raise ValueError("init_from_hf cannot be combined with a layer spec (--spec/--set): "
+                             "the Hugging Face checkpoint defines the architecture; drop one")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
                      "save_every", "log_every", "max_corpus_bytes", "tp"):
             value = getattr(self, name)
@@ -155,6 +181,8 @@ class TrainOptions:
                 document[item.name] = str(value)
             elif item.name == "betas":
                 document[item.name] = [float(beta) for beta in self.betas]
+            elif item.name in ("overrides", "allow"):
+                document[item.name] = [str(entry) for entry in getattr(self, item.name)]
             else:
                 assert value is None or isinstance(value, (bool, int, float, str))
                 document[item.name] = value
@@ -331,7 +359,6 @@ def _resume(checkpoint: Path, options: TrainOptions, model: GPTModel, optimizer:
             ) -> tuple[int, list[tuple[int, float]], list[tuple[int, float]]]:
     """Load everything a checkpoint holds; returns (step, train losses, validation losses)."""
     state = load_distributed_checkpoint(checkpoint, model, optimizer, pg=pg)
-    _check_resumable(state.get("train_options"), options, checkpoint)
     _restore_rng(_rank_rng_state(state, launch, checkpoint))
     sampler_state = state.get("sampler")
     drawn = sampler_state.get("batches_drawn") if isinstance(sampler_state, dict) else None
@@ -378,19 +405,93 @@ def _process_groups(launch: LaunchEnvironment, options: TrainOptions) -> Process
     return ProcessGroups.from_torchrun(tp=tp)
 
 
+@dataclass(frozen=True)
+class _RunModel:
+    """The model a run trains, and what its checkpoints record to rebuild it."""
+
+    model: GPTModel
+    name: str  # for messages and the loss curve's title
+    preset: Preset | None  # None: from a Hugging Face checkpoint
+    hf_config: dict[str, JSONValue] | None
+    layer_spec: dict[str, JSONValue] | None  # the resolved spec, when --spec/--set gave one
+
+
+def _check_sizes(name: str, vocab_size: int, max_sequence_length: int,
+                 options: TrainOptions) -> None:
+    if vocab_size < BYTE_VOCAB_SIZE:
+        raise ValueError(f"{name} has a vocabulary of {vocab_size}, but the byte-level trainer "
+                         f"needs {BYTE_VOCAB_SIZE}")
+    if options.seq_len > max_sequence_length:
+        raise ValueError(f"seq_len={options.seq_len} exceeds {name}'s "
+                         f"max_sequence_length={max_sequence_length}")
+
+
+def _json_copy(values: object) -> dict[str, JSONValue]:
+    """A JSON-compatible mapping (an HF config) as a checkpoint value, checked by a round trip."""
+    decoded: JSONValue = json.loads(json.dumps(values))
+    assert isinstance(decoded, dict)
+    return decoded
+
+
 def _build_model(preset: Preset, backend: BackendSpecProvider, device: torch.device,
-                 pg: ProcessGroups, options: TrainOptions) -> GPTModel:
-    """`preset.build_model`, split over `pg` and with the run's sequence parallelism."""
+                 pg: ProcessGroups, options: TrainOptions,
+                 saved: dict[str, JSONValue] | None, checkpoint: Path | None) -> _RunModel:
+    """The preset's model (or the layer spec a spec file and overrides describe), split over
+    `pg` and with the run's sequence parallelism. A resumed run rebuilds the spec its
+    checkpoint stored, not the (possibly edited) spec file."""
     config = preset.config()
     if options.sequence_parallel and pg.tp_size > 1:
         if options.seq_len % pg.tp_size != 0:
             raise ValueError(f"--sequence-parallel needs --seq-len ({options.seq_len}) divisible "
                              f"by --tp ({pg.tp_size})")
         config = dataclasses.replace(config, sequence_parallel=True)
-    spec = preset.layer_spec(backend, config)
-    with torch.device(device):
-        return GPTModel(config, spec, preset.vocab_size, preset.max_sequence_length, pg=pg,
-                        share_embeddings_and_output_weights=preset.tie_embeddings)
+    stored = saved.get("layer_spec") if saved is not None else None
+    custom: TransformerLayerSubmodules | None
+    if stored is not None:
+        custom = stored_layer_spec(stored, allow=options.allow,
+                                   where=f"{checkpoint}/{STATE_FILE} layer_spec")
+        source = f"the layer spec stored in {checkpoint}"
+    else:
+        custom = layer_spec_from_data(preset, backend, spec_file=options.spec,
+                                      overrides=options.overrides, allow=options.allow,
+                                      config=config)
+        source = (f"the layer spec of --spec {options.spec}" if options.spec is not None
+                  else "the preset's layer spec with --set overrides")
+    spec = custom if custom is not None else preset.layer_spec(backend, config)
+    document = to_dict(spec) if custom is not None else None  # fails here, not at the first save
+    try:
+        with torch.device(device):
+            model = GPTModel(config, spec, preset.vocab_size, preset.max_sequence_length, pg=pg,
+                             share_embeddings_and_output_weights=preset.tie_embeddings)
+    except (TypeError, ValueError) as error:
+        if custom is None:
+            raise
+        raise ValueError(f"{source} does not fit preset {preset.name!r} (a "
+                         f"{type(config).__name__}): {error}") from error
+    return _RunModel(model=model, name=preset.name, preset=preset, hf_config=None,
+                     layer_spec=document)
+
+
+def _build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
+                    options: TrainOptions, saved: dict[str, JSONValue] | None) -> _RunModel:
+    """The Hugging Face checkpoint's model; a resumed run rebuilds its architecture from the
+    config its checkpoint stored (the weights come from the checkpoint)."""
+    if options.tp != 1 or pg.tp_size != 1:
+        raise ValueError(f"--init-from-hf loads the whole model on every process; tensor "
+                         f"parallelism (--tp {options.tp}) is not supported with it, use --tp 1")
+    if options.backend != "local":
+        raise ValueError(f"--init-from-hf builds the model with the 'local' backend (the layers "
+                         f"the Hugging Face weights are converted into); --backend "
+                         f"{options.backend!r} is not supported with it")
+    stored = saved.get("hf_config") if saved is not None else None
+    if isinstance(stored, dict):
+        model = model_from_hf_config(stored, device=device)
+    else:
+        model = from_hf(source, dtype=torch.float32, device=device)
+    name = f"{source} ({hf_model_info(model).architecture})"
+    _check_sizes(name, model.vocab_size, model.max_sequence_length, options)
+    return _RunModel(model=model, name=name, preset=None,
+                     hf_config=_json_copy(hf_config_dict(model)), layer_spec=None)
 
 
 def _injected_fault(launch: LaunchEnvironment) -> int | None:
@@ -439,7 +540,12 @@ def train(
     *,
     on_step: Callable[[StepMetrics], None] | None = None,
 ) -> TrainResult:
-    """Train `options.preset` on the byte corpus and return the model and its loss history.
+    """Train a model on the byte corpus and return it with its loss history.
+
+    The model is `options.preset`'s, with the layer spec `options.spec`/`options.overrides`
+    describe if given, or the Hugging Face checkpoint `options.init_from_hf` (architecture and
+    weights). A checkpoint records how to rebuild it (`"layer_spec"`, `"hf_config"` in its
+    state), which `resume` and `protoformer generate` use.
 
     Checkpoints go to `options.out_dir/checkpoints/` every `save_every` steps and at the end;
     the loss curve to `options.out_dir/loss_curve.png`. `on_step` is called after each step
@@ -452,13 +558,19 @@ def train(
         raise ValueError(f"--batch-size {options.batch_size} must be divisible by the "
                          f"data-parallel size {pg.dp_size} (processes / --tp): each replica "
                          "takes an equal share of every batch")
-    preset = get_preset(options.preset)
-    if preset.vocab_size < BYTE_VOCAB_SIZE:
-        raise ValueError(f"preset {preset.name!r} has a vocabulary of {preset.vocab_size}, "
-                         f"but the byte-level trainer needs {BYTE_VOCAB_SIZE}")
-    if options.seq_len > preset.max_sequence_length:
-        raise ValueError(f"seq_len={options.seq_len} exceeds preset {preset.name!r}'s "
-                         f"max_sequence_length={preset.max_sequence_length}")
+    preset = get_preset(options.preset) if options.init_from_hf is None else None
+    if preset is not None:  # before building: a big preset's build is slow
+        _check_sizes(f"preset {preset.name!r}", preset.vocab_size, preset.max_sequence_length,
+                     options)
+    checkpoint: Path | None = None
+    saved: dict[str, JSONValue] | None = None
+    if options.resume:
+        checkpoint = latest_checkpoint(options.out_dir)
+        if checkpoint is None:
+            raise ValueError(f"--resume: no checkpoint in {options.out_dir / 'checkpoints'}; "
+                             "train without --resume to start a new run")
+        saved = read_state(checkpoint)
+        _check_resumable(saved.get("train_options"), options, checkpoint)
     corpus = load_corpus(options.data, sequence_length=options.seq_len,
                          max_bytes=options.max_corpus_bytes)
     sampler = BatchSampler(corpus.train, options.batch_size, options.seq_len, seed=options.seed)
@@ -468,8 +580,13 @@ def train(
     # The same seed on every rank: every tensor-parallel rank initialises the same full weights
     # and keeps its slice (and the per-rank dropout streams are seeded from it).
     model_parallel_manual_seed(options.seed, pg.tp_rank)
-    backend = get_backend(options.backend)
-    model = _build_model(preset, backend, device, pg, options)
+    if options.init_from_hf is not None:
+        built = _build_hf_model(options.init_from_hf, device, pg, options, saved)
+    else:
+        assert preset is not None
+        built = _build_model(preset, get_backend(options.backend), device, pg, options, saved,
+                             checkpoint)
+    model = built.model
     model.train()
     if pg.dp_rank > 0:  # replicas start equal but draw their own dropout masks
         model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
@@ -485,8 +602,13 @@ def train(
                      for p in model.parameters())
     messages = [f"data: {corpus.source}: {corpus.num_bytes:,} bytes from {corpus.num_files} "
                 f"file(s), {corpus.validation.numel():,} held out for validation",
-                f"model: {preset.name}, {num_params:,} parameters, on {device}; {options.steps} "
+                f"model: {built.name}, {num_params:,} parameters, on {device}; {options.steps} "
                 f"steps of {options.batch_size} x {options.seq_len} bytes"]
+    if built.preset is None:
+        messages.append(
+            f"note: the corpus is fed as bytes (token ids 0-{BYTE_VOCAB_SIZE - 1}), which mean "
+            f"nothing to the model's {model.vocab_size}-token (BPE) vocabulary: this fine-tunes "
+            "it on a byte-level language, not on more text in its tokenizer's tokens")
     if launch.is_distributed:
         messages.append(
             f"distributed: {launch.world_size} processes = tensor-parallel {pg.tp_size} x "
@@ -495,25 +617,20 @@ def train(
     train_losses: list[tuple[int, float]] = []
     validation_losses: list[tuple[int, float]] = []
     start_step = 0
-    checkpoint: Path | None = None
     if not options.resume and latest_checkpoint(options.out_dir) is not None:
         messages.append(f"note: {options.out_dir / 'checkpoints'} already holds a run; its "
                         "checkpoints are replaced as this run saves (--resume continues it)")
-    if options.resume:
-        checkpoint = latest_checkpoint(options.out_dir)
-        if checkpoint is None:
-            raise ValueError(f"--resume: no checkpoint in {options.out_dir / 'checkpoints'}; "
-                             "train without --resume to start a new run")
+    if checkpoint is not None:
         start_step, train_losses, validation_losses = _resume(
             checkpoint, options, model, optimizer, sampler, pg=pg, launch=launch)
         messages.append(f"resumed from {checkpoint} at step {start_step}")
 
     def snapshot(step: int) -> Path:
         document: dict[str, JSONValue] = {
-            "preset": preset.name,
+            "preset": built.preset.name if built.preset is not None else None,
             "backend": options.backend,
-            "model": {"vocab_size": preset.vocab_size,
-                      "max_sequence_length": preset.max_sequence_length,
+            "model": {"vocab_size": model.vocab_size,
+                      "max_sequence_length": model.max_sequence_length,
                       "config": config_summary(model.config)},
             "train_options": options.to_json(),
             "sampler": {"generator": bytes_to_json(sampler.generator.get_state()),
@@ -521,6 +638,10 @@ def train(
             "history": {"train": [[s, v] for s, v in train_losses],
                         "validation": [[s, v] for s, v in validation_losses]},
         }
+        if built.hf_config is not None:  # `generate` and `--resume` rebuild the model from it
+            document["hf_config"] = built.hf_config
+        if built.layer_spec is not None:
+            document["layer_spec"] = built.layer_spec
         if launch.is_distributed:
             return save_distributed_checkpoint(options.out_dir, step, model, optimizer,
                                                document, pg=pg, rng_state=_rng_state())
@@ -587,7 +708,7 @@ def train(
     if launch.is_rank_zero:
         loss_curve = plot_losses(train_losses, validation_losses,
                                  options.out_dir / LOSS_CURVE_FILE,
-                                 title=f"{preset.name}: {options.batch_size} x {options.seq_len} "
+                                 title=f"{built.name}: {options.batch_size} x {options.seq_len} "
                                        "bytes per step")
     if loss_curve is None and launch.is_rank_zero:
         progress.note("matplotlib is not installed; skipped the loss-curve PNG "
