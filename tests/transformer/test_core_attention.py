@@ -131,11 +131,15 @@ def test_causal_is_bottom_right_aligned(layout: str, sq: int, sk: int) -> None:
     torch.testing.assert_close(out.double(), reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
 
 
-def test_causal_ignores_the_given_mask_as_transformer_engine_does() -> None:
+def test_causal_also_applies_a_given_padding_mask() -> None:
+    # A padding mask passed with the (default) causal type is applied, not silently dropped.
     q, k, v = Case(4, 2).inputs(2)
-    junk = torch.ones(2, 1, 5, 5, dtype=torch.bool)
-    out = run_both(q, k, v, junk, AttnMaskType.causal)
-    torch.testing.assert_close(out.double(), reference(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+    padding = torch.zeros(2, 1, 1, 5, dtype=torch.bool)
+    padding[1, ..., 3:] = True  # the second sequence's last two keys are padding
+    out = run_both(q, k, v, padding, AttnMaskType.causal)
+    want = reference(q, k, v, blocked=padding, causal=True)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.double(), reference(q, k, v, causal=True), atol=1e-3)
 
 
 @pytest.mark.parametrize("layout", list(HEAD_LAYOUTS))
@@ -192,7 +196,7 @@ def test_attention_bias_is_added_to_scores(mask_type: AttnMaskType) -> None:
     padding = padding_mask_from_lengths(torch.tensor([6, 4]))
     out = run_both(q, k, v, padding, mask_type, attention_bias=bias)
     causal = mask_type is not AttnMaskType.no_mask
-    blocked = padding if mask_type is AttnMaskType.padding_causal else None
+    blocked = padding if mask_type is not AttnMaskType.no_mask else None  # causal applies it too
     want = reference(q, k, v, blocked=blocked, additive=bias, causal=causal)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 

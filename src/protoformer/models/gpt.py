@@ -185,9 +185,17 @@ class GPTModel(nn.Module):
 
         weight = self.embedding.weight if self.share_embeddings_and_output_weights else None
         if labels is None:
-            logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight,
-                                          runtime_gather_output=True)  # [s, b, v]
-            result = logits.transpose(0, 1).contiguous()  # [b, s, v]
+            if self.config.sequence_parallel and self.pg.tp_size > 1:
+                # The output layer all-gathers the sequence (dim 0) first: keep [s, b, h].
+                logits, _ = apply_module(self.output_layer)(
+                    hidden_states, weight=weight, runtime_gather_output=True)  # [s, b, v]
+                result = logits.transpose(0, 1).contiguous()  # [b, s, v]
+            else:
+                # A linear layer does not care about the leading dims: transpose the small
+                # hidden states rather than copy the vocabulary-wide logits afterwards.
+                result, _ = apply_module(self.output_layer)(
+                    hidden_states.transpose(0, 1), weight=weight,
+                    runtime_gather_output=True)  # [b, s, v]
         elif self._fuses_output_and_loss():
             # The output layer and the loss in one chunked step: never the full [s, b, v] logits.
             output_weight = weight if weight is not None else self.output_layer.weight

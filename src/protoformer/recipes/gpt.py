@@ -33,8 +33,8 @@ def gpt_layer_spec(backend: BackendSpecProvider, config: TransformerConfig) -> T
 
     With `config.qk_layernorm` the queries and keys are normalized per head (same norm kind).
     Self-attention masks with `AttnMaskType.padding_causal`: always causal, and an
-    `attention_mask` given to the model (e.g. padding) blocks positions on top of that
-    (`causal` alone would ignore it). Without a mask it runs the plain causal kernel.
+    `attention_mask` given to the model (e.g. padding) blocks positions on top of that.
+    Without a mask it runs the plain causal kernel.
     """
     rms_norm = config.normalization == "RMSNorm"
     norm = backend.layer_norm(rms_norm=rms_norm)

@@ -13,8 +13,9 @@ Shared semantics
   (grouped-query attention; `ng == 1` is multi-query). `hv` may differ from `hn` (MLA).
 - Masks: a boolean `attention_mask` is True where attention is blocked; a floating one is added
   to the scores. The mask type (per call, else the constructor's) decides what is applied:
-  `causal` -> a bottom-right aligned causal mask (`masks.causal_mask`; the `attention_mask`
-  argument is ignored, as in Transformer Engine), `padding` / `arbitrary` -> `attention_mask`
+  `causal` -> a bottom-right aligned causal mask (`masks.causal_mask`), combined with
+  `attention_mask` when one is given (Transformer Engine drops it; silently ignoring a padding
+  mask the caller passed would attend to padding), `padding` / `arbitrary` -> `attention_mask`
   as given, `padding_causal` -> both, `no_mask` -> nothing.
 - `attention_bias` (floating, broadcastable to `[b, np, sq, sk]`) is added to the scaled scores.
 - Scale: the `softmax_scale` argument, else `config.softmax_scale`, else `1 / sqrt(hn)`.
@@ -142,8 +143,7 @@ class _CoreAttentionBase(nn.Module):
         _, _, sq, sk = shape
         # One query attends every cached key under the bottom-right causal rule.
         causal = (mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)) and sq > 1
-        uses_given = mask_type in (AttnMaskType.padding, AttnMaskType.padding_causal,
-                                   AttnMaskType.arbitrary)
+        uses_given = mask_type is not AttnMaskType.no_mask
         given = attention_mask if uses_given else None
         if given is not None:
             check_mask(given, shape, what="attention_mask")
