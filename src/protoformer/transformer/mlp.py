@@ -1,9 +1,11 @@
-"""The MLP block and the Builder/Interface protocols of its slots."""
+"""The MLP block and the Builder/Interface protocols of its slots.
+
+`init_method_normal` and `scaled_init_method_normal` live in `protoformer.initialization` and
+are re-exported here, where they were first defined.
+"""
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
+from protoformer.initialization import init_method_normal, scaled_init_method_normal
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.protocols import (
     ColumnParallelLinearBuilder,
@@ -76,16 +79,6 @@ class Activation(nn.Module):
     def extra_repr(self) -> str:
         name = getattr(self.activation_func, "__name__", repr(self.activation_func))
         return f"{name}, gated={self.gated}"
-
-
-def init_method_normal(std: float) -> InitMethod:
-    """Normal(0, `std`) initialisation of a weight, in place."""
-    return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)
-
-
-def scaled_init_method_normal(std: float, num_layers: int) -> InitMethod:
-    """Normal(0, `std / sqrt(2 * num_layers)`): for the linears that write into the residual."""
-    return functools.partial(torch.nn.init.normal_, mean=0.0, std=std / math.sqrt(2.0 * num_layers))
 
 
 @dataclass

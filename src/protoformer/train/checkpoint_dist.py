@@ -1,0 +1,146 @@
+"""Tensor-parallel (sharded) checkpoints for a torchrun job.
+
+Under torchrun every rank takes part in a save. Each tensor-parallel rank's weights and
+optimizer state are its own shard of the model, so each is written by its data-parallel
+replica 0 to its own file (`model.tp00-of-02.safetensors`, ...; with one tensor-parallel
+rank the usual `model.safetensors`, so a data-parallel-only run writes a checkpoint that a
+single process loads). Rank 0 writes state.json, which also keeps every rank's RNG states,
+and publishes the directory atomically once all shards are written. Resuming needs the
+same tensor-parallel size; nothing is gathered, so a save costs no communication beyond
+barriers and one small gather of JSON. The directory layout and the single-process
+functions these fall back to are in `protoformer.train.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from protoformer.distributed import all_gather_objects, barrier
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.train.checkpoint import load_checkpoint, save_checkpoint
+from protoformer.train.checkpoint_files import (
+    CHECKPOINTS_DIR,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    TEMP_PREFIX,
+    CheckpointError,
+    JSONValue,
+    publish_step_directory,
+    read_state,
+    remove_stale_temps,
+    saved_tensor_parallel_size,
+    step_directory_name,
+    write_text,
+)
+from protoformer.train.checkpoint_state import load_shard, write_shard
+
+__all__ = ["load_distributed_checkpoint", "save_distributed_checkpoint", "shard_file_names"]
+
+
+def shard_file_names(tp_rank: int, tp_size: int) -> tuple[str, str]:
+    """The model and optimizer file names of tensor-parallel rank `tp_rank` of `tp_size`."""
+    if tp_size == 1:
+        return MODEL_FILE, OPTIMIZER_FILE
+    suffix = f".tp{tp_rank:02d}-of-{tp_size:02d}"
+    return f"model{suffix}.safetensors", f"optimizer{suffix}.safetensors"
+
+
+def save_distributed_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: Optimizer | None,
+    state: Mapping[str, JSONValue],
+    *,
+    pg: ProcessGroups,
+    rng_state: JSONValue,
+) -> Path:
+    """`save_checkpoint` for a torchrun job: call on every rank (it is collective).
+
+    `state` is taken from rank 0; `rng_state` is this rank's, kept per rank under
+    "rng_per_rank". Returns the step directory (on every rank) once it is published.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return save_checkpoint(run_dir, step, model, optimizer, {**state, "rng": rng_state})
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    name = step_directory_name(step)
+    final = root / name
+    temp = root / f"{TEMP_PREFIX}{name}-distributed"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(root)
+        temp.mkdir()
+    barrier()
+    model_file, optimizer_file = shard_file_names(pg.tp_rank, pg.tp_size)
+    written: dict[str, JSONValue] = {}
+    optimizer_json: JSONValue = None
+    if pg.dp_rank == 0:  # data-parallel replicas hold the same shard
+        written, optimizer_json = write_shard(temp, model, optimizer, model_file=model_file,
+                                              optimizer_file=optimizer_file)
+    mine: JSONValue = {"rank": rank, "tp_rank": pg.tp_rank, "dp_rank": pg.dp_rank,
+                       "files": written, "optimizer": optimizer_json, "rng": rng_state}
+    everyone = all_gather_objects(mine)
+    if rank == 0:
+        files: dict[str, JSONValue] = {}
+        optimizers: dict[str, JSONValue] = {}
+        rngs: list[JSONValue] = []
+        for entry in everyone:
+            assert isinstance(entry, dict)
+            written_files = entry["files"]
+            assert isinstance(written_files, dict)
+            files.update(written_files)
+            if entry["dp_rank"] == 0 and optimizer is not None:
+                optimizers[str(entry["tp_rank"])] = entry["optimizer"]
+            rngs.append(entry["rng"])
+        document: dict[str, JSONValue] = {
+            **state, "format": FORMAT_VERSION, "step": step,
+            "optimizer": optimizers.get("0") if pg.tp_size == 1 else None,
+            "files": files, "rng": rngs[0], "rng_per_rank": rngs,
+            "tensor_parallel": {"size": pg.tp_size, "world_size": world_size,
+                                "optimizer": optimizers}}
+        write_text(temp / STATE_FILE, json.dumps(document, indent=1))
+        publish_step_directory(temp, final)
+    barrier()  # nobody reads or moves on before the checkpoint is published
+    return final
+
+
+def load_distributed_checkpoint(
+    step_dir: str | Path,
+    model: nn.Module,
+    optimizer: Optimizer | None = None,
+    *,
+    pg: ProcessGroups,
+) -> dict[str, JSONValue]:
+    """Load this rank's shard of a checkpoint saved by `save_distributed_checkpoint`.
+
+    The tensor-parallel size must be the one the checkpoint was saved with. As
+    `load_checkpoint`, every file of this rank is checked before anything is touched.
+    """
+    directory = Path(step_dir)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    document = read_state(directory)
+    saved_tp = saved_tensor_parallel_size(document)
+    if saved_tp != pg.tp_size:
+        raise CheckpointError(
+            f"{directory}: saved with tensor parallelism over {saved_tp} rank(s), but this run "
+            f"uses --tp {pg.tp_size}; resume with --tp {saved_tp} (the shards are not "
+            "re-split)")
+    if pg.tp_size == 1:
+        return load_checkpoint(directory, model, optimizer)
+    model_file, optimizer_file = shard_file_names(pg.tp_rank, pg.tp_size)
+    entry = document.get("tensor_parallel")
+    saved = entry.get("optimizer") if isinstance(entry, dict) else None
+    record = saved.get(str(pg.tp_rank)) if isinstance(saved, dict) else None
+    load_shard(directory, document, model, optimizer, model_file=model_file,
+               optimizer_file=optimizer_file, optimizer_record=record)
+    return document

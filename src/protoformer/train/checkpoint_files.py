@@ -1,0 +1,212 @@
+"""The files of a checkpoint step directory: names, durable writes and checked reads.
+
+Writes are fsynced and a finished step directory is published with one `os.replace` (see
+`protoformer.train.checkpoint` for the layout and why a crash leaves the previous checkpoint
+intact). Reads check each file (present, its size and checksum as recorded in state.json, a
+readable safetensors or JSON file) and raise `CheckpointError` naming the file and the problem.
+What the files hold is `protoformer.train.checkpoint_state`'s business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, TypeAlias, cast
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariableType]  # os.PathLike left unparameterised upstream
+from torch import Tensor
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "FORMAT_VERSION",
+    "LATEST_FILE",
+    "MODEL_FILE",
+    "OPTIMIZER_FILE",
+    "STATE_FILE",
+    "TEMP_PREFIX",
+    "CheckpointError",
+    "JSONValue",
+    "file_record",
+    "publish_step_directory",
+    "read_safetensors",
+    "read_state",
+    "remove_stale_temps",
+    "saved_tensor_parallel_size",
+    "step_directory_name",
+    "verify_file",
+    "write_safetensors",
+    "write_text",
+]
+
+JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+FORMAT_VERSION = 1
+TEMP_PREFIX = ".tmp-"
+"""Names starting with it are unfinished writes, removed by the next save."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model it is loaded into."""
+
+
+def step_directory_name(step: int) -> str:
+    """`step_000100` for step 100."""
+    return f"step_{step:06d}"
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` (contiguous, unshared) with `metadata` to `path`, durably."""
+    save_file(tensors, str(path), metadata=metadata)
+    _fsync_path(path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` and fsync it."""
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        write_text(temp, text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
+
+
+def file_record(path: Path) -> dict[str, JSONValue]:
+    """The size and checksum state.json records for a written file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def remove_stale_temps(root: Path) -> None:
+    """Remove the leftovers of interrupted saves from a checkpoints directory."""
+    for entry in root.glob(f"{TEMP_PREFIX}*"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def publish_step_directory(temp: Path, final: Path) -> None:
+    """Move the fully written `temp` to `final` atomically and point `latest` at it.
+
+    An existing `final` (the same step saved again) is swapped out and removed.
+    """
+    root, name = final.parent, final.name
+    _fsync_path(temp)
+    if final.exists():  # saving the same step again: swap the old one out
+        old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-{name}-", dir=root))
+        os.replace(final, old / name)
+        os.replace(temp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, final)
+    _fsync_path(root)
+    _write_text_atomic(root / LATEST_FILE, name + "\n")
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def read_state(step_dir: str | Path) -> dict[str, JSONValue]:
+    """The parsed state.json of a step directory."""
+    path = Path(step_dir) / STATE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read ({error})") from error
+    try:
+        document: JSONValue = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(document, dict) or not isinstance(document.get("step"), int):
+        raise CheckpointError(f"{path}: expected a JSON object with an integer 'step'")
+    if document.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {document.get('format')!r}, this version of "
+                              f"protoformer reads format {FORMAT_VERSION}")
+    return document
+
+
+def verify_file(path: Path, record: JSONValue) -> None:
+    """Check that `path` exists and matches its state.json `record` (size and sha256)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    if not isinstance(record, dict):
+        return  # nothing recorded: safetensors' own checks still apply
+    size = path.stat().st_size
+    if record.get("bytes") != size:
+        raise CheckpointError(f"{path}: {size} bytes, but {record.get('bytes')} were written; "
+                              "the file is truncated or was replaced")
+    if record.get("sha256") != file_record(path)["sha256"]:
+        raise CheckpointError(f"{path}: contents differ from what was written (sha256 "
+                              "mismatch); the file is corrupt")
+
+
+class _SafetensorsFile(Protocol):
+    """What `safe_open` yields (safetensors ships it untyped)."""
+
+    def metadata(self) -> dict[str, str] | None: ...
+
+    def keys(self) -> list[str]: ...
+
+    def get_tensor(self, name: str) -> Tensor: ...
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, on the CPU."""
+    try:
+        opened = cast("AbstractContextManager[_SafetensorsFile]",
+                      safe_open(str(path), framework="pt", device="cpu"))
+        with opened as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from error
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    return tensors, metadata
+
+
+def saved_tensor_parallel_size(document: Mapping[str, JSONValue]) -> int:
+    """How many tensor-parallel ranks a checkpoint's state.json says it was saved from."""
+    entry = document.get("tensor_parallel")
+    size = entry.get("size") if isinstance(entry, dict) else None
+    return size if isinstance(size, int) and size >= 1 else 1

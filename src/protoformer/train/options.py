@@ -1,0 +1,134 @@
+"""`TrainOptions`: what a training run is given, validated, and what of it defines the run.
+
+`TrainOptions.to_json` is stored in every checkpoint; `check_resumable` compares it with the
+options of a run that resumes from one, since the options that define what a run computes
+(`RUN_DEFINING`) must not change mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from protoformer.distributed import DEFAULT_TIMEOUT_S
+from protoformer.train.checkpoint_files import CheckpointError, JSONValue
+
+__all__ = ["RUN_DEFINING", "TrainOptions", "check_resumable"]
+
+# Options that define what a run computes; a resumed run must keep them. The value a
+# checkpoint written before an option existed implies for it:
+RUN_DEFINING = ("preset", "backend", "batch_size", "seq_len", "data", "seed", "max_corpus_bytes",
+                "tp", "init_from_hf", "spec", "overrides")
+_IMPLIED: dict[str, JSONValue] = {"tp": 1, "init_from_hf": None, "spec": None, "overrides": []}
+
+
+@dataclass
+class TrainOptions:
+    """Everything `train` needs; the defaults train the tiny preset on CPU in about 2 minutes."""
+
+    preset: str = "tiny"
+    steps: int = 1000
+    out_dir: Path = Path("runs/tiny")
+    data: Path | None = None
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 250
+    log_every: int = 50
+    seed: int = 1234
+    backend: str = "local"
+    device: str = "auto"
+    resume: bool = False
+    max_corpus_bytes: int = 8 * 1024 * 1024
+    progress: bool | None = None
+    """Show a rich progress bar; None: only when stdout is a terminal."""
+    tp: int = 1
+    """Tensor-parallel size: ranks the model is split over (launch with torchrun)."""
+    sequence_parallel: bool = False
+    """With `tp` > 1: keep norms and dropout on slices of the sequence (less memory)."""
+    dist_timeout: float = DEFAULT_TIMEOUT_S
+    """Seconds a collective waits for the other ranks before the run fails."""
+    init_from_hf: Path | None = None
+    """A Hugging Face checkpoint directory whose architecture and weights replace the preset."""
+    spec: Path | None = None
+    """A layer spec file (.json, .toml, .yaml) replacing the preset's recipe."""
+    overrides: tuple[str, ...] = ()
+    """`PATH=VALUE` edits of the layer spec (of `spec`, else of the preset's recipe)."""
+    allow: tuple[str, ...] = ()
+    """Module prefixes, besides protoformer's, that the spec's builders may be imported from."""
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.data = None if self.data is None else Path(self.data)
+        self.init_from_hf = None if self.init_from_hf is None else Path(self.init_from_hf)
+        self.spec = None if self.spec is None else Path(self.spec)
+        for name in ("overrides", "allow"):
+            items: object = getattr(self, name)
+            if isinstance(items, str) or not isinstance(items, (list, tuple)) \
+                    or not all(isinstance(item, str) for item in items):  # pyright: ignore[reportUnknownVariableType]  # checked here
+                raise ValueError(f"{name}={items!r}: must be a sequence of strings")
+            setattr(self, name, tuple(items))  # pyright: ignore[reportUnknownArgumentType]  # checked above
+        if self.init_from_hf is not None and (self.spec is not None or self.overrides):
+            raise ValueError("init_from_hf cannot be combined with a layer spec (--spec/--set): "
+                             "the Hugging Face checkpoint defines the architecture; drop one")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
+                     "save_every", "log_every", "max_corpus_bytes", "tp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if not 0 <= self.warmup_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if not (self.lr > 0.0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr}: the learning rate must be a positive number")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be between 0 and 1")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0")
+        if not self.grad_clip > 0.0:
+            raise ValueError(f"grad_clip={self.grad_clip}: must be > 0")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if not (self.dist_timeout > 0.0 and math.isfinite(self.dist_timeout)):
+            raise ValueError(f"dist_timeout={self.dist_timeout}: must be a positive number of "
+                             "seconds")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        """The options as stored in a checkpoint: all but where and how the run is shown."""
+        document: dict[str, JSONValue] = {}
+        for item in dataclasses.fields(self):
+            if item.name in ("out_dir", "resume", "progress", "dist_timeout"):
+                continue  # where and how this run is shown, not what it computes
+            value: object = getattr(self, item.name)
+            if isinstance(value, Path):
+                document[item.name] = str(value)
+            elif item.name == "betas":
+                document[item.name] = [float(beta) for beta in self.betas]
+            elif item.name in ("overrides", "allow"):
+                document[item.name] = [str(entry) for entry in getattr(self, item.name)]
+            else:
+                assert value is None or isinstance(value, (bool, int, float, str))
+                document[item.name] = value
+        return document
+
+
+def check_resumable(saved: JSONValue, options: TrainOptions, where: Path) -> None:
+    """Refuse to resume when `saved` (a checkpoint's train_options) defines a different run."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: state.json has no 'train_options'; cannot resume")
+    current = options.to_json()
+    changed = [f"{name}: checkpoint {saved.get(name, _IMPLIED.get(name))!r}, now "
+               f"{current.get(name)!r}"
+               for name in RUN_DEFINING
+               if saved.get(name, _IMPLIED.get(name)) != current.get(name)]
+    if changed:
+        raise ValueError(f"cannot resume from {where}: the run was started with different "
+                         f"settings ({'; '.join(changed)}); use the same ones or a new --out")

@@ -1,0 +1,120 @@
+"""The model a training run trains, and what its checkpoints record to rebuild it.
+
+A run trains a preset's model (with the layer spec a spec file and `--set` overrides
+describe, if given) or a Hugging Face checkpoint's (architecture and weights). A resumed run
+rebuilds the model from what its checkpoint stored (the resolved layer spec, the Hugging Face
+config), not from files that may have changed since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from protoformer.backends import BackendSpecProvider
+from protoformer.interop import from_hf, hf_config_dict, hf_model_info, model_from_hf_config
+from protoformer.models import GPTModel
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.recipes import Preset
+from protoformer.recipes.spec_data import layer_spec_from_data, stored_layer_spec
+from protoformer.spec import to_dict
+from protoformer.train.checkpoint_files import STATE_FILE, JSONValue
+from protoformer.train.data import BYTE_VOCAB_SIZE
+from protoformer.train.options import TrainOptions
+from protoformer.transformer.layer import TransformerLayerSubmodules
+
+__all__ = ["RunModel", "build_hf_model", "build_preset_model", "check_sizes"]
+
+
+@dataclass(frozen=True)
+class RunModel:
+    """The model a run trains, and what its checkpoints record to rebuild it."""
+
+    model: GPTModel
+    name: str  # for messages and the loss curve's title
+    preset: Preset | None  # None: from a Hugging Face checkpoint
+    hf_config: dict[str, JSONValue] | None
+    layer_spec: dict[str, JSONValue] | None  # the resolved spec, when --spec/--set gave one
+
+
+def check_sizes(name: str, vocab_size: int, max_sequence_length: int,
+                options: TrainOptions) -> None:
+    """Refuse a model the byte-level trainer cannot feed: too few token ids, too short."""
+    if vocab_size < BYTE_VOCAB_SIZE:
+        raise ValueError(f"{name} has a vocabulary of {vocab_size}, but the byte-level trainer "
+                         f"needs {BYTE_VOCAB_SIZE}")
+    if options.seq_len > max_sequence_length:
+        raise ValueError(f"seq_len={options.seq_len} exceeds {name}'s "
+                         f"max_sequence_length={max_sequence_length}")
+
+
+def _json_copy(values: object) -> dict[str, JSONValue]:
+    """A JSON-compatible mapping (an HF config) as a checkpoint value, checked by a round trip."""
+    decoded: JSONValue = json.loads(json.dumps(values))
+    assert isinstance(decoded, dict)
+    return decoded
+
+
+def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: torch.device,
+                 pg: ProcessGroups, options: TrainOptions,
+                 saved: dict[str, JSONValue] | None, checkpoint: Path | None) -> RunModel:
+    """The preset's model (or the layer spec a spec file and overrides describe), split over
+    `pg` and with the run's sequence parallelism. A resumed run rebuilds the spec its
+    checkpoint stored, not the (possibly edited) spec file."""
+    config = preset.config()
+    if options.sequence_parallel and pg.tp_size > 1:
+        if options.seq_len % pg.tp_size != 0:
+            raise ValueError(f"--sequence-parallel needs --seq-len ({options.seq_len}) divisible "
+                             f"by --tp ({pg.tp_size})")
+        config = dataclasses.replace(config, sequence_parallel=True)
+    stored = saved.get("layer_spec") if saved is not None else None
+    custom: TransformerLayerSubmodules | None
+    if stored is not None:
+        custom = stored_layer_spec(stored, allow=options.allow,
+                                   where=f"{checkpoint}/{STATE_FILE} layer_spec")
+        source = f"the layer spec stored in {checkpoint}"
+    else:
+        custom = layer_spec_from_data(preset, backend, spec_file=options.spec,
+                                      overrides=options.overrides, allow=options.allow,
+                                      config=config)
+        source = (f"the layer spec of --spec {options.spec}" if options.spec is not None
+                  else "the preset's layer spec with --set overrides")
+    spec = custom if custom is not None else preset.layer_spec(backend, config)
+    document = to_dict(spec) if custom is not None else None  # fails here, not at the first save
+    try:
+        with torch.device(device):
+            model = GPTModel(config, spec, preset.vocab_size, preset.max_sequence_length, pg=pg,
+                             share_embeddings_and_output_weights=preset.tie_embeddings)
+    except (TypeError, ValueError) as error:
+        if custom is None:
+            raise
+        raise ValueError(f"{source} does not fit preset {preset.name!r} (a "
+                         f"{type(config).__name__}): {error}") from error
+    return RunModel(model=model, name=preset.name, preset=preset, hf_config=None,
+                     layer_spec=document)
+
+
+def build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
+                    options: TrainOptions, saved: dict[str, JSONValue] | None) -> RunModel:
+    """The Hugging Face checkpoint's model; a resumed run rebuilds its architecture from the
+    config its checkpoint stored (the weights come from the checkpoint)."""
+    if options.tp != 1 or pg.tp_size != 1:
+        raise ValueError(f"--init-from-hf loads the whole model on every process; tensor "
+                         f"parallelism (--tp {options.tp}) is not supported with it, use --tp 1")
+    if options.backend != "local":
+        raise ValueError(f"--init-from-hf builds the model with the 'local' backend (the layers "
+                         f"the Hugging Face weights are converted into); --backend "
+                         f"{options.backend!r} is not supported with it")
+    stored = saved.get("hf_config") if saved is not None else None
+    if isinstance(stored, dict):
+        model = model_from_hf_config(stored, device=device)
+    else:
+        model = from_hf(source, dtype=torch.float32, device=device)
+    name = f"{source} ({hf_model_info(model).architecture})"
+    check_sizes(name, model.vocab_size, model.max_sequence_length, options)
+    return RunModel(model=model, name=name, preset=None,
+                     hf_config=_json_copy(hf_config_dict(model)), layer_spec=None)

@@ -1,0 +1,143 @@
+"""What a training run's checkpoints hold besides the weights, and resuming from them.
+
+Next to weights and optimizer state a checkpoint records the options, the model's
+description, the data sampler's position, the loss history and every rank's random-number
+states (`run_state`, `rng_state`), so `resume_run` continues *exactly* where the run was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch.optim import AdamW
+
+from protoformer.config import TransformerConfig
+from protoformer.distributed import LaunchEnvironment
+from protoformer.models import GPTModel
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.random import get_rng_tracker
+from protoformer.train.checkpoint_dist import load_distributed_checkpoint
+from protoformer.train.checkpoint_files import CheckpointError, JSONValue
+from protoformer.train.checkpoint_state import bytes_from_json, bytes_to_json
+from protoformer.train.data import BatchSampler
+from protoformer.train.options import TrainOptions
+from protoformer.train.run_model import RunModel
+
+__all__ = ["config_summary", "resume_run", "rng_state", "run_state"]
+
+
+def config_summary(config: TransformerConfig) -> dict[str, JSONValue]:
+    """The config's fields as JSON (callables and dtypes by name), for humans reading a checkpoint."""
+    summary: dict[str, JSONValue] = {"class": type(config).__name__}
+    for item in dataclasses.fields(config):
+        value: object = getattr(config, item.name)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            summary[item.name] = value
+        else:
+            summary[item.name] = getattr(value, "__name__", None) or str(value)
+    return summary
+
+
+def run_state(built: RunModel, options: TrainOptions, sampler: BatchSampler,
+              train_losses: list[tuple[int, float]],
+              validation_losses: list[tuple[int, float]]) -> dict[str, JSONValue]:
+    """What a checkpoint of this run stores besides weights, optimizer state and RNG states."""
+    model = built.model
+    document: dict[str, JSONValue] = {
+        "preset": built.preset.name if built.preset is not None else None,
+        "backend": options.backend,
+        "model": {"vocab_size": model.vocab_size,
+                  "max_sequence_length": model.max_sequence_length,
+                  "config": config_summary(model.config)},
+        "train_options": options.to_json(),
+        "sampler": {"generator": bytes_to_json(sampler.generator.get_state()),
+                    "batches_drawn": sampler.batches_drawn},
+        "history": {"train": [[s, v] for s, v in train_losses],
+                    "validation": [[s, v] for s, v in validation_losses]},
+    }
+    if built.hf_config is not None:  # `generate` and `--resume` rebuild the model from it
+        document["hf_config"] = built.hf_config
+    if built.layer_spec is not None:
+        document["layer_spec"] = built.layer_spec
+    return document
+
+
+def rng_state() -> dict[str, JSONValue]:
+    """This process's random-number states (torch CPU and CUDA, the dropout streams) as JSON."""
+    state: dict[str, JSONValue] = {"torch_cpu": bytes_to_json(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        state["torch_cuda"] = [bytes_to_json(s) for s in torch.cuda.get_rng_state_all()]
+    # The tensor-parallel dropout streams (per rank; see protoformer.parallel.random).
+    streams: dict[str, JSONValue] = {}
+    for name, devices in get_rng_tracker().get_states().items():
+        streams[name] = {device: bytes_to_json(s) for device, s in devices.items()}
+    state["model_parallel"] = streams
+    return state
+
+
+def _restore_rng(state: JSONValue) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError("state.json: 'rng' must be an object")
+    torch.set_rng_state(bytes_from_json(state.get("torch_cpu"), what="state.json rng.torch_cpu"))
+    cuda = state.get("torch_cuda")
+    if isinstance(cuda, list) and torch.cuda.is_available() \
+            and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([bytes_from_json(s, what="state.json rng.torch_cuda")
+                                      for s in cuda])
+    streams = state.get("model_parallel")
+    if isinstance(streams, dict):
+        tracker = get_rng_tracker()
+        known = set(tracker.names())
+        tracker.set_states({
+            name: {device: bytes_from_json(s, what=f"state.json rng.model_parallel.{name}")
+                   for device, s in devices.items()}
+            for name, devices in streams.items() if isinstance(devices, dict) and name in known})
+
+
+def _history(state: JSONValue, name: str) -> list[tuple[int, float]]:
+    entries = state.get(name) if isinstance(state, dict) else None
+    if not isinstance(entries, list):
+        return []
+    pairs: list[tuple[int, float]] = []
+    for entry in entries:
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) \
+                and isinstance(entry[1], (int, float)):
+            pairs.append((entry[0], float(entry[1])))
+    return pairs
+
+
+def resume_run(checkpoint: Path, model: GPTModel, optimizer: AdamW, sampler: BatchSampler, *,
+               pg: ProcessGroups, launch: LaunchEnvironment,
+               ) -> tuple[int, list[tuple[int, float]], list[tuple[int, float]]]:
+    """Load everything a checkpoint holds; returns (step, train losses, validation losses)."""
+    state = load_distributed_checkpoint(checkpoint, model, optimizer, pg=pg)
+    _restore_rng(_rank_rng_state(state, launch, checkpoint))
+    sampler_state = state.get("sampler")
+    drawn = sampler_state.get("batches_drawn") if isinstance(sampler_state, dict) else None
+    if not isinstance(sampler_state, dict) or not isinstance(drawn, int):
+        raise CheckpointError(f"{checkpoint}: state.json lacks the data sampler position")
+    sampler.load_state_dict({
+        "generator": bytes_from_json(sampler_state.get("generator"),
+                                     what=f"{checkpoint} sampler.generator"),
+        "batches_drawn": drawn})
+    step = state["step"]
+    assert isinstance(step, int)  # read_state checked it
+    history = state.get("history")
+    return step, _history(history, "train"), _history(history, "validation")
+
+
+def _rank_rng_state(state: dict[str, JSONValue], launch: LaunchEnvironment,
+                    checkpoint: Path) -> JSONValue:
+    """This rank's RNG states: saved per rank by a multi-process run, else the one entry."""
+    per_rank = state.get("rng_per_rank")
+    saved_world = len(per_rank) if isinstance(per_rank, list) else 1
+    if saved_world != launch.world_size:
+        raise CheckpointError(
+            f"{checkpoint}: saved by a run of {saved_world} process(es), but this run has "
+            f"{launch.world_size}; resume with the same launch (torchrun --nproc-per-node "
+            f"{saved_world}), since every rank's random-number state is restored")
+    if isinstance(per_rank, list):
+        return per_rank[launch.rank]
+    return state.get("rng")
