@@ -631,3 +631,22 @@ def test_partial_binding_a_wrong_record_type_is_reported() -> None:
     message = str(info.value)
     assert "binds submodules= to a MLPSubmodules" in message
     assert "SelfAttentionSubmodules" in message
+
+
+def test_fresh_partials_of_the_same_shape_share_one_check(
+        counted: list[tuple[object, type]]) -> None:
+    # Recipes build new partial objects on each call: the cache keys them by shape.
+    from protoformer.backends import get_backend
+    from protoformer.recipes import get_preset, gpt_layer_spec
+
+    backend, config = get_backend("local"), get_preset("tiny").config()
+    gpt_layer_spec(backend, config)
+    first = len(counted)
+    for _ in range(20):
+        gpt_layer_spec(backend, config)
+    assert len(counted) == first
+    # A different bound keyword set is a different shape, checked on its own.
+    wrong = functools.partial(GoodProj, unexpected=1)
+    with pytest.raises(SpecError, match="binds keyword 'unexpected' that GoodProj does not accept"):
+        check_builder(wrong, ProjBuilder, slot="S.linear")
+    assert len(counted) == first + 1

@@ -256,9 +256,25 @@ def _interface_problems(interface: type, built: object) -> list[str]:
 _cache: dict[tuple[object, type], tuple[str, ...]] = {}
 
 
+def _cache_key(builder: object) -> object:
+    """What the check's outcome depends on: the builder itself, or for a partial its shape.
+
+    Recipes build fresh `functools.partial` objects on every call, so keying partials by
+    identity would recompute every rebuild. A partial's outcome depends only on the wrapped
+    callable, how many positionals it binds, and the names (and, for records and enums, the
+    types) of the keywords it binds, never on their values.
+    """
+    if isinstance(builder, functools.partial):
+        bound: functools.partial[object] = builder  # pyright: ignore[reportUnknownVariableType]  # any partial
+        keywords: dict[str, object] = dict(bound.keywords)
+        return ("partial", bound.func, len(bound.args),
+                tuple(sorted((name, type(value)) for name, value in keywords.items())))
+    return builder
+
+
 def _mismatches(builder: object, protocol: type) -> tuple[str, ...]:
     try:
-        key = (builder, protocol)
+        key = (_cache_key(builder), protocol)
         cached = _cache.get(key)
     except TypeError:  # unhashable builder (an instance with __eq__): check every time
         return tuple(_compute_mismatches(builder, protocol))
@@ -281,13 +297,39 @@ def _compute_mismatches(builder: object, protocol: type) -> list[str]:
     target = _target(builder)
     problems: list[str] = []
     if target.signature is None:
-        return ["has no inspectable signature"]
+        return _unbindable_partial_problems(builder) or ["has no inspectable signature"]
     expected = _params(inspect.signature(call), drop_self=True)
     problems.extend(compare_signatures(expected, list(target.signature.parameters.values())))
     problems.extend(_bound_keyword_problems(builder))
     interface = _return_hint(call)
     if isinstance(interface, type) and getattr(interface, "_is_protocol", False):
         problems.extend(_interface_problems(interface, target.built))
+    return problems
+
+
+def _unbindable_partial_problems(builder: object) -> list[str]:
+    """Why a partial cannot bind its arguments to the callable it wraps (unknown keywords,
+    too many positionals); empty when that is not the reason."""
+    if not isinstance(builder, functools.partial):
+        return []
+    bound: functools.partial[object] = builder  # pyright: ignore[reportUnknownVariableType]  # any partial
+    try:
+        params = list(inspect.signature(bound.func).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is Parameter.VAR_KEYWORD for p in params):
+        accepted_names = None
+    else:
+        accepted_names = {p.name for p in params if p.kind in _BY_NAME}
+    name = getattr(bound.func, "__qualname__", type(bound.func).__qualname__)
+    problems = [f"binds keyword '{keyword}' that {name} does not accept"
+                for keyword in bound.keywords
+                if accepted_names is not None and keyword not in accepted_names]
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    if len(bound.args) > len(positional) and not any(
+            p.kind is Parameter.VAR_POSITIONAL for p in params):
+        problems.append(f"binds {len(bound.args)} positional argument(s) but {name} takes "
+                        f"{len(positional)}")
     return problems
 
 
