@@ -304,3 +304,31 @@ def test_meta_build_then_init_weights_recomputes_rotary_tables(name: str) -> Non
     model.eval()
     ids = torch.randint(0, 256, (1, 8))
     torch.testing.assert_close(model(ids), reference(ids), **TOL)
+
+
+def test_backward_dw_completes_deferred_weight_gradients() -> None:
+    import dataclasses
+
+    from protoformer.backends import get_backend
+    from protoformer.models import GPTModel
+    from protoformer.recipes import get_preset, gpt_layer_spec
+
+    preset = get_preset("tiny")
+    base = dataclasses.replace(preset.config(), hidden_dropout=0.0, attention_dropout=0.0)
+    ids = torch.randint(0, preset.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for delay in (False, True):
+        config = dataclasses.replace(base, delay_wgrad_compute=delay)
+        torch.manual_seed(0)
+        model = GPTModel(config, gpt_layer_spec(get_backend("local"), config), preset.vocab_size,
+                         32)
+        model(ids, labels=ids).mean().backward()
+        if delay:
+            untouched = model.decoder.layers[0].mlp.linear_fc1.weight.grad
+            assert untouched is None  # deferred: backward computed only the input gradients
+            model.backward_dw()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    plain, deferred = grads
+    assert plain.keys() == deferred.keys()
+    for name in plain:
+        torch.testing.assert_close(deferred[name], plain[name], rtol=0, atol=1e-6, msg=name)

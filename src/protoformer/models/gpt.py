@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
+from protoformer.parallel.grads import compute_deferred_weight_grads
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from protoformer.parallel.random import tensor_parallel_rng_fork
@@ -212,6 +213,16 @@ class GPTModel(nn.Module):
         if inference_context is not None:
             inference_context.increment(seq_len)
         return result
+
+    def backward_dw(self) -> None:
+        """Compute the weight gradients deferred by `config.delay_wgrad_compute`.
+
+        Call it after `loss.backward()` (and before the optimizer step): with deferred weight
+        gradients the backward pass computes only the input gradients, so the weight-gradient
+        matmuls can be scheduled later (e.g. overlapped with communication).
+        """
+        for child in self.children():
+            compute_deferred_weight_grads(child)
 
     def _fuses_output_and_loss(self) -> bool:
         """`config.cross_entropy_loss_fusion` applies: one rank holds the whole vocabulary
