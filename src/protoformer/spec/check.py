@@ -37,12 +37,20 @@ class _Target:
     origin: object  # the object whose source location is reported
 
 
+def _as_partial(value: object) -> functools.partial[object] | None:
+    """`value` as a partial of unknown result type, or None when it is not a partial."""
+    if not isinstance(value, functools.partial):
+        return None
+    partial: functools.partial[object] = value  # pyright: ignore[reportUnknownVariableType]  # a partial of any callable
+    return partial
+
+
 def describe_builder(builder: object) -> str:
     """A short name for a builder value with its source file and line, for messages."""
-    if isinstance(builder, functools.partial):
-        inner = describe_builder(builder.func)  # pyright: ignore[reportUnknownMemberType]
-        bound = [*(repr(a) for a in builder.args),  # pyright: ignore[reportUnknownMemberType,reportUnknownArgumentType]
-                 *(f"{k}=..." for k in builder.keywords)]  # pyright: ignore[reportUnknownMemberType,reportUnknownVariableType]
+    partial = _as_partial(builder)
+    if partial is not None:
+        inner = describe_builder(partial.func)
+        bound = [*(repr(a) for a in partial.args), *(f"{k}=..." for k in partial.keywords)]
         return f"functools.partial({inner}, {', '.join(bound)})"
     name = getattr(builder, "__qualname__", None) or type(builder).__qualname__
     module = getattr(builder, "__module__", None) or type(builder).__module__
@@ -50,18 +58,21 @@ def describe_builder(builder: object) -> str:
 
 
 def _location(obj: object) -> str:
-    target = obj if isinstance(obj, (type, types.FunctionType, types.MethodType)) else type(obj)
+    target: type | types.FunctionType | types.MethodType = (
+        obj if isinstance(obj, (type, types.FunctionType, types.MethodType)) else type(obj))
     try:
-        source = inspect.getsourcefile(target)  # pyright: ignore[reportArgumentType]
-        _, line = inspect.getsourcelines(target)  # pyright: ignore[reportArgumentType]
+        source = inspect.getsourcefile(target)
+        _, line = inspect.getsourcelines(target)
     except (OSError, TypeError):
         return "source unknown"
     return f"{source}:{line}"
 
 
 def _unwrap_partial(builder: object) -> object:
-    while isinstance(builder, functools.partial):
-        builder = builder.func  # pyright: ignore[reportUnknownMemberType]
+    partial = _as_partial(builder)
+    while partial is not None:
+        builder = partial.func
+        partial = _as_partial(builder)
     return builder
 
 
@@ -80,7 +91,7 @@ def _built_by_class(cls: type) -> object:
     if owner is None:
         return cls
     new: object = vars(owner)["__new__"]
-    func = new.__func__ if isinstance(new, staticmethod) else new  # pyright: ignore[reportUnknownMemberType,reportUnknownVariableType]
+    func: object = new.__func__ if isinstance(new, staticmethod) else new  # pyright: ignore[reportUnknownMemberType]  # staticmethod is generic over an unknown callable
     built = _return_hint(func)
     if not isinstance(built, type) or built is cls:
         return cls
@@ -264,8 +275,8 @@ def _cache_key(builder: object) -> object:
     callable, how many positionals it binds, and the names (and, for records and enums, the
     types) of the keywords it binds, never on their values.
     """
-    if isinstance(builder, functools.partial):
-        bound: functools.partial[object] = builder  # pyright: ignore[reportUnknownVariableType]  # any partial
+    bound = _as_partial(builder)
+    if bound is not None:
         keywords: dict[str, object] = dict(bound.keywords)
         return ("partial", bound.func, len(bound.args),
                 tuple(sorted((name, type(value)) for name, value in keywords.items())))
@@ -310,9 +321,9 @@ def _compute_mismatches(builder: object, protocol: type) -> list[str]:
 def _unbindable_partial_problems(builder: object) -> list[str]:
     """Why a partial cannot bind its arguments to the callable it wraps (unknown keywords,
     too many positionals); empty when that is not the reason."""
-    if not isinstance(builder, functools.partial):
+    bound = _as_partial(builder)
+    if bound is None:
         return []
-    bound: functools.partial[object] = builder  # pyright: ignore[reportUnknownVariableType]  # any partial
     try:
         params = list(inspect.signature(bound.func).parameters.values())
     except (TypeError, ValueError):
@@ -340,9 +351,9 @@ def _bound_keyword_problems(builder: object) -> list[str]:
     for them an `isinstance` test is exact, whereas numbers and callables are left to the
     static checkers.
     """
-    if not isinstance(builder, functools.partial):
+    bound = _as_partial(builder)
+    if bound is None:
         return []
-    bound: functools.partial[object] = builder  # pyright: ignore[reportUnknownVariableType]  # any partial
     base = _unwrap_partial(bound)
     func: object = getattr(base, "__init__") if isinstance(base, type) else base  # noqa: B009 - mypy rejects .__init__ on an instance
     try:
