@@ -7,6 +7,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from torch import Tensor
 
+from protoformer.kernels.graph_decode import GraphDecoder
 from protoformer.models import GPTModel
 from protoformer.spec import apply_module
 from protoformer.transformer.inference import InferenceContext
@@ -84,6 +85,7 @@ def generate(
     seed: int | None = None,
     stream: Callable[[int], None] | None = None,
     stop_token_ids: Collection[int] = (),
+    cuda_graph: bool | None = None,
 ) -> list[int]:
     """Continue `prompt_ids` (one sequence of token ids) by up to `max_new_tokens` tokens.
 
@@ -93,6 +95,12 @@ def generate(
     end-of-sequence token; it is the last one returned and streamed). `stream` is called with
     each token as it is chosen; `seed` makes sampling reproducible. Returns the new tokens
     (not the prompt).
+
+    `cuda_graph`: run each decode step as one CUDA graph replay
+    (`protoformer.kernels.graph_decode.GraphDecoder`), which removes the per-kernel launch cost
+    that dominates small-batch decoding. None (default) uses it when the model is on a GPU and
+    its layers are supported (self-attention `TransformerLayer`s on one rank); True requires
+    it (on the CPU the same static-shape step runs eagerly); False never uses it.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
@@ -113,24 +121,52 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    context = InferenceContext(max_batch_size=1, max_sequence_length=total)
-    forward = apply_module(model)
+    decoder: GraphDecoder | _EagerDecoder = (
+        _graph_decoder(model, total, cuda_graph, device) or _EagerDecoder(model, total))
     was_training = model.training
     model.eval()
     new_tokens: list[int] = []
     try:
         with torch.inference_mode():
-            logits = forward(prompt[None].to(device), inference_context=context)  # [1, p, v]
+            logits = decoder.prefill(prompt[None].to(device), num_new)[0]  # [v]
             while True:
-                token = sample_next_token(logits[0, -1], temperature=temperature, top_k=top_k,
+                token = sample_next_token(logits, temperature=temperature, top_k=top_k,
                                           top_p=top_p, greedy=greedy, generator=generator)
                 new_tokens.append(token)
                 if stream is not None:
                     stream(token)
                 if len(new_tokens) == num_new or token in stop:
                     break
-                step_input = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
-                logits = forward(step_input, inference_context=context)  # [1, 1, v]
+                logits = decoder.step(torch.tensor([token], dtype=torch.long,
+                                                   device=device))[0]  # [v]
     finally:
         model.train(was_training)
     return new_tokens
+
+
+class _EagerDecoder:
+    """The plain KV-cache loop, with `GraphDecoder`'s `prefill` / `step` interface."""
+
+    def __init__(self, model: GPTModel, max_sequence_length: int) -> None:
+        self.forward = apply_module(model)
+        self.context = InferenceContext(max_batch_size=1, max_sequence_length=max_sequence_length)
+
+    def prefill(self, prompt_ids: Tensor, max_new_tokens: int) -> Tensor:
+        del max_new_tokens  # the context was sized for it
+        return self.forward(prompt_ids, inference_context=self.context)[:, -1]  # [b, v]
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self.forward(tokens.view(-1, 1), inference_context=self.context)[:, -1]  # [b, v]
+
+
+def _graph_decoder(model: GPTModel, total: int, cuda_graph: bool | None,
+                   device: torch.device) -> GraphDecoder | None:
+    """The CUDA-graph decoder `generate` should use, or None for the eager loop."""
+    if cuda_graph is False or (cuda_graph is None and device.type != "cuda"):
+        return None
+    try:
+        return GraphDecoder(model, batch_size=1, max_sequence_length=total)
+    except (TypeError, ValueError):
+        if cuda_graph:
+            raise
+        return None  # auto: a model GraphDecoder does not support decodes eagerly

@@ -64,3 +64,15 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0
     assert all(command in result.stdout for command in ("train", "generate", "inspect", "check"))
+
+
+def test_generate_with_the_static_graph_step_prints_the_same_text(
+        trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = []
+    for mode in ("on", "off"):
+        args = ["generate", "--checkpoint", str(trained_run), "--prompt", "def ", "--greedy",
+                "--max-new-tokens", "24", "--cuda-graph", mode]
+        assert main(args) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert outputs[0].startswith("def ")

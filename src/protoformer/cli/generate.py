@@ -36,6 +36,9 @@ __all__ = ["add_parser", "check_prompt_bytes", "load_model", "run", "token_bytes
 _REPLACEMENT = "\ufffd".encode()
 
 
+_CUDA_GRAPH_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
 class _Subparsers(Protocol):
     def add_parser(self, name: str, *, help: str, description: str) -> argparse.ArgumentParser: ...
 
@@ -66,6 +69,9 @@ def add_parser(commands: _Subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default auto)")
+    parser.add_argument("--cuda-graph", choices=tuple(_CUDA_GRAPH_CHOICES), default="auto",
+                        help="run each decode step as one CUDA graph replay (auto: on a GPU, "
+                             "for models of self-attention layers; default auto)")
     parser.add_argument("--allow", metavar="PREFIX", action="append", default=[],
                         help="allow importing the checkpoint's layer-spec builders from modules "
                              "under PREFIX (as the run's train --allow did; repeatable)")
@@ -145,7 +151,8 @@ def _stream_generation(model: GPTModel, prompt_ids: Sequence[int], args: argpars
         return generate(model, prompt_ids, max_new_tokens,
                         temperature=float(args.temperature), top_k=args.top_k, top_p=args.top_p,
                         greedy=bool(args.greedy), seed=args.seed, stream=stream,
-                        stop_token_ids=stop_token_ids)
+                        stop_token_ids=stop_token_ids,
+                        cuda_graph=_CUDA_GRAPH_CHOICES[str(args.cuda_graph)])
 
     run_generation(0)  # validates prompt and sampling options before the prompt is echoed
     sys.stdout.write(echo)

@@ -191,8 +191,12 @@ class GraphDecoder:
         return self._graph_logits
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy continuation of `prompt_ids` `[batch_size, p]`: the new tokens `[batch_size, n]`."""
+    def prefill(self, prompt_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Run the prompts `[batch_size, p]` through the model, filling the caches.
+
+        Returns the logits of the first new token `[batch_size, v]`; `step` then gives the
+        following ones. The model must be in eval mode (`generate` sees to it).
+        """
         _check_prompt(self.model, prompt_ids, max_new_tokens)
         if prompt_ids.shape[0] != self.batch_size:
             raise ValueError(f"this GraphDecoder decodes batches of {self.batch_size}; got "
@@ -201,23 +205,38 @@ class GraphDecoder:
         if prompt_len + max_new_tokens > self.max_sequence_length:
             raise ValueError(f"prompt of {prompt_len} + {max_new_tokens} new tokens exceeds this "
                              f"decoder's max_sequence_length={self.max_sequence_length}")
+        # Reuse the caches (and the captured graph's addresses): positions past the prompt
+        # hold stale values until written, and the mask hides them.
+        self.context.sequence_len_offset = 0
+        logits = apply_module(self.model)(prompt_ids.to(self.device),
+                                          inference_context=self.context)  # [b, p, v]
+        self.position.fill_(prompt_len)
+        return logits[:, -1]  # [b, v]
+
+    @torch.inference_mode()
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed the chosen tokens `[batch_size]` and return the next logits `[batch_size, v]`.
+
+        With a CUDA graph the result is the graph's output buffer: read it (choose the next
+        token) before calling `step` again, which overwrites it.
+        """
+        self.tokens.copy_(tokens.view(self.batch_size, 1))
+        logits = self._logits()  # [b, v]
+        self.position.add_(1)
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy continuation of `prompt_ids` `[batch_size, p]`: the new tokens `[batch_size, n]`."""
         model = self.model
         was_training = model.training
         model.eval()
         try:
-            # Reuse the caches (and the captured graph's addresses): positions past the
-            # prompt hold stale values until written, and the mask hides them.
-            self.context.sequence_len_offset = 0
-            logits = apply_module(model)(prompt_ids.to(self.device),
-                                         inference_context=self.context)  # [b, p, v]
-            token = logits[:, -1].argmax(dim=-1)  # [b]
+            token = self.prefill(prompt_ids, max_new_tokens).argmax(dim=-1)  # [b]
             generated = [token]
-            self.position.fill_(prompt_len)
             for _ in range(max_new_tokens - 1):
-                self.tokens.copy_(token[:, None])
-                token = self._logits().argmax(dim=-1)  # [b]
+                token = self.step(token).argmax(dim=-1)  # [b]
                 generated.append(token)
-                self.position.add_(1)
         finally:
             model.train(was_training)
         return torch.stack(generated, dim=1)  # [b, n]
