@@ -90,6 +90,12 @@ def _open_file(path: Path) -> _SafeOpen:
         raise HFConversionError(f"{path}: not a readable safetensors file ({error})") from error
 
 
+def _is_plain_file_name(name: str) -> bool:
+    """Whether `name` is one file name, naming nothing outside the directory it is joined to."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and Path(name).name == name and not Path(name).is_absolute()
+
+
 def _json_object(path: Path) -> JSONDict:
     try:
         value: object = json.loads(path.read_text(encoding="utf-8"))
@@ -128,6 +134,9 @@ class SafetensorsSource:
                 if not isinstance(name, str) or not isinstance(file, str):
                     raise HFConversionError(f"{index}: weight_map entry {name!r}: {file!r} must "
                                             "map a tensor name to a file name")
+                if not _is_plain_file_name(file):  # no "../x", "/abs" or "sub/x": stay in directory
+                    raise HFConversionError(f"{index}: weight_map entry {name!r} names {file!r}; "
+                                            f"shards must be plain file names in {directory}")
                 self._where_is[name] = file
             missing = sorted({f for f in self._where_is.values() if not (directory / f).is_file()})
             if missing:
@@ -161,7 +170,13 @@ class SafetensorsSource:
                                     f"({error})") from error
 
     def dtype(self, name: str) -> torch.dtype:
-        stored = self._file(self._where_is[name]).get_slice(name).get_dtype()
+        file = self._where_is[name]
+        handle = self._file(file)
+        try:
+            stored = handle.get_slice(name).get_dtype()
+        except Exception as error:  # safetensors' own error type for a name it lacks
+            raise HFConversionError(f"{self.directory / file}: cannot read tensor {name!r} "
+                                    f"({error})") from error
         dtype = _DTYPES.get(stored)
         if dtype is None:
             raise HFConversionError(f"{self.where}: tensor {name!r} is stored as {stored}; "

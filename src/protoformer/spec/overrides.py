@@ -320,6 +320,9 @@ def override(spec: S, assignment: str, *, allow: Sequence[str] = DEFAULT_ALLOW) 
         if str(error).startswith(prefix):
             raise
         raise SpecError(prefix + str(error)) from error
+    except RecursionError:  # as from_dict: a value nested deeper than the parser can follow
+        raise SpecError(f"override {assignment[:80]!r}: the value is nested too deeply") \
+            from None
     assert type(result) is type(spec)
     return result
 

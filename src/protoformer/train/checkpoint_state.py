@@ -231,10 +231,12 @@ def load_shard(directory: Path, document: Mapping[str, JSONValue], model: nn.Mod
     if optimizer is not None:
         verify_file(directory / optimizer_file, records.get(optimizer_file))
         optimizer_state = _optimizer_state(directory / optimizer_file, optimizer_record, optimizer)
-    model.load_state_dict(weights, strict=True)
     if optimizer is not None and optimizer_state is not None:
+        # First: torch checks the parameter groups only here, and a refusal must leave the
+        # model untouched too.
         try:
             optimizer.load_state_dict(optimizer_state)
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{directory / optimizer_file}: does not fit the optimizer "
                                   f"({error})") from error
+    model.load_state_dict(weights, strict=True)

@@ -263,7 +263,16 @@ def train(
     if checkpoint is not None:
         start_step, train_losses, validation_losses = resume_run(
             checkpoint, model, optimizer, sampler, pg=pg, launch=launch)
+        # The loaded optimizer state carries the saved run's weight decay and betas; this run's
+        # options apply (as its learning rate and clipping do) and are what its checkpoints record.
+        for group, decay in zip(optimizer.param_groups, (options.weight_decay, 0.0), strict=True):
+            group["weight_decay"] = decay
+            group["betas"] = options.betas
         messages.append(f"resumed from {checkpoint} at step {start_step}")
+        if start_step >= options.steps:  # the loop below runs no step
+            messages.append(f"note: the checkpoint is already at step {start_step}, at or past "
+                            f"--steps {options.steps}: nothing left to train; raise --steps to "
+                            "train further")
 
     def snapshot(step: int) -> Path:
         document = run_state(built, options, sampler, train_losses, validation_losses)
