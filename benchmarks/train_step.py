@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from protoformer import TransformerConfig
 from protoformer.backends.fused import FusedSpecProvider, fused_config
 from protoformer.flops import flops_per_token
+from protoformer.interop.hf import to_hf
 from protoformer.models import GPTModel
 from protoformer.recipes import gpt_layer_spec
 
@@ -67,6 +68,16 @@ class Result:
     mfu: float
     peak_mem_gib: float
     status: str = "ok"
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-shape flags `llama_1b_config` reads (defaults: Llama-3.2-1B)."""
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=8192)
 
 
 def llama_1b_config(args: argparse.Namespace) -> TransformerConfig:
@@ -107,46 +118,14 @@ def build_hf(config: TransformerConfig, vocab: int, max_len: int) -> nn.Module:
     return model
 
 
-def hf_state_dict(model: GPTModel) -> tuple[dict[str, Tensor], str]:
-    """Hugging Face names for protoformer's weights: `interop.to_hf` when present, else here."""
-    try:
-        from protoformer.interop.hf import to_hf
-
-        return to_hf(model), "protoformer.interop.hf.to_hf"
-    except ImportError:
-        pass
-    config = model.config
-    heads, groups, hn = config.num_attention_heads, config.query_groups, config.head_dim
-    per_group = heads // groups
-    out: dict[str, Tensor] = {
-        "model.embed_tokens.weight": model.embedding.weight,
-        "model.norm.weight": model.decoder.final_layernorm.weight,  # type: ignore[union-attr]
-        "lm_head.weight": model.output_layer.weight,  # type: ignore[dict-item]
-    }
-    for i, layer in enumerate(model.decoder.layers):
-        prefix = f"model.layers.{i}."
-        qkv = layer.self_attention.linear_qkv.weight.view(groups, per_group + 2, hn, -1)
-        out[prefix + "self_attn.q_proj.weight"] = qkv[:, :per_group].reshape(heads * hn, -1)
-        out[prefix + "self_attn.k_proj.weight"] = qkv[:, per_group].reshape(groups * hn, -1)
-        out[prefix + "self_attn.v_proj.weight"] = qkv[:, per_group + 1].reshape(groups * hn, -1)
-        out[prefix + "self_attn.o_proj.weight"] = layer.self_attention.linear_proj.weight
-        gate, up = layer.mlp.linear_fc1.weight.chunk(2, dim=0)
-        out[prefix + "mlp.gate_proj.weight"] = gate
-        out[prefix + "mlp.up_proj.weight"] = up
-        out[prefix + "mlp.down_proj.weight"] = layer.mlp.linear_fc2.weight
-        out[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight
-        out[prefix + "post_attention_layernorm.weight"] = layer.pre_mlp_layernorm.weight
-    return out, "benchmarks/train_step.py (own copy)"
-
-
 def copy_weights(ours: GPTModel, hf: nn.Module) -> str:
-    state, how = hf_state_dict(ours)
+    state = to_hf(ours)
     missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()},
                                              strict=False)
     missing = [m for m in missing if "rotary_emb" not in m]
     if missing or unexpected:
         raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
-    return how
+    return "protoformer.interop.hf.to_hf"
 
 
 @torch.no_grad()
@@ -320,12 +299,7 @@ def main() -> None:
                         help="batch per --seq entry (both models use it)")
     parser.add_argument("--ours-extra-batch", type=int, nargs="*", default=[],
                         help="also time protoformer alone at these batches (per --seq entry)")
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=8192)
+    add_shape_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--attention-kernels", default="cudnn,flash,efficient",
