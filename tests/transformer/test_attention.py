@@ -494,55 +494,52 @@ def _shard_fused_rows(fused: Tensor, rank: int, tp: int, heads: int, groups: int
     return torch.cat([q_rows, wk[group * hn:(group + 1) * hn], wv[group * hn:(group + 1) * hn]])
 
 
-def _tensor_parallel_worker(rank: int, tp: int, init_file: str) -> None:
+def _tensor_parallel_worker(rank: int, tp: int) -> None:
     import torch.distributed as dist
 
     from protoformer.parallel import ProcessGroups
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
-    try:
-        for heads, groups in ((4, 2), (4, 1)):  # whole groups per rank; one replicated group
-            config = make_config(num_attention_heads=heads, num_query_groups=groups,
-                                 add_qkv_bias=True, add_bias_linear=True)
-            hn = config.head_dim
-            full = self_attention(config, qk_norm=True)
-            torch.manual_seed(rank)
-            backend = get_backend("local")
-            norm = backend.layer_norm(rms_norm=True, for_qk=True)
-            split = SelfAttention(config, SelfAttentionSubmodules(
-                linear_qkv=backend.column_parallel_linear(), core_attention=backend.core_attention(),
-                linear_proj=backend.row_parallel_linear(), q_layernorm=norm, k_layernorm=norm),
-                layer_number=1, pg=ProcessGroups(tp=dist.group.WORLD))
-            cols = heads * hn // tp
-            with torch.no_grad():
-                for name in ("weight", "bias"):
-                    getattr(split.linear_qkv, name).copy_(_shard_fused_rows(
-                        getattr(full.linear_qkv, name), rank, tp, heads, groups, hn))
-                split.linear_proj.weight.copy_(full.linear_proj.weight[:, rank * cols:(rank + 1) * cols])
-                split.linear_proj.bias.copy_(full.linear_proj.bias)
-                split.q_layernorm.weight.copy_(full.q_layernorm.weight)
-                split.k_layernorm.weight.copy_(full.k_layernorm.weight)
-            x = inputs(config)
-            table = rope_table(config, 6)
-            x_full, x_split = x.clone().requires_grad_(), x.clone().requires_grad_()
-            out_full, _ = full(x_full, rotary_pos_emb=table)
-            out_split, _ = split(x_split, rotary_pos_emb=table)
-            torch.testing.assert_close(out_split, out_full, **TOL)
-            out_full.square().sum().backward()
-            out_split.square().sum().backward()
-            torch.testing.assert_close(x_split.grad, x_full.grad, **TOL)
-            # A replicated key/value head gets the gradient of all the ranks that use it.
-            expected = _shard_fused_rows(full.linear_qkv.weight.grad, rank, tp, heads, groups, hn)
-            torch.testing.assert_close(split.linear_qkv.weight.grad, expected, **TOL)
-    finally:
-        dist.destroy_process_group()
+    for heads, groups in ((4, 2), (4, 1)):  # whole groups per rank; one replicated group
+        config = make_config(num_attention_heads=heads, num_query_groups=groups,
+                             add_qkv_bias=True, add_bias_linear=True)
+        hn = config.head_dim
+        full = self_attention(config, qk_norm=True)
+        torch.manual_seed(rank)
+        backend = get_backend("local")
+        norm = backend.layer_norm(rms_norm=True, for_qk=True)
+        split = SelfAttention(config, SelfAttentionSubmodules(
+            linear_qkv=backend.column_parallel_linear(), core_attention=backend.core_attention(),
+            linear_proj=backend.row_parallel_linear(), q_layernorm=norm, k_layernorm=norm),
+            layer_number=1, pg=ProcessGroups(tp=dist.group.WORLD))
+        cols = heads * hn // tp
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                getattr(split.linear_qkv, name).copy_(_shard_fused_rows(
+                    getattr(full.linear_qkv, name), rank, tp, heads, groups, hn))
+            split.linear_proj.weight.copy_(full.linear_proj.weight[:, rank * cols:(rank + 1) * cols])
+            split.linear_proj.bias.copy_(full.linear_proj.bias)
+            split.q_layernorm.weight.copy_(full.q_layernorm.weight)
+            split.k_layernorm.weight.copy_(full.k_layernorm.weight)
+        x = inputs(config)
+        table = rope_table(config, 6)
+        x_full, x_split = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_full, _ = full(x_full, rotary_pos_emb=table)
+        out_split, _ = split(x_split, rotary_pos_emb=table)
+        torch.testing.assert_close(out_split, out_full, **TOL)
+        out_full.square().sum().backward()
+        out_split.square().sum().backward()
+        torch.testing.assert_close(x_split.grad, x_full.grad, **TOL)
+        # A replicated key/value head gets the gradient of all the ranks that use it.
+        expected = _shard_fused_rows(full.linear_qkv.weight.grad, rank, tp, heads, groups, hn)
+        torch.testing.assert_close(split.linear_qkv.weight.grad, expected, **TOL)
 
 
-@pytest.mark.slow
-def test_tensor_parallel_matches_single_process(tmp_path: object) -> None:
+@pytest.mark.slow  # spawns two processes (gloo)
+def test_tensor_parallel_matches_single_process() -> None:
     import torch.distributed as dist
-    import torch.multiprocessing as mp
+
+    from tests.parallel.dist_utils import run_distributed
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_tensor_parallel_worker, args=(2, str(tmp_path) + "/init"), nprocs=2)  # type: ignore[no-untyped-call]
+    run_distributed(_tensor_parallel_worker, 2)
