@@ -1,4 +1,4 @@
-"""Interoperability with other frameworks' checkpoints: Hugging Face transformers (`hf`)."""
+"""Interoperability with other frameworks' checkpoints: Hugging Face transformers (`hf`; T5 in `hf_t5`)."""
 
 from protoformer.interop.hf import (
     from_hf,
@@ -16,6 +16,7 @@ from protoformer.interop.hf_common import (
     HFModelInfo,
     UnsupportedHFModelError,
 )
+from protoformer.interop.hf_t5 import save_t5_hf, t5_from_hf, t5_hf_config, t5_to_hf
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -30,5 +31,9 @@ __all__ = [
     "model_from_hf_config",
     "parse_hf_config",
     "save_hf",
+    "save_t5_hf",
+    "t5_from_hf",
+    "t5_hf_config",
+    "t5_to_hf",
     "to_hf",
 ]

@@ -69,6 +69,7 @@ __all__ = [
     "hf_config_dict",
     "hf_model_info",
     "model_from_hf_config",
+    "open_hf_source",
     "parse_hf_config",
     "save_hf",
     "to_hf",
@@ -122,6 +123,10 @@ def parse_hf_config(config: HFConfigLike, *, dtype: torch.dtype = torch.float32)
         return parse_deepseek_config(values, dtype)
     if isinstance(model_type, str) and model_type in DENSE_MODEL_TYPES:
         return parse_dense_config(values, model_type, dtype)
+    if model_type == "t5":
+        raise UnsupportedHFModelError(
+            "Hugging Face model_type='t5' is an encoder-decoder model; load it with "
+            "protoformer.interop.t5_from_hf, which returns a T5Model")
     architectures = values.get("architectures")
     named = f" ({', '.join(map(str, architectures))})" if isinstance(architectures, list) else ""  # pyright: ignore[reportUnknownArgumentType]  # JSON list
     raise UnsupportedHFModelError(
@@ -311,7 +316,8 @@ def _load(model: GPTModel, rules: list[TensorRule], source: TensorSource) -> Non
             target.copy_(value)
 
 
-def _open_source(source: HFSource) -> tuple[JSONDict, TensorSource]:
+def open_hf_source(source: HFSource) -> tuple[JSONDict, TensorSource]:
+    """The config values and a tensor reader of a checkpoint directory or a transformers model."""
     if isinstance(source, (str, os.PathLike)):
         directory = Path(source)
         if not directory.is_dir():
@@ -340,7 +346,7 @@ def from_hf(source: HFSource, *, dtype: torch.dtype | None = None,
     The model is single-process (no tensor parallelism), in training mode like any new
     module: call `.eval()` for inference.
     """
-    values, tensors = _open_source(source)
+    values, tensors = open_hf_source(source)
     if dtype is None and "model.embed_tokens.weight" in tensors.names():
         dtype = tensors.dtype("model.embed_tokens.weight")
     info = parse_hf_config(values, dtype=dtype if dtype is not None else torch.float32)

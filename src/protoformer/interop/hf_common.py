@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protoformer.config import TransformerConfig
+from protoformer.transformer.mlp import gelu_tanh
 
 __all__ = [
     "ACTIVATIONS",
@@ -56,6 +57,8 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "swish": F.silu,
     "gelu": F.gelu,
     "relu": F.relu,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
 }
 
 

@@ -1,5 +1,6 @@
 """Whole models assembled from layer specs."""
 
 from protoformer.models.gpt import GPTModel
+from protoformer.models.t5 import T5Model
 
-__all__ = ["GPTModel"]
+__all__ = ["GPTModel", "T5Model"]

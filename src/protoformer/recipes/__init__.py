@@ -3,5 +3,7 @@
 from protoformer.recipes.gpt import gpt_layer_spec, mlp_spec
 from protoformer.recipes.mla import mla_layer_spec
 from protoformer.recipes.presets import Preset, get_preset, list_presets
+from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
 
-__all__ = ["Preset", "get_preset", "gpt_layer_spec", "list_presets", "mla_layer_spec", "mlp_spec"]
+__all__ = ["Preset", "get_preset", "gpt_layer_spec", "list_presets", "mla_layer_spec", "mlp_spec",
+           "t5_decoder_layer_spec", "t5_encoder_layer_spec"]

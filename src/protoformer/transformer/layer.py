@@ -183,10 +183,11 @@ class TransformerLayer(nn.Module):
             normed = hidden_states
             if self.pre_cross_attn_layernorm is not None:
                 normed = apply_module(self.pre_cross_attn_layernorm)(hidden_states)
-            # No inference_context: its caches are keyed by layer_number, which self-attention
-            # already uses; cross-attention recomputes keys/values from `context` instead.
+            # With an inference_context, cross-attention projects `context` once and keeps
+            # its keys/values (under -layer_number, apart from self-attention's cache).
             out, bias = apply_module(self.cross_attention)(
-                normed, context_mask, key_value_states=context)
+                normed, context_mask, key_value_states=context,
+                inference_context=inference_context)
             hidden_states = self._bias_dropout_add(out, bias, hidden_states)
 
         normed = apply_module(self.pre_mlp_layernorm)(hidden_states)

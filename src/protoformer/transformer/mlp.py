@@ -32,6 +32,7 @@ __all__ = [
     "MLPBuilder",
     "MLPInterface",
     "MLPSubmodules",
+    "gelu_tanh",
     "init_method_normal",
     "scaled_init_method_normal",
 ]
@@ -47,6 +48,13 @@ class ActivationInterface(Protocol):
     """The MLP's nonlinearity. Gated: `[..., 2 * f]` (gate then up) -> `[..., f]`; else shape-preserving."""
 
     def forward(self, x: Tensor, /) -> Tensor: ...
+
+
+def gelu_tanh(x: Tensor, /) -> Tensor:
+    """GeLU with the tanh approximation (GPT-2's and T5 v1.1's `gelu_new`): pass it as
+    `TransformerConfig(activation_func=gelu_tanh)`. A module-level function, so a config that
+    uses it can be saved and loaded by name."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 class ActivationBuilder(Protocol):
