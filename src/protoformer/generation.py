@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from protoformer.kernels.graph_decode import GraphDecoder
-from protoformer.models import GPTModel
+from protoformer.models import GPTModel, T5Model
 from protoformer.spec import apply_module
 from protoformer.transformer.inference import InferenceContext
 
-__all__ = ["generate", "sample_next_token"]
+__all__ = ["generate", "generate_seq2seq", "sample_next_token"]
 
 
 def _prompt_tensor(prompt_ids: Sequence[int] | Tensor, vocab_size: int) -> Tensor:
@@ -139,6 +139,71 @@ def generate(
                     break
                 logits = decoder.step(torch.tensor([token], dtype=torch.long,
                                                    device=device))[0]  # [v]
+    finally:
+        model.train(was_training)
+    return new_tokens
+
+
+def generate_seq2seq(
+    model: T5Model,
+    input_ids: Sequence[int] | Tensor,
+    max_new_tokens: int,
+    *,
+    decoder_start_token_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    stream: Callable[[int], None] | None = None,
+    stop_token_ids: Collection[int] = (),
+) -> list[int]:
+    """The encoder-decoder counterpart of `generate`: read `input_ids`, write up to `max_new_tokens`.
+
+    The encoder runs once over `input_ids` (one sequence); the decoder starts from
+    `decoder_start_token_id` (T5: the padding id 0) and adds one token a step, keeping its
+    self-attention keys/values and each layer's projected encoder output in an
+    `InferenceContext`. Sampling, `stream`, `seed` and `stop_token_ids` behave as in
+    `generate`; the decoder stops at the model's `max_sequence_length`. Returns the new tokens
+    (without the start token).
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    _check_sampling(temperature, top_k, top_p)
+    source = _prompt_tensor(input_ids, model.vocab_size)  # [se]
+    start = _prompt_tensor([decoder_start_token_id], model.vocab_size)  # [1]
+    limit = model.max_sequence_length
+    if source.numel() > limit:
+        raise ValueError(f"the input has {source.numel()} tokens, more than the model's "
+                         f"max_sequence_length={limit}; shorten it")
+    num_new = min(max_new_tokens, limit - 1)
+    if num_new == 0:
+        return []
+    stop = frozenset(int(token) for token in stop_token_ids)
+    device = next(model.parameters()).device
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    context = InferenceContext(max_batch_size=1, max_sequence_length=num_new + 1)
+    was_training = model.training
+    model.eval()
+    new_tokens: list[int] = []
+    try:
+        with torch.inference_mode():
+            memory = model.encode(source[None].to(device))  # [se, 1, h]
+            token_ids = start[None].to(device)  # [1, 1]
+            while True:
+                logits = model.decode(token_ids, memory, inference_context=context)[0, -1]  # [v]
+                token = sample_next_token(logits, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, greedy=greedy, generator=generator)
+                new_tokens.append(token)
+                if stream is not None:
+                    stream(token)
+                if len(new_tokens) == num_new or token in stop:
+                    break
+                token_ids = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
     finally:
         model.train(was_training)
     return new_tokens

@@ -187,6 +187,16 @@ def test_mla_layer_spec_round_trips_with_the_default_allowlist(tmp_path: Path) -
         _round_trip_all_ways(mla_layer_spec(get_backend("local"), config), tmp_path)
 
 
+@pytest.mark.parametrize("config", _gpt_configs(), ids=["layernorm", "rmsnorm-qk"])
+def test_t5_layer_specs_round_trip_with_the_default_allowlist(config: TransformerConfig,
+                                                               tmp_path: Path) -> None:
+    from protoformer.backends import get_backend
+    from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
+
+    for recipe in (t5_encoder_layer_spec, t5_decoder_layer_spec):
+        _round_trip_all_ways(recipe(get_backend("local"), config), tmp_path)
+
+
 def test_every_preset_layer_spec_round_trips(tmp_path: Path) -> None:
     presets = pytest.importorskip("protoformer.recipes.presets",
                                   reason="presets not importable yet (models still landing)")

@@ -312,6 +312,8 @@ def save_t5_hf(model: T5Model, directory: str | os.PathLike[str], *,
     tensors = t5_to_hf(model)
     for name in _stored_copies(model):
         del tensors[name]
+    if "lm_head.weight" in tensors and tensors["lm_head.weight"] is tensors["shared.weight"]:
+        tensors["lm_head.weight"] = owned(tensors["lm_head.weight"])  # files hold no aliases
     write_safetensors(path, tensors, max_shard_size=max_shard_size)
     (path / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n",
                                       encoding="utf-8")
