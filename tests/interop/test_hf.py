@@ -314,8 +314,8 @@ def test_unsupported_features_are_named() -> None:
     attention_bias_only = hf_config("llama", num_attention_heads=4, attention_bias=True)
     with pytest.raises(UnsupportedHFModelError, match="o_proj=True, MLP=False"):
         parse_hf_config(attention_bias_only)
-    with pytest.raises(UnsupportedHFModelError, match="hidden_act='gelu_new'"):
-        parse_hf_config(hf_config("llama", num_attention_heads=4, hidden_act="gelu_new"))
+    with pytest.raises(UnsupportedHFModelError, match="hidden_act='quick_gelu'"):
+        parse_hf_config(hf_config("llama", num_attention_heads=4, hidden_act="quick_gelu"))
 
 
 def test_inconsistent_sizes_name_the_config_field() -> None:

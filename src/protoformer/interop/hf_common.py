@@ -221,7 +221,7 @@ def activation_name(config: TransformerConfig) -> str:
             return name
     raise UnsupportedHFModelError(
         f"activation_func={config.activation_func!r} has no Hugging Face name; export supports "
-        "torch.nn.functional.silu, gelu and relu")
+        "torch.nn.functional.silu, gelu, relu and protoformer.transformer.mlp.gelu_tanh")
 
 
 def format_layer_list(layers: Sequence[int]) -> str:
