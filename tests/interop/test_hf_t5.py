@@ -89,8 +89,10 @@ def test_greedy_generation_matches_transformers(variant: str, std: float) -> Non
     source = torch.randint(2, VOCAB, (1, 17), generator=torch.Generator().manual_seed(3))
     # transformers' own cache handles a decoder deeper than the encoder badly: compare
     # against its uncached decoding.
-    expected = hf.generate(source, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+    hf.generation_config.eos_token_id = None  # 20 tokens, the end-of-sequence id included
+    expected = hf.generate(source, max_new_tokens=20, do_sample=False,
                            use_cache=False)[0, 1:].tolist()
+    assert len(expected) == 20
     got = generate_seq2seq(model, source[0], 20, greedy=True)
     assert len(set(expected)) >= 3, "degenerate reference; pick other weights"
     assert got == expected
