@@ -265,13 +265,16 @@ def _check_tensor_parallel(rank: int, world_size: int) -> None:
     loss_single.sum().backward()
     loss_split.sum().backward()
     heads = single.config.num_attention_heads // world_size
+    # A bias-table gradient sums over every (query, key) pair of every layer: float32 rounding
+    # of the split model's different reduction order reaches ~2e-5 there (seen on a 16-core host).
+    grad_tol = {"atol": 1e-4, "rtol": 1e-4}
     for name in ("encoder_relative_pos_emb", "decoder_relative_pos_emb"):
         full, part = getattr(single, name).weight, getattr(split, name).weight
         start = pg.tp_rank * heads
-        torch.testing.assert_close(part.grad, full.grad[:, start:start + heads], **TOL)
+        torch.testing.assert_close(part.grad, full.grad[:, start:start + heads], **grad_tol)
     for name in ("encoder.final_layernorm.weight", "decoder.layers.1.pre_cross_attn_layernorm.weight"):
         torch.testing.assert_close(dict(split.named_parameters())[name].grad,
-                                   dict(single.named_parameters())[name].grad, **TOL)
+                                   dict(single.named_parameters())[name].grad, **grad_tol)
 
 
 @pytest.mark.slow  # spawns two processes (gloo)
