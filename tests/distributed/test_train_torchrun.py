@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from protoformer.cli import main
 from protoformer.recipes import get_preset
 from protoformer.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -46,13 +48,19 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_process_history(corpus: Path, tmp_path_factory: pytest.TempPathFactory
-                           ) -> list[list[float]]:
+def single_process_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory
+                       ) -> tuple[list[list[float]], Path]:
     out = tmp_path_factory.mktemp("single")
     result = train(TrainOptions(preset="tiny", device="cpu", steps=STEPS, batch_size=4,
                                 seq_len=32, eval_every=2, save_every=2, log_every=1,
                                 warmup_steps=2, data=corpus, out_dir=out, progress=False))
-    return [[float(step), loss] for step, loss in result.train_losses]
+    return [[float(step), loss] for step, loss in result.train_losses], out
+
+
+@pytest.fixture(scope="module")
+def single_process_history(single_process_run: tuple[list[list[float]], Path]
+                           ) -> list[list[float]]:
+    return single_process_run[0]
 
 
 def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None,
@@ -81,7 +89,9 @@ def assert_losses_close(actual: list[list[float]], expected: list[list[float]], 
 
 @pytest.mark.slow  # two torchrun launches
 def test_tensor_parallel_training_matches_one_process_and_resumes_exactly(
-        corpus: Path, single_process_history: list[list[float]], tmp_path: Path) -> None:
+        corpus: Path, single_process_run: tuple[list[list[float]], Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    single_process_history, single_dir = single_process_run
     run_dir = tmp_path / "tp2"
     finished = torchrun(2, *ARGS, "--tp", "2", "--data", str(corpus), "--out", str(run_dir))
     output = finished.stdout + finished.stderr
@@ -96,8 +106,21 @@ def test_tensor_parallel_training_matches_one_process_and_resumes_exactly(
         "optimizer.tp00-of-02.safetensors", "optimizer.tp01-of-02.safetensors"]
     uninterrupted = history(run_dir, STEPS)
     assert_losses_close(uninterrupted, single_process_history, tolerance=1e-5)
+    # One process loads the weights by merging the shards: the model of the single-process
+    # run, up to the float rounding of the split computation.
+    merged, single = get_preset("tiny").build_model(), get_preset("tiny").build_model()
+    load_checkpoint(final, merged)
+    load_checkpoint(single_dir / CHECKPOINTS_DIR / f"step_{STEPS:06d}", single)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), single(ids), atol=1e-3, rtol=1e-3)
     with pytest.raises(CheckpointError, match="tensor parallelism over 2 ranks"):
-        load_checkpoint(final, get_preset("tiny").build_model())  # one process: told why not
+        # Resuming on one process needs the optimizer state of the same split.
+        load_checkpoint(final, merged, torch.optim.AdamW(merged.parameters()))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "def ",
+                 "--max-new-tokens", "8", "--greedy", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
 
     # Resume from the step-2 checkpoint: steps 3 and 4 repeat exactly.
     resumed_dir = tmp_path / "resumed"

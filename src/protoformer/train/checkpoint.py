@@ -48,6 +48,7 @@ from protoformer.train.checkpoint_files import (
 
 # Looked up here at each save, so that a test can make writing state.json fail.
 from protoformer.train.checkpoint_files import write_text as _write_text
+from protoformer.train.checkpoint_merge import load_merged_weights
 from protoformer.train.checkpoint_state import (
     bytes_from_json,
     bytes_to_json,
@@ -159,7 +160,9 @@ def load_checkpoint(
 
     Every file is read and checked (size, checksum, tensor names and shapes) before the model
     or optimizer is touched, so a bad checkpoint raises `CheckpointError` naming the file and
-    the problem and leaves both unchanged.
+    the problem and leaves both unchanged. A checkpoint saved with tensor parallelism loads
+    its weights into this single-process model by merging the shards
+    (`protoformer.train.checkpoint_merge`); its optimizer state needs the same split.
     """
     directory = Path(step_dir)
     if not directory.is_dir():
@@ -167,10 +170,13 @@ def load_checkpoint(
     document = read_state(directory)
     saved_tp = saved_tensor_parallel_size(document)
     if saved_tp > 1:
-        raise CheckpointError(
-            f"{directory}: saved with tensor parallelism over {saved_tp} ranks (one weight file "
-            f"per rank); load it in a run with the same split: torchrun --nproc-per-node "
-            f"{saved_tp} ... --tp {saved_tp}")
+        if optimizer is not None:
+            raise CheckpointError(
+                f"{directory}: saved with tensor parallelism over {saved_tp} ranks (one weight "
+                f"and optimizer file per rank); resume it in a run with the same split: "
+                f"torchrun --nproc-per-node {saved_tp} ... --tp {saved_tp}")
+        load_merged_weights(directory, document, model, saved_tp)
+        return document
     load_shard(directory, document, model, optimizer, model_file=MODEL_FILE,
                optimizer_file=OPTIMIZER_FILE, optimizer_record=document.get("optimizer"))
     return document

@@ -27,8 +27,6 @@ from protoformer.train.checkpoint import load_checkpoint, save_checkpoint
 from protoformer.train.checkpoint_files import (
     CHECKPOINTS_DIR,
     FORMAT_VERSION,
-    MODEL_FILE,
-    OPTIMIZER_FILE,
     STATE_FILE,
     TEMP_PREFIX,
     CheckpointError,
@@ -37,20 +35,13 @@ from protoformer.train.checkpoint_files import (
     read_state,
     remove_stale_temps,
     saved_tensor_parallel_size,
+    shard_file_names,
     step_directory_name,
     write_text,
 )
 from protoformer.train.checkpoint_state import load_shard, write_shard
 
 __all__ = ["load_distributed_checkpoint", "save_distributed_checkpoint", "shard_file_names"]
-
-
-def shard_file_names(tp_rank: int, tp_size: int) -> tuple[str, str]:
-    """The model and optimizer file names of tensor-parallel rank `tp_rank` of `tp_size`."""
-    if tp_size == 1:
-        return MODEL_FILE, OPTIMIZER_FILE
-    suffix = f".tp{tp_rank:02d}-of-{tp_size:02d}"
-    return f"model{suffix}.safetensors", f"optimizer{suffix}.safetensors"
 
 
 def save_distributed_checkpoint(

@@ -39,6 +39,7 @@ __all__ = [
     "read_state",
     "remove_stale_temps",
     "saved_tensor_parallel_size",
+    "shard_file_names",
     "step_directory_name",
     "verify_file",
     "write_safetensors",
@@ -210,3 +211,11 @@ def saved_tensor_parallel_size(document: Mapping[str, JSONValue]) -> int:
     entry = document.get("tensor_parallel")
     size = entry.get("size") if isinstance(entry, dict) else None
     return size if isinstance(size, int) and size >= 1 else 1
+
+
+def shard_file_names(tp_rank: int, tp_size: int) -> tuple[str, str]:
+    """The model and optimizer file names of tensor-parallel rank `tp_rank` of `tp_size`."""
+    if tp_size == 1:
+        return MODEL_FILE, OPTIMIZER_FILE
+    suffix = f".tp{tp_rank:02d}-of-{tp_size:02d}"
+    return f"model{suffix}.safetensors", f"optimizer{suffix}.safetensors"

@@ -30,7 +30,8 @@ from protoformer.train.checkpoint_files import (
     write_safetensors,
 )
 
-__all__ = ["bytes_from_json", "bytes_to_json", "load_shard", "write_shard"]
+__all__ = ["bytes_from_json", "bytes_to_json", "check_model_tensors", "load_shard", "read_model_file",
+           "write_shard"]
 
 _ALIASES_KEY = "protoformer.aliases"
 
@@ -154,7 +155,8 @@ def _listing(names: set[str], limit: int = 5) -> str:
     return ", ".join(shown) + more
 
 
-def _model_tensors(path: Path, model: nn.Module) -> dict[str, Tensor]:
+def read_model_file(path: Path) -> dict[str, Tensor]:
+    """The tensors of a model file, tied weights (stored once) under each of their names."""
     tensors, metadata = read_safetensors(path)
     try:
         aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
@@ -167,6 +169,11 @@ def _model_tensors(path: Path, model: nn.Module) -> dict[str, Tensor]:
             raise CheckpointError(f"{path}: tied weight {alias!r} refers to {name!r}, which the "
                                   "file does not hold")
         tensors[alias] = tensors[name]
+    return tensors
+
+
+def check_model_tensors(path: Path, tensors: Mapping[str, Tensor], model: nn.Module) -> None:
+    """A `CheckpointError` naming missing, unexpected and misshapen tensors of `model`."""
     expected = model.state_dict()
     missing = set(expected) - set(tensors)
     unexpected = set(tensors) - set(expected)
@@ -182,6 +189,11 @@ def _model_tensors(path: Path, model: nn.Module) -> dict[str, Tensor]:
     if problems:
         raise CheckpointError(f"{path}: does not match the model: " + "; ".join(problems)
                               + " (was it saved from a different preset or config?)")
+
+
+def _model_tensors(path: Path, model: nn.Module) -> dict[str, Tensor]:
+    tensors = read_model_file(path)
+    check_model_tensors(path, tensors, model)
     return tensors
 
 

@@ -1,0 +1,122 @@
+"""Load the weights of a tensor-parallel checkpoint into one process (merging the shards).
+
+A torchrun job with `--tp N` saves one weight file per tensor-parallel rank
+(`protoformer.train.checkpoint_dist`). To generate from it, export it or inspect it on one
+process, the shards are put back together, parameter by parameter, from the split each
+parameter's layer records (`tensor_model_parallel`, `partition_dim`) on the single-process
+model:
+
+- replicated parameters (norms, MLA's down-projections): rank 0's copy;
+- split parameters: the shards concatenated along `partition_dim` in rank order;
+- the gated `linear_fc1`: each rank holds its gate rows then its up rows, so the gate parts
+  and the up parts are concatenated separately;
+- a fused `linear_qkv` (and cross-attention's `linear_kv`) with fewer key/value groups than
+  ranks: each rank holds its query heads and a copy of its group's key/value heads, so the
+  query heads are concatenated within each group and one copy of each key/value head is kept
+  (the layout `protoformer.transformer.attention` documents).
+
+Only the weights: resuming training with another tensor-parallel size (re-splitting the
+optimizer state) is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from protoformer.config import TransformerConfig
+from protoformer.train.checkpoint_files import (
+    CheckpointError,
+    JSONValue,
+    shard_file_names,
+    verify_file,
+)
+from protoformer.train.checkpoint_state import check_model_tensors, read_model_file
+
+__all__ = ["load_merged_weights", "merge_shards"]
+
+
+def _owner_config(model: nn.Module, name: str) -> TransformerConfig | None:
+    """The config of the module that owns the module holding parameter `name`, if any."""
+    path = name.rsplit(".", 2)[0]  # the owner of e.g. "...self_attention" in "...linear_qkv.weight"
+    try:
+        owner = model.get_submodule(path)
+    except AttributeError:
+        return None
+    config = getattr(owner, "config", None)
+    return config if isinstance(config, TransformerConfig) else None
+
+
+def _merge_grouped(shards: Sequence[Tensor], config: TransformerConfig, *, queries: bool) -> Tensor:
+    """Fused rows with `num_query_groups < tp`: each rank = [its query heads | k | v of its group]."""
+    tp, groups, hn = len(shards), config.query_groups, config.head_dim
+    replicas = tp // groups
+    heads_per_rank = config.num_attention_heads // tp if queries else 0
+    rest = tuple(shards[0].shape[1:])
+    parts: list[Tensor] = []
+    for group in range(groups):
+        ranks = range(group * replicas, (group + 1) * replicas)
+        for rank in ranks if queries else ():
+            parts.append(shards[rank][:heads_per_rank * hn])  # this rank's query heads
+        first = shards[group * replicas]
+        parts.append(first[heads_per_rank * hn:])  # one copy of the group's key and value heads
+    return torch.cat(parts, dim=0).reshape(-1, *rest)
+
+
+def merge_shards(name: str, shards: Sequence[Tensor], param: Tensor,
+                 config: TransformerConfig | None) -> Tensor:
+    """The single-process tensor `name` from its `len(shards)` tensor-parallel pieces.
+
+    `param` is the single-process model's parameter (its split attributes say how to join);
+    `config` the config of the layer owning it (needed for the fused attention layouts).
+    """
+    if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
+        return shards[0]
+    dim = int(getattr(param, "partition_dim", 0))
+    leaf = name.rsplit(".", 2)[-2]  # the owning module's attribute name
+    if leaf == "linear_fc1" and config is not None and config.gated_linear_unit:
+        halves = [shard.chunk(2, dim=0) for shard in shards]
+        return torch.cat([half[0] for half in halves] + [half[1] for half in halves], dim=0)
+    if leaf in ("linear_qkv", "linear_kv") and config is not None \
+            and config.query_groups < len(shards):
+        return _merge_grouped(shards, config, queries=leaf == "linear_qkv")
+    return torch.cat(tuple(shards), dim=dim)
+
+
+def load_merged_weights(directory: Path, document: Mapping[str, JSONValue], model: nn.Module,
+                        tp_size: int) -> None:
+    """Load the `tp_size` weight shards in `directory` into the single-process `model`.
+
+    Every shard file is checked against state.json and the merged tensors against the model
+    (names and shapes) before the model is touched.
+    """
+    files = document.get("files")
+    records: dict[str, JSONValue] = files if isinstance(files, dict) else {}
+    shards: list[dict[str, Tensor]] = []
+    for rank in range(tp_size):
+        model_file, _ = shard_file_names(rank, tp_size)
+        verify_file(directory / model_file, records.get(model_file))
+        shards.append(read_model_file(directory / model_file))
+    names = set(shards[0])
+    for rank, tensors in enumerate(shards[1:], start=1):
+        if set(tensors) != names:
+            raise CheckpointError(f"{directory}: the shards of ranks 0 and {rank} hold different "
+                                  f"tensors ({sorted(set(tensors) ^ names)[:5]}); the checkpoint "
+                                  "is inconsistent")
+    params = dict(model.named_parameters())
+    merged: dict[str, Tensor] = {}
+    expected = model.state_dict()
+    for name in sorted(names & set(expected)):
+        pieces = [tensors[name] for tensors in shards]
+        param: Tensor = params[name] if name in params else expected[name]  # buffers: replicated
+        try:
+            merged[name] = merge_shards(name, pieces, param, _owner_config(model, name))
+        except RuntimeError as error:
+            raise CheckpointError(f"{directory}: cannot merge the {tp_size} shards of {name} "
+                                  f"({error}); was it saved from a different model?") from error
+    merged.update({name: shards[0][name] for name in names - set(expected)})  # reported below
+    check_model_tensors(directory, merged, model)
+    model.load_state_dict(merged, strict=True)
