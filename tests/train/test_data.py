@@ -58,6 +58,33 @@ def test_a_directory_is_read_in_path_order_skipping_hidden_files(tmp_path: Path)
     assert corpus.num_files == 2
 
 
+def test_binary_files_in_a_directory_are_skipped_and_named(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"A" * 100)
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + b"P" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_bytes("B\u00e9".encode() * 50)  # non-ASCII text stays
+    corpus = load_corpus(tmp_path, sequence_length=8)
+    joined = torch.cat([corpus.train, corpus.validation]).numpy().tobytes()
+    assert joined == b"A" * 100 + "B\u00e9".encode() * 50
+    assert corpus.num_files == 2 and corpus.skipped_files == ("logo.png",)
+    only_binary = tmp_path / "bin"
+    only_binary.mkdir()
+    (only_binary / "x.bin").write_bytes(bytes(300))
+    with pytest.raises(DataError, match="only binary files"):
+        load_corpus(only_binary, sequence_length=8)
+
+
+def test_the_fingerprint_follows_the_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"abcdefgh" * 20)
+    first = load_corpus(path, sequence_length=8)
+    assert first.fingerprint == hashlib.sha256(b"abcdefgh" * 20).hexdigest()
+    path.write_bytes(b"abcdefgh" * 19 + b"abcdefgX")
+    assert load_corpus(path, sequence_length=8).fingerprint != first.fingerprint
+
+
 def test_validation_holds_at_least_one_window(tmp_path: Path) -> None:
     path = tmp_path / "small.txt"
     path.write_bytes(b"x" * 100)

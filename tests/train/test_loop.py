@@ -62,6 +62,21 @@ def test_resuming_with_other_run_settings_is_refused(tmp_path: Path) -> None:
         train(_options(tmp_path, steps=4, batch_size=4, resume=True))
 
 
+def test_resuming_on_changed_data_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 200, encoding="utf-8")
+    out = tmp_path / "run"
+    train(_options(out, steps=2, save_every=2, data=data))
+    state = json.loads((out / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert state["corpus"]["bytes"] == data.stat().st_size
+    with data.open("a", encoding="utf-8") as handle:  # same path, other contents
+        handle.write("one more line\n")
+    with pytest.raises(ValueError, match="training data changed since it was saved"):
+        train(_options(out, steps=4, save_every=2, data=data, resume=True))
+    data.write_text("the quick brown fox jumps over the lazy dog\n" * 200, encoding="utf-8")
+    assert train(_options(out, steps=4, save_every=2, data=data, resume=True)).steps_run == 2
+
+
 def test_resuming_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no checkpoint"):
         train(_options(tmp_path, resume=True))

@@ -8,6 +8,7 @@ budget is spent, so the same interpreter always yields the same corpus.
 
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class Corpus:
     validation: Tensor  # [n_validation] uint8
     source: str
     num_files: int
+    fingerprint: str = ""  # sha256 of the corpus bytes: a resumed run checks it is unchanged
+    skipped_files: tuple[str, ...] = ()  # binary files a --data directory held, not read
 
     @property
     def num_bytes(self) -> int:
@@ -59,10 +62,26 @@ def stdlib_source_files() -> list[Path]:
     return sorted(files)
 
 
-def _text_files(directory: Path) -> list[Path]:
-    return sorted(path for path in directory.rglob("*")
-                  if path.is_file() and not any(part.startswith(".")
-                                                for part in path.relative_to(directory).parts))
+_BINARY_PROBE_BYTES = 8192
+
+
+def _looks_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KiB: an image, archive or compiled file, not text (git's test)."""
+    try:
+        with path.open("rb") as handle:
+            return b"\0" in handle.read(_BINARY_PROBE_BYTES)
+    except OSError:
+        return False  # reported when the file is read
+
+
+def _text_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    """The non-hidden files under `directory`, sorted by path: (text files, binary files)."""
+    files = sorted(path for path in directory.rglob("*")
+                   if path.is_file() and not any(part.startswith(".")
+                                                 for part in path.relative_to(directory).parts))
+    binary = [path for path in files if _looks_binary(path)]
+    skipped = set(binary)
+    return [path for path in files if path not in skipped], binary
 
 
 def _read_capped(files: list[Path], max_bytes: int, *, skip_unreadable: bool) -> tuple[bytes, int]:
@@ -101,10 +120,11 @@ def load_corpus(
 ) -> Corpus:
     """Read a byte corpus and split off its last `validation_fraction` for validation.
 
-    `path` is a text file or a directory (every non-hidden file under it, sorted by path);
-    None reads the standard library's source. Both parts hold at least one window of
-    `sequence_length + 1` bytes, so a sampler can draw from each; a corpus too small for that
-    raises `DataError`.
+    `path` is a text file or a directory (every non-hidden file under it, sorted by path,
+    except binary files: those with a NUL byte in their first 8 KiB, listed in
+    `Corpus.skipped_files`); None reads the standard library's source. Both parts hold at
+    least one window of `sequence_length + 1` bytes, so a sampler can draw from each; a corpus
+    too small for that raises `DataError`. `Corpus.fingerprint` is the sha256 of the bytes read.
     """
     if sequence_length < 1:
         raise DataError(f"sequence_length={sequence_length}: must be >= 1")
@@ -112,6 +132,7 @@ def load_corpus(
         raise DataError(f"max_bytes={max_bytes}: must be >= 1")
     if not 0.0 < validation_fraction < 1.0:
         raise DataError(f"validation_fraction={validation_fraction}: must be between 0 and 1")
+    skipped: tuple[str, ...] = ()
     if path is None:
         files = stdlib_source_files()
         source = f"Python standard library source ({sysconfig.get_paths()['stdlib']})"
@@ -121,9 +142,16 @@ def load_corpus(
         if not root.exists():
             raise DataError(f"data path {str(root)!r} does not exist; pass a text file or a "
                             "directory of text files with --data")
-        files = _text_files(root) if root.is_dir() else [root]
-        if not files:
-            raise DataError(f"data directory {str(root)!r} contains no files")
+        binary: list[Path] = []
+        files = [root]
+        if root.is_dir():
+            files, binary = _text_files(root)
+            if not files and binary:
+                raise DataError(f"data directory {str(root)!r} holds only binary files "
+                                f"({len(binary)}, e.g. {binary[0].name}); pass text files")
+            if not files:
+                raise DataError(f"data directory {str(root)!r} contains no files")
+        skipped = tuple(str(path.relative_to(root)) for path in binary)
         source = str(root)
         data, used = _read_capped(files, max_bytes, skip_unreadable=False)
     if not data:
@@ -138,7 +166,9 @@ def load_corpus(
             f"{2 * window} bytes; give more text or a smaller --seq-len")
     tokens = _byte_tensor(data)  # [n]
     split = len(data) - num_validation
-    return Corpus(train=tokens[:split], validation=tokens[split:], source=source, num_files=used)
+    return Corpus(train=tokens[:split], validation=tokens[split:], source=source, num_files=used,
+                  fingerprint=hashlib.sha256(data).hexdigest(),
+                  skipped_files=skipped)
 
 
 def _check_sizes(tokens: Tensor, batch_size: int, sequence_length: int,

@@ -51,7 +51,13 @@ from protoformer.train.options import TrainOptions, check_resumable
 from protoformer.train.plot import plot_losses
 from protoformer.train.progress import TrainProgress
 from protoformer.train.run_model import build_hf_model, build_preset_model, check_sizes
-from protoformer.train.run_state import config_summary, resume_run, rng_state, run_state
+from protoformer.train.run_state import (
+    check_same_corpus,
+    config_summary,
+    resume_run,
+    rng_state,
+    run_state,
+)
 from protoformer.train.schedule import WarmupCosineSchedule
 
 __all__ = [
@@ -213,6 +219,8 @@ def train(
         check_resumable(saved.get("train_options"), options, checkpoint)
     corpus = load_corpus(options.data, sequence_length=options.seq_len,
                          max_bytes=options.max_corpus_bytes)
+    if saved is not None and checkpoint is not None:
+        check_same_corpus(saved, corpus, checkpoint)
     sampler = BatchSampler(corpus.train, options.batch_size, options.seq_len, seed=options.seed)
     fixed_validation = validation_batches(corpus.validation, options.batch_size, options.seq_len,
                                           options.eval_batches)
@@ -241,7 +249,10 @@ def train(
     num_params = sum(p.numel() * (pg.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
                      for p in model.parameters())
     messages = [f"data: {corpus.source}: {corpus.num_bytes:,} bytes from {corpus.num_files} "
-                f"file(s), {corpus.validation.numel():,} held out for validation",
+                f"file(s), {corpus.validation.numel():,} held out for validation"
+                + (f"; skipped {len(corpus.skipped_files)} binary file(s): "
+                   f"{', '.join(corpus.skipped_files[:3])}{' ...' if len(corpus.skipped_files) > 3 else ''}"
+                   if corpus.skipped_files else ""),
                 f"model: {built.name}, {num_params:,} parameters, on {device}; {options.steps} "
                 f"steps of {options.batch_size} x {options.seq_len} bytes"]
     if built.preset is None:
@@ -275,7 +286,7 @@ def train(
                             "train further")
 
     def snapshot(step: int) -> Path:
-        document = run_state(built, options, sampler, train_losses, validation_losses)
+        document = run_state(built, options, sampler, train_losses, validation_losses, corpus)
         if launch.is_distributed:
             return save_distributed_checkpoint(options.out_dir, step, model, optimizer,
                                                document, pg=pg, rng_state=rng_state())
