@@ -153,6 +153,38 @@ def test_saving_the_same_step_again_replaces_it(tmp_path: Path, make_gpt: MakeGP
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
 
 
+def test_a_kill_in_the_middle_of_re_saving_a_step_loses_nothing(
+        tmp_path: Path, make_gpt: MakeGPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_gpt()
+    published = save_checkpoint(tmp_path, 4, model, None, {"version": 1})
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    real_replace = os.replace
+    calls: list[str] = []
+
+    def dies_on_the_second_rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append(str(dst))
+        if len(calls) == 2:  # the old copy is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    _train_a_little(model, 1)
+    monkeypatch.setattr(os, "replace", dies_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, model, None, {"version": 2})
+    monkeypatch.undo()
+    assert not published.exists()  # the window: `latest` names a directory that is aside
+
+    found = latest_checkpoint(tmp_path)  # readers find the published copy...
+    assert found is not None and ckpt.read_state(found)["version"] == 1
+    restored = make_gpt()
+    load_checkpoint(found, restored)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in expected.items())
+    save_checkpoint(tmp_path, 5, model, None, {})  # ...and the next save puts it back
+    assert ckpt.read_state(published)["version"] == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "latest", "step_000004", "step_000005"]
+
+
 @pytest.fixture
 def saved(tmp_path: Path, make_gpt: MakeGPT) -> Path:
     model = make_gpt()

@@ -44,6 +44,7 @@ from protoformer.train.checkpoint_files import (
     remove_stale_temps,
     saved_tensor_parallel_size,
     step_directory_name,
+    swapped_out_copy,
 )
 
 # Looked up here at each save, so that a test can make writing state.json fail.
@@ -129,6 +130,10 @@ def _follow_pointer(pointer: Path) -> Path:
         raise CheckpointError(f"{pointer}: holds {name!r}, not a step directory name")
     target = pointer.parent / name
     if not target.is_dir():
+        # A re-save of that step killed mid-swap leaves the published copy aside.
+        aside = swapped_out_copy(pointer.parent, name)
+        if aside is not None:
+            return aside
         raise CheckpointError(f"{pointer} points to {name!r}, but {target} does not exist")
     return target
 

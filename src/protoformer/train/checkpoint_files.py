@@ -41,6 +41,7 @@ __all__ = [
     "saved_tensor_parallel_size",
     "shard_file_names",
     "step_directory_name",
+    "swapped_out_copy",
     "verify_file",
     "write_safetensors",
     "write_text",
@@ -115,8 +116,30 @@ def file_record(path: Path) -> dict[str, JSONValue]:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+_OLD_PREFIX = f"{TEMP_PREFIX}old-"
+
+
+def swapped_out_copy(root: Path, name: str) -> Path | None:
+    """The published step directory `name` that a re-save moved aside, if the save was killed
+    before the new copy took its place (`publish_step_directory`); None otherwise."""
+    if (root / name).exists():
+        return None
+    for holder in sorted(root.glob(f"{_OLD_PREFIX}{name}-*")):
+        if (holder / name).is_dir():
+            return holder / name
+    return None
+
+
 def remove_stale_temps(root: Path) -> None:
-    """Remove the leftovers of interrupted saves from a checkpoints directory."""
+    """Remove the leftovers of interrupted saves from a checkpoints directory.
+
+    A step directory that an interrupted re-save had moved aside is put back first: it was
+    complete and published, and `latest` may still name it."""
+    for entry in sorted(root.glob(f"{_OLD_PREFIX}*")):
+        name = entry.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+        copy = swapped_out_copy(root, name)
+        if copy is not None and copy.parent == entry:
+            os.replace(copy, root / name)
     for entry in root.glob(f"{TEMP_PREFIX}*"):
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -127,12 +150,14 @@ def remove_stale_temps(root: Path) -> None:
 def publish_step_directory(temp: Path, final: Path) -> None:
     """Move the fully written `temp` to `final` atomically and point `latest` at it.
 
-    An existing `final` (the same step saved again) is swapped out and removed.
+    An existing `final` (the same step saved again) is swapped out and removed. Between the
+    two renames of that swap the old copy sits in `.tmp-old-<name>-*/`: if the process dies
+    there, readers find it (`swapped_out_copy`) and the next save puts it back.
     """
     root, name = final.parent, final.name
     _fsync_path(temp)
     if final.exists():  # saving the same step again: swap the old one out
-        old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}old-{name}-", dir=root))
+        old = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{name}-", dir=root))
         os.replace(final, old / name)
         os.replace(temp, final)
         shutil.rmtree(old, ignore_errors=True)
