@@ -100,7 +100,7 @@ def main() -> None:
     functions = {"hf_forward": hf_forward, "our_forward": our_forward,
                  "hf_generate": hf_generate, "our_generate": our_generate}
     with torch.inference_mode():
-        for name, function in functions.items():
+        for function in functions.values():
             for _ in range(args.warmup):
                 timed(function, device)
         for _ in range(args.repeats):
