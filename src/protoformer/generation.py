@@ -73,6 +73,33 @@ def sample_next_token(
     return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
+def _seeded_generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _sampling_loop(first_logits: Callable[[], Tensor], next_logits: Callable[[int], Tensor],
+                   num_new: int, *, stop: frozenset[int], stream: Callable[[int], None] | None,
+                   temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
+                   generator: torch.Generator) -> list[int]:
+    """Choose up to `num_new` tokens: from `first_logits()`, then `next_logits(last token)`."""
+    new_tokens: list[int] = []
+    logits = first_logits()  # [v]
+    while True:
+        token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  greedy=greedy, generator=generator)
+        new_tokens.append(token)
+        if stream is not None:
+            stream(token)
+        if len(new_tokens) == num_new or token in stop:
+            return new_tokens
+        logits = next_logits(token)
+
+
 def generate(
     model: GPTModel,
     prompt_ids: Sequence[int] | Tensor,
@@ -116,32 +143,23 @@ def generate(
     if num_new == 0:
         return []
     device = next(model.parameters()).device
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _seeded_generator(seed)
     decoder: GraphDecoder | _EagerDecoder = (
         _graph_decoder(model, total, cuda_graph, device) or _EagerDecoder(model, total))
+
+    def step(token: int) -> Tensor:
+        return decoder.step(torch.tensor([token], dtype=torch.long, device=device))[0]  # [v]
+
     was_training = model.training
     model.eval()
-    new_tokens: list[int] = []
     try:
         with torch.inference_mode():
-            logits = decoder.prefill(prompt[None].to(device), num_new)[0]  # [v]
-            while True:
-                token = sample_next_token(logits, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, greedy=greedy, generator=generator)
-                new_tokens.append(token)
-                if stream is not None:
-                    stream(token)
-                if len(new_tokens) == num_new or token in stop:
-                    break
-                logits = decoder.step(torch.tensor([token], dtype=torch.long,
-                                                   device=device))[0]  # [v]
+            return _sampling_loop(
+                lambda: decoder.prefill(prompt[None].to(device), num_new)[0], step, num_new,
+                stop=stop, stream=stream, temperature=temperature, top_k=top_k, top_p=top_p,
+                greedy=greedy, generator=generator)
     finally:
         model.train(was_training)
-    return new_tokens
 
 
 def generate_seq2seq(
@@ -181,32 +199,24 @@ def generate_seq2seq(
         return []
     stop = frozenset(int(token) for token in stop_token_ids)
     device = next(model.parameters()).device
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
+    generator = _seeded_generator(seed)
     context = InferenceContext(max_batch_size=1, max_sequence_length=num_new + 1)
     was_training = model.training
     model.eval()
-    new_tokens: list[int] = []
     try:
         with torch.inference_mode():
             memory = model.encode(source[None].to(device))  # [se, 1, h]
-            token_ids = start[None].to(device)  # [1, 1]
-            while True:
-                logits = model.decode(token_ids, memory, inference_context=context)[0, -1]  # [v]
-                token = sample_next_token(logits, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, greedy=greedy, generator=generator)
-                new_tokens.append(token)
-                if stream is not None:
-                    stream(token)
-                if len(new_tokens) == num_new or token in stop:
-                    break
-                token_ids = torch.tensor([[token]], dtype=torch.long, device=device)  # [1, 1]
+
+            def decode(token_ids: Tensor) -> Tensor:
+                return model.decode(token_ids, memory, inference_context=context)[0, -1]  # [v]
+
+            return _sampling_loop(
+                lambda: decode(start[None].to(device)),
+                lambda token: decode(torch.tensor([[token]], dtype=torch.long, device=device)),
+                num_new, stop=stop, stream=stream, temperature=temperature, top_k=top_k,
+                top_p=top_p, greedy=greedy, generator=generator)
     finally:
         model.train(was_training)
-    return new_tokens
 
 
 class _EagerDecoder:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from protoformer.models.common import check_sizes, check_token_ids, reinitialize_parameters
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
 from protoformer.parallel.groups import ProcessGroups
@@ -30,10 +30,6 @@ __all__ = ["GPTModel", "PositionEmbeddingType", "mixed_precision_context"]
 
 PositionEmbeddingType = Literal["rope", "learned_absolute", "none"]
 _POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
-
-# Linears that write into the residual stream; initialised with std / sqrt(2 * num_layers).
-_RESIDUAL_OUTPUT_LINEARS = ("linear_proj", "linear_fc2")
-
 
 class GPTModel(nn.Module):
     """Token embedding, `config.num_layers` layers of `layer_spec`, final norm, output layer.
@@ -71,9 +67,7 @@ class GPTModel(nn.Module):
         parallel_output: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("max_sequence_length", max_sequence_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-                raise ValueError(f"GPTModel: {name}={value!r} must be an int >= 1")
+        check_sizes("GPTModel", vocab_size=vocab_size, max_sequence_length=max_sequence_length)
         if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
             raise ValueError(f"GPTModel: position_embedding_type={position_embedding_type!r}; "
                              f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")
@@ -231,23 +225,7 @@ class GPTModel(nn.Module):
                 and not self.config.delay_wgrad_compute and self.output_layer.bias is None)
 
     def _check_ids(self, name: str, ids: Tensor) -> None:
-        if not isinstance(ids, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-            raise TypeError(f"GPTModel: {name} must be a torch.Tensor of token ids [b, s], "
-                            f"got {type(ids).__qualname__}")
-        if ids.dim() != 2:
-            raise ValueError(f"GPTModel: {name} must be 2-D [batch, sequence], got shape "
-                             f"{tuple(ids.shape)}; add a batch dimension with ids.unsqueeze(0)")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"GPTModel: {name} must hold integer token ids (int64 or int32), "
-                             f"got dtype {ids.dtype}")
-        if ids.shape[1] < 1:
-            raise ValueError(f"GPTModel: {name} of shape {tuple(ids.shape)} has no tokens")
-        if ids.device.type == "cpu" and ids.numel() > 0:  # on an accelerator this would sync
-            low, high = (int(v) for v in torch.aminmax(ids))
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"GPTModel: {name} must lie in [0, vocab_size={self.vocab_size}), "
-                                 f"got values from {low} to {high}; check the tokenizer against "
-                                 "the model's vocab_size")
+        check_token_ids("GPTModel", name, ids, self.vocab_size)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -260,23 +238,9 @@ class GPTModel(nn.Module):
         `reset_parameters` method runs it first. Use it after building on the meta device:
         `model.to_empty(device=...)` then `model.init_weights()`.
         """
-        std = self.config.init_method_std
-        scaled_std = std / math.sqrt(2.0 * self.config.num_layers)
-        for module in self.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if module is not self and callable(reset):
-                reset()
+        num_layers = self.config.num_layers
+        reinitialize_parameters(self, self.config.init_method_std, lambda _name: num_layers)
         self._recompute_rotary_tables()
-        for name, param in self.named_parameters():
-            owner, _, leaf = name.rpartition(".")
-            if leaf == "bias":
-                param.zero_()
-            elif param.dim() == 1:
-                param.fill_(1.0)
-            elif owner.rpartition(".")[2] in _RESIDUAL_OUTPUT_LINEARS:
-                param.normal_(0.0, scaled_std)
-            else:
-                param.normal_(0.0, std)
 
     def _recompute_rotary_tables(self) -> None:
         """Refill the rotary `inv_freq` buffers, which `to_empty` leaves uninitialised."""

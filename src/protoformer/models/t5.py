@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.initialization import init_method_normal
+from protoformer.models.common import check_sizes, check_token_ids, reinitialize_parameters
 from protoformer.models.gpt import mixed_precision_context
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
@@ -28,10 +28,6 @@ __all__ = ["T5Model", "T5PositionEmbeddingType"]
 
 T5PositionEmbeddingType = Literal["relative", "rope", "none"]
 _POSITION_EMBEDDING_TYPES = ("relative", "rope", "none")
-
-# Linears that write into the residual stream; initialised with std / sqrt(2 * num_layers).
-_RESIDUAL_OUTPUT_LINEARS = ("linear_proj", "linear_fc2")
-
 
 class T5Model(nn.Module):
     """Shared token embedding, an encoder stack, a decoder stack with cross-attention, output layer.
@@ -85,9 +81,7 @@ class T5Model(nn.Module):
         parallel_output: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("max_sequence_length", max_sequence_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-                raise ValueError(f"T5Model: {name}={value!r} must be an int >= 1")
+        check_sizes("T5Model", vocab_size=vocab_size, max_sequence_length=max_sequence_length)
         if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
             raise ValueError(f"T5Model: position_embedding_type={position_embedding_type!r}; "
                              f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")
@@ -299,23 +293,7 @@ class T5Model(nn.Module):
                 "truncate the input or build the model with a larger max_sequence_length")
 
     def _check_ids(self, name: str, ids: Tensor) -> None:
-        if not isinstance(ids, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-            raise TypeError(f"T5Model: {name} must be a torch.Tensor of token ids [b, s], "
-                            f"got {type(ids).__qualname__}")
-        if ids.dim() != 2:
-            raise ValueError(f"T5Model: {name} must be 2-D [batch, sequence], got shape "
-                             f"{tuple(ids.shape)}; add a batch dimension with ids.unsqueeze(0)")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"T5Model: {name} must hold integer token ids (int64 or int32), "
-                             f"got dtype {ids.dtype}")
-        if ids.shape[1] < 1:
-            raise ValueError(f"T5Model: {name} of shape {tuple(ids.shape)} has no tokens")
-        if ids.device.type == "cpu" and ids.numel() > 0:  # on an accelerator this would sync
-            low, high = (int(v) for v in torch.aminmax(ids))
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"T5Model: {name} must lie in [0, vocab_size={self.vocab_size}), "
-                                 f"got values from {low} to {high}; check the tokenizer against "
-                                 "the model's vocab_size")
+        check_token_ids("T5Model", name, ids, self.vocab_size)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -324,25 +302,12 @@ class T5Model(nn.Module):
         Use it after building on the meta device: `model.to_empty(device=...)` then
         `model.init_weights()`; the rotary tables are recomputed too.
         """
-        std = self.config.init_method_std
-        for module in self.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if module is not self and callable(reset):
-                reset()
-        device = self.embedding.weight.device
-        with torch.device(device):
+        encoder_layers, decoder_layers = self.encoder_config.num_layers, self.config.num_layers
+        reinitialize_parameters(
+            self, self.config.init_method_std,
+            lambda name: encoder_layers if name.startswith("encoder.") else decoder_layers)
+        with torch.device(self.embedding.weight.device):
             if self.rotary_pos_emb is not None:
                 self.rotary_pos_emb = rotary_emb_from_config(self.config)
             if self.encoder_rotary_pos_emb is not None:
                 self.encoder_rotary_pos_emb = rotary_emb_from_config(self.encoder_config)
-        for name, param in self.named_parameters():
-            owner, _, leaf = name.rpartition(".")
-            stack = self.encoder_config if name.startswith("encoder.") else self.config
-            if leaf == "bias":
-                param.zero_()
-            elif param.dim() == 1:
-                param.fill_(1.0)
-            elif owner.rpartition(".")[2] in _RESIDUAL_OUTPUT_LINEARS:
-                param.normal_(0.0, std / math.sqrt(2.0 * stack.num_layers))
-            else:
-                param.normal_(0.0, std)
