@@ -1,4 +1,4 @@
-"""Training FLOPs per token of a decoder-only model, for throughput (MFU) reports.
+"""Training FLOPs per token of a decoder-only (and an encoder-decoder) model, for MFU reports.
 
     flops_per_token = 6 * N_matmul + 6 * L * s * n_heads * (d_qk + d_v)
 
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
 
-__all__ = ["attention_flops_per_token", "flops_per_token", "matmul_params"]
+__all__ = ["attention_flops_per_token", "encoder_decoder_flops_per_token", "flops_per_token",
+           "matmul_params"]
 
 
 def _attention_params(config: TransformerConfig) -> int:
@@ -68,3 +69,27 @@ def flops_per_token(config: TransformerConfig, vocab_size: int, seq_len: int) ->
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
             raise ValueError(f"flops_per_token: {name}={value!r} must be an int >= 1")
     return 6 * matmul_params(config, vocab_size) + attention_flops_per_token(config, seq_len)
+
+
+def encoder_decoder_flops_per_token(config: TransformerConfig, encoder_config: TransformerConfig,
+                                    vocab_size: int, source_len: int,
+                                    target_len: int) -> tuple[int, int]:
+    """Training FLOPs (per source token, per target token) of an encoder-decoder model.
+
+    A source token runs the encoder layers (bidirectional self-attention over `source_len`);
+    a target token runs the decoder layers — self-attention over `target_len`, a
+    cross-attention (the same projections again) over `source_len`, the MLP — and the output
+    layer. The rules are those of `flops_per_token`.
+    """
+    for name, value in (("vocab_size", vocab_size), ("source_len", source_len),
+                        ("target_len", target_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            raise ValueError(f"encoder_decoder_flops_per_token: {name}={value!r} must be an int >= 1")
+    encoder = encoder_config.num_layers * (_attention_params(encoder_config)
+                                           + _mlp_params(encoder_config))
+    decoder = (config.num_layers * (2 * _attention_params(config) + _mlp_params(config))
+               + config.hidden_size * vocab_size)
+    per_source = 6 * encoder + attention_flops_per_token(encoder_config, source_len)
+    per_target = (6 * decoder + attention_flops_per_token(config, target_len)
+                  + attention_flops_per_token(config, source_len))
+    return per_source, per_target

@@ -55,3 +55,53 @@ def test_every_preset_can_be_inspected() -> None:
         report = inspect_preset(name)
         assert report.total_params > 0 and report.flops_per_token > 0
         assert all(p.is_meta for p in report.model.parameters())
+
+
+# ------------------------------------------------------------------ encoder-decoder presets
+
+
+def test_t5_small_report_counts_and_flops_match_closed_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    from protoformer.cli.inspect import inspect_t5_preset
+
+    report = inspect_t5_preset("t5-small", seq_len=512)
+    assert all(p.is_meta for p in report.model.parameters())
+    # t5-small: 6 + 6 layers, d_model 512, 8 heads of 64, ReLU MLP 2048, vocabulary 32128,
+    # 32 relative-position buckets per head in each stack, head tied to the embedding.
+    vocab, hidden, inner, ffn, layers, heads = 32128, 512, 512, 2048, 6, 8
+    attention = 4 * hidden * inner
+    encoder = layers * (attention + 2 * hidden * ffn + 2 * hidden) + hidden
+    decoder = layers * (2 * attention + 2 * hidden * ffn + 3 * hidden) + hidden
+    assert report.total_params == vocab * hidden + 2 * 32 * heads + encoder + decoder == 60_506_624
+    scores = 6 * layers * 512 * heads * (64 + 64)  # q k^T and p v against 512 positions
+    assert report.flops_per_source_token == 6 * layers * (attention + 2 * hidden * ffn) + scores
+    assert report.flops_per_token == (6 * (layers * (2 * attention + 2 * hidden * ffn)
+                                           + hidden * vocab) + 2 * scores)
+    assert main(["inspect", "t5-small"]) == 0
+    out = capsys.readouterr().out
+    assert "decoder.cross_attention.submodules.linear_kv" in out and "60,506,624" in out
+    assert "per source token" in out and "per target token" in out
+
+
+@pytest.mark.parametrize("name", ["t5-small", "t5-base", "t5-v1_1-xl"])
+def test_t5_presets_have_the_parameter_count_of_the_transformers_model(name: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from protoformer.cli.inspect import inspect_t5_preset
+    from protoformer.recipes import get_t5_preset
+
+    preset = get_t5_preset(name)
+    config, encoder = preset.configs()
+    hf_config = transformers.T5Config(
+        vocab_size=preset.vocab_size, d_model=config.hidden_size, d_kv=config.head_dim,
+        d_ff=config.ffn_hidden_size, num_layers=encoder.num_layers,
+        num_decoder_layers=config.num_layers, num_heads=config.num_attention_heads,
+        feed_forward_proj="gated-gelu" if config.gated_linear_unit else "relu")
+    with torch.device("meta"):
+        hf = transformers.T5ForConditionalGeneration(hf_config)
+    unique = {id(p): p.numel() for p in hf.parameters()}
+    untied_head = 0 if preset.tie_embeddings else preset.vocab_size * config.hidden_size
+    assert inspect_t5_preset(name).total_params == sum(unique.values()) + untied_head
+
+
+def test_spec_overrides_are_refused_for_t5_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "t5-small", "--set", "mlp=null"]) == 1
+    assert "encoder-decoder preset" in capsys.readouterr().err

@@ -17,12 +17,13 @@ from torch import nn
 from protoformer.backends import get_backend
 from protoformer.cli.spec_args import add_spec_arguments, layer_spec_from_args
 from protoformer.cli.spec_tree import SlotEntry, walk_spec
-from protoformer.flops import flops_per_token
-from protoformer.models import GPTModel
+from protoformer.flops import encoder_decoder_flops_per_token, flops_per_token
 from protoformer.recipes import get_preset, list_presets
+from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
+from protoformer.recipes.t5_presets import get_t5_preset, list_t5_presets
 from protoformer.transformer.layer import TransformerLayerSubmodules
 
-__all__ = ["PresetReport", "add_parser", "inspect_preset", "run"]
+__all__ = ["PresetReport", "add_parser", "inspect_preset", "inspect_t5_preset", "run"]
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
 
@@ -36,7 +37,8 @@ def add_parser(commands: _Subparsers) -> None:
         "inspect", help="show a preset's spec tree, parameter counts and FLOPs per token",
         description="Show a preset's layer spec (each slot and the builder filling it), its "
                     "parameter counts and training FLOPs per token. The model is built on the "
-                    f"meta device, so nothing is allocated. Presets: {', '.join(list_presets())}.")
+                    f"meta device, so nothing is allocated. Presets: {', '.join(list_presets())}; "
+                    f"encoder-decoder: {', '.join(list_t5_presets())}.")
     parser.add_argument("preset", help="preset name")
     parser.add_argument("--backend", default="local", help="backend (default local)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -57,9 +59,10 @@ class PresetReport:
     module_params: list[tuple[str, int, int]]  # (child name, parameters counted here, shared)
     total_params: int
     seq_len: int
-    flops_per_token: int
-    model: GPTModel
+    flops_per_token: int  # an encoder-decoder preset: per target token
+    model: nn.Module
     build_seconds: float
+    flops_per_source_token: int | None = None  # an encoder-decoder preset only
 
 
 def _param_counts(model: nn.Module) -> tuple[list[tuple[str, int, int]], int]:
@@ -105,6 +108,31 @@ def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | Non
         build_seconds=build_seconds)
 
 
+def inspect_t5_preset(name: str, backend_name: str = "local", *,
+                      seq_len: int | None = None) -> PresetReport:
+    """`inspect_preset` for an encoder-decoder preset: both layer specs (`encoder.` and
+    `decoder.` slot paths), parameters, and FLOPs per source and per target token."""
+    preset = get_t5_preset(name)
+    backend = get_backend(backend_name)
+    config, encoder_config = preset.configs()
+    length = min(DEFAULT_FLOPS_SEQ_LEN, preset.max_sequence_length) if seq_len is None else seq_len
+    if length < 1:
+        raise ValueError(f"--seq-len {length}: must be >= 1")
+    slots = [*walk_spec(t5_encoder_layer_spec(backend, encoder_config), "encoder"),
+             *walk_spec(t5_decoder_layer_spec(backend, config), "decoder")]
+    started = time.perf_counter()
+    model = preset.build_model(backend, device=torch.device("meta"))
+    build_seconds = time.perf_counter() - started
+    rows, total = _param_counts(model)
+    per_source, per_target = encoder_decoder_flops_per_token(
+        config, encoder_config, preset.vocab_size, length, length)
+    return PresetReport(
+        name=preset.name, description=preset.description, spec_class="TransformerLayerSubmodules",
+        slots=slots, module_params=rows, total_params=total, seq_len=length,
+        flops_per_token=per_target, model=model, build_seconds=build_seconds,
+        flops_per_source_token=per_source)
+
+
 _PARAMETER_SCALES = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
 _FLOP_SCALES = ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "KFLOP"))
 
@@ -118,8 +146,9 @@ def _human(count: float, scales: tuple[tuple[float, str], ...]) -> str:
 
 def format_report(report: PresetReport) -> list[str]:
     """The report as the lines `protoformer inspect` prints."""
+    kind = "layer spec" if report.flops_per_source_token is None else "layer specs"
     lines = [f"{report.name}: {report.description}", "",
-             f"layer spec ({report.spec_class}), each slot and its builder:"]
+             f"{kind} ({report.spec_class}), each slot and its builder:"]
     width = max((len(entry.path) for entry in report.slots), default=0)
     for entry in report.slots:
         origin = f"  [{entry.origin}]" if entry.origin else ""
@@ -131,13 +160,28 @@ def format_report(report: PresetReport) -> list[str]:
         lines.append(f"  {name:<{name_width}}  {own:>16,}{note}")
     lines.append(f"  {'total':<{name_width}}  {report.total_params:>16,}  "
                  f"({_human(report.total_params, _PARAMETER_SCALES)})")
-    lines += ["", f"training FLOPs per token at sequence length {report.seq_len:,}: "
-                  f"{report.flops_per_token:,} ({_human(report.flops_per_token, _FLOP_SCALES)})",
-              f"(built in {report.build_seconds:.2f} s)"]
+    if report.flops_per_source_token is None:
+        lines += ["", f"training FLOPs per token at sequence length {report.seq_len:,}: "
+                      f"{report.flops_per_token:,} ({_human(report.flops_per_token, _FLOP_SCALES)})"]
+    else:
+        source = report.flops_per_source_token
+        lines += ["", f"training FLOPs at source and target length {report.seq_len:,}: per "
+                      f"source token {source:,} ({_human(source, _FLOP_SCALES)}), per target "
+                      f"token {report.flops_per_token:,} "
+                      f"({_human(report.flops_per_token, _FLOP_SCALES)})"]
+    lines.append(f"(built in {report.build_seconds:.2f} s)")
     return lines
 
 
 def run(args: argparse.Namespace) -> int:
+    if str(args.preset) in list_t5_presets():
+        if args.spec is not None or args.overrides:
+            raise ValueError(f"--spec and --set apply to the decoder-only presets; "
+                             f"{args.preset} is an encoder-decoder preset")
+        for line in format_report(inspect_t5_preset(str(args.preset), str(args.backend),
+                                                    seq_len=args.seq_len)):
+            print(line)
+        return 0
     preset = get_preset(str(args.preset))
     spec = layer_spec_from_args(args, preset, get_backend(str(args.backend)))
     report = inspect_preset(str(args.preset), str(args.backend), seq_len=args.seq_len,
