@@ -208,3 +208,50 @@ def test_train_from_hf_rejects_what_it_cannot_do(
     argv = ["train", "--init-from-hf", str(hf_checkpoint[0]), "--out", str(tmp_path), "--data",
             str(corpus_file), "--steps", "1", *TRAIN, *extra]
     assert needle in _one_line_error(capsys, argv)
+
+
+# ------------------------------------------------------------------ T5 (encoder-decoder)
+
+
+@pytest.fixture(scope="module")
+def hf_t5_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    """(directory, transformers T5, tokenizer): a 2 + 2 layer T5 with the BPE tokenizer above."""
+    import transformers
+
+    tokenizer = _tokenizer()
+    config = transformers.T5Config(
+        vocab_size=tokenizer.get_vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
+        eos_token_id=tokenizer.token_to_id("</s>"), decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    directory = tmp_path_factory.mktemp("hf-t5")
+    model.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory, model, tokenizer
+
+
+def test_generate_hf_t5_prints_the_decoders_greedy_text(
+        hf_t5_checkpoint: tuple[Path, Any, Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source, model, tokenizer = hf_t5_checkpoint
+    directory = tmp_path / "t5"
+    shutil.copytree(source, directory)
+    encoder_ids = torch.tensor([tokenizer.encode(PROMPT).ids])
+    decoded = [0]  # the decoder start token
+    with torch.no_grad():  # transformers' greedy decoding, the whole sequence each step
+        for _ in range(8):
+            logits = model(input_ids=encoder_ids, decoder_input_ids=torch.tensor([decoded])).logits
+            decoded.append(int(logits[0, -1].argmax()))
+    free = decoded[1:]
+    unused = next(token for token in range(tokenizer.get_vocab_size()) if token not in free)
+    _set_eos(directory, unused)
+    argv = ["generate", "--hf", str(directory), "--prompt", PROMPT, "--max-new-tokens", "8",
+            "--greedy", "--device", "cpu"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == tokenizer.decode(free) + "\n"
+    assert _one_line_error(capsys, [*argv, "--cuda-graph", "on"]).count("decoder-only") == 1

@@ -14,9 +14,12 @@ from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from protoformer.backends import get_backend
-from protoformer.generation import generate
+from protoformer.generation import generate, generate_seq2seq
 from protoformer.interop import load_hf_for_cli, model_from_hf_config
+from protoformer.interop.hf_cli import is_t5_checkpoint, load_t5_for_cli
 from protoformer.interop.hf_tokenizer import TOKENIZER_FILE, StreamDecoder
 from protoformer.models import GPTModel
 from protoformer.recipes import get_preset
@@ -49,7 +52,8 @@ def add_parser(commands: _Subparsers) -> None:
         description="Continue a prompt, printing the text as it is generated: with a trained "
                     "byte-level checkpoint (--checkpoint), or with a Hugging Face checkpoint "
                     "directory and its tokenizer.json (--hf), stopping at its end-of-sequence "
-                    "token.")
+                    "token. A T5 checkpoint reads the prompt with its encoder and prints what "
+                    "its decoder writes.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path,
                         help="a run directory (uses checkpoints/latest) or a step directory")
@@ -167,11 +171,43 @@ def _no_tokenizer(directory: Path) -> ValueError:
                       "repository into that directory")
 
 
+def _run_hf_seq2seq(args: argparse.Namespace, prompt: str, directory: Path,
+                    device: torch.device) -> None:
+    """A T5 checkpoint: the prompt is the encoder's input; print the decoder's text."""
+    if _CUDA_GRAPH_CHOICES[str(args.cuda_graph)]:
+        raise ValueError("--cuda-graph on: CUDA-graph decoding is for decoder-only models; "
+                         "use --cuda-graph auto or off with a T5 checkpoint")
+    checkpoint = load_t5_for_cli(directory, device=device)
+    tokenizer = checkpoint.tokenizer
+    if tokenizer is None:
+        raise _no_tokenizer(directory)
+    decoder = StreamDecoder(tokenizer)
+
+    def stream(token: int) -> None:
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
+    def run_generation(max_new_tokens: int) -> list[int]:
+        return generate_seq2seq(
+            checkpoint.model, tokenizer.encode(prompt), max_new_tokens,
+            decoder_start_token_id=checkpoint.decoder_start_token_id,
+            temperature=float(args.temperature), top_k=args.top_k, top_p=args.top_p,
+            greedy=bool(args.greedy), seed=args.seed, stream=stream,
+            stop_token_ids=checkpoint.eos_token_ids)
+
+    run_generation(0)  # validates the input and sampling options first
+    run_generation(int(args.max_new_tokens))
+    sys.stdout.write(decoder.flush() + "\n")
+
+
 def _run_hf(args: argparse.Namespace, prompt: str) -> None:
     directory = Path(args.hf)
     device = resolve_device(str(args.device))
     if directory.is_dir() and not (directory / TOKENIZER_FILE).is_file():
         raise _no_tokenizer(directory)  # before the (slower) weight loading
+    if is_t5_checkpoint(directory):
+        _run_hf_seq2seq(args, prompt, directory, device)
+        return
     checkpoint = load_hf_for_cli(directory, device=device)
     if checkpoint.tokenizer is None:
         raise _no_tokenizer(directory)

@@ -11,10 +11,13 @@ import torch
 
 from protoformer.interop.hf import from_hf, hf_model_info
 from protoformer.interop.hf_common import HFModelInfo, JSONDict
+from protoformer.interop.hf_files import read_config
+from protoformer.interop.hf_t5 import t5_from_hf
 from protoformer.interop.hf_tokenizer import HFTokenizer, load_tokenizer
-from protoformer.models import GPTModel
+from protoformer.models import GPTModel, T5Model
 
-__all__ = ["HFCheckpoint", "load_hf_for_cli"]
+__all__ = ["HFCheckpoint", "HFSeq2SeqCheckpoint", "is_t5_checkpoint", "load_hf_for_cli",
+           "load_t5_for_cli"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,17 @@ class HFCheckpoint:
     tokenizer: HFTokenizer | None
     eos_token_ids: tuple[int, ...]
     info: HFModelInfo
+    path: Path
+
+
+@dataclass(frozen=True)
+class HFSeq2SeqCheckpoint:
+    """What `protoformer generate --hf PATH` needs for a T5 checkpoint."""
+
+    model: T5Model
+    tokenizer: HFTokenizer | None
+    eos_token_ids: tuple[int, ...]
+    decoder_start_token_id: int
     path: Path
 
 
@@ -76,3 +90,27 @@ def load_hf_for_cli(path: str | os.PathLike[str], *, device: str | torch.device 
                         eos_token_ids=_eos_token_ids(directory, info.hf_config), info=info,
                         path=directory)
 
+
+
+def is_t5_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether the checkpoint directory's config.json says `model_type: t5`."""
+    directory = Path(path)
+    return (directory / "config.json").is_file() and read_config(directory).get("model_type") == "t5"
+
+
+def load_t5_for_cli(path: str | os.PathLike[str], *, device: str | torch.device | None = "auto",
+                    dtype: torch.dtype | None = None) -> HFSeq2SeqCheckpoint:
+    """`load_hf_for_cli` for a T5 checkpoint directory: a `T5Model` (eval mode), its tokenizer,
+    end-of-sequence ids and the decoder's start token (config `decoder_start_token_id`, else
+    the padding id, else 0)."""
+    directory = Path(path)
+    where = _resolve_device(device)
+    if dtype is None and where.type == "cpu":
+        dtype = torch.float32
+    config = read_config(directory)
+    model = t5_from_hf(directory, dtype=dtype, device=where).eval()
+    start = (_token_ids(config.get("decoder_start_token_id"))
+             or _token_ids(config.get("pad_token_id")) or (0,))[0]
+    return HFSeq2SeqCheckpoint(model=model, tokenizer=load_tokenizer(directory),
+                               eos_token_ids=_eos_token_ids(directory, config),
+                               decoder_start_token_id=start, path=directory)
