@@ -39,9 +39,10 @@ def make_config(**overrides: object) -> TransformerConfig:
 
 
 def make_model(config: TransformerConfig | None = None, *, seed: int = 0,
-               pg: ProcessGroups | None = None, **kwargs: object) -> T5Model:
-    config = config or make_config()
-    encoder_config = make_config(num_layers=3)
+               pg: ProcessGroups | None = None, sequence_parallel: bool = False,
+               **kwargs: object) -> T5Model:
+    config = config or make_config(sequence_parallel=sequence_parallel)
+    encoder_config = make_config(num_layers=3, sequence_parallel=sequence_parallel)
     backend = get_backend("local")
     torch.manual_seed(seed)
     options: dict[str, object] = {"relative_attention_num_buckets": 8,
@@ -166,7 +167,7 @@ def test_relative_bias_changes_the_output_and_scaling_is_applied() -> None:
     scaled = make_model(scale_decoder_outputs=True)
     with torch.no_grad():
         memory = scaled.encode(enc)
-        hidden = scaled.decoder(scaled._embed(dec),  # pyright: ignore[reportPrivateUsage]
+        hidden = scaled.decoder(scaled._embed("decoder_input_ids", dec),  # pyright: ignore[reportPrivateUsage]
                                 not_none_bias(scaled, 5), context=memory)
         expected = (hidden * 32 ** -0.5).transpose(0, 1) @ scaled.embedding.weight.T
     torch.testing.assert_close(scaled(enc, dec), expected, **TOL)
@@ -223,8 +224,9 @@ def test_bad_specs_and_configs_are_refused() -> None:
     with pytest.raises(ValueError, match="hidden_size"):
         T5Model(config, encoder, decoder, VOCAB, 32,
                 encoder_config=make_config(hidden_size=48, kv_channels=12))
-    with pytest.raises(ValueError, match="sequence_parallel"):
-        T5Model(make_config(sequence_parallel=True), encoder, decoder, VOCAB, 32)
+    with pytest.raises(ValueError, match="set it the same in both"):
+        T5Model(make_config(sequence_parallel=True), encoder, decoder, VOCAB, 32,
+                encoder_config=config)
     with pytest.raises(ValueError, match="position_embedding_type"):
         T5Model(config, encoder, decoder, VOCAB, 32,
                 position_embedding_type="learned")  # type: ignore[arg-type]
@@ -250,12 +252,15 @@ def test_bad_inputs_get_clear_errors() -> None:
 # ------------------------------------------------------------------ tensor parallelism (gloo)
 
 
-def _check_tensor_parallel(rank: int, world_size: int) -> None:
+def _check_tensor_parallel(rank: int, world_size: int, sequence_parallel: bool) -> None:
+    from protoformer.parallel.grads import finalize_model_grads
+
     del rank
     pg = ProcessGroups.from_torchrun(tp=world_size)
-    single, split = make_model(seed=5).train(), make_model(seed=5, pg=pg).train()
-    enc, dec, labels = ids(2, 9, 17), ids(2, 6, 18), ids(2, 6, 19)
-    padding = torch.zeros(2, 9, dtype=torch.bool)
+    single = make_model(seed=5).train()
+    split = make_model(seed=5, pg=pg, sequence_parallel=sequence_parallel).train()
+    enc, dec, labels = ids(2, 10, 17), ids(2, 6, 18), ids(2, 6, 19)
+    padding = torch.zeros(2, 10, dtype=torch.bool)
     padding[0, 7:] = True
     torch.testing.assert_close(split(enc, dec, encoder_padding_mask=padding),
                                single(enc, dec, encoder_padding_mask=padding), **TOL)
@@ -264,6 +269,12 @@ def _check_tensor_parallel(rank: int, world_size: int) -> None:
     torch.testing.assert_close(loss_split, loss_single, **TOL)
     loss_single.sum().backward()
     loss_split.sum().backward()
+    finalize_model_grads(split, pg)  # sums the sequence-parallel norms' partial gradients
+    if sequence_parallel:
+        with pytest.raises(ValueError, match="sequence parallelism cannot split"):
+            split(enc[:, :9], dec)
+        with pytest.raises(ValueError, match="incremental decoding"):
+            split.decode(dec, split.encode(enc), inference_context=InferenceContext(2, 8))
     heads = single.config.num_attention_heads // world_size
     # A bias-table gradient sums over every (query, key) pair of every layer: float32 rounding
     # of the split model's different reduction order reaches ~2e-5 there (seen on a 16-core host).
@@ -278,7 +289,8 @@ def _check_tensor_parallel(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.slow  # spawns two processes (gloo)
-def test_tensor_parallel_matches_single_process() -> None:
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp-sp"])
+def test_tensor_parallel_matches_single_process(sequence_parallel: bool) -> None:
     from tests.parallel.dist_utils import run_distributed
 
-    run_distributed(_check_tensor_parallel, 2)
+    run_distributed(_check_tensor_parallel, 2, sequence_parallel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -16,6 +17,7 @@ from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
 from protoformer.transformer.block import TransformerBlock
 from protoformer.transformer.inference import InferenceContext
@@ -59,8 +61,12 @@ class T5Model(nn.Module):
     sit at positions `ctx.sequence_len_offset ...` and the context is advanced afterwards.
     Use a fresh (or `reset()`) context for another encoder output.
 
-    Tensor parallelism splits both stacks like `GPTModel`; sequence parallelism is not
-    supported for this model yet (a `ValueError` says so).
+    Tensor parallelism splits both stacks like `GPTModel`. With `config.sequence_parallel`
+    (set alike in `encoder_config`) each rank holds `1 / tp` of both sequences between the
+    attention and MLP blocks, `encode` returns this rank's slice of the memory (cross-attention
+    gathers it), and both lengths must divide by the tensor-parallel size; incremental decoding
+    (one token a step) is then refused, as for `GPTModel`. Finish the gradients with
+    `protoformer.parallel.grads.finalize_model_grads` as for any sequence-parallel model.
     """
 
     def __init__(
@@ -90,9 +96,11 @@ class T5Model(nn.Module):
             if isinstance(stack, MLATransformerConfig):
                 raise ValueError(f"T5Model: {name} is an MLATransformerConfig; the encoder-decoder "
                                  "model is built from standard attention layers")
-            if stack.sequence_parallel:
-                raise ValueError(f"T5Model: {name}.sequence_parallel=True is not supported by the "
-                                 "encoder-decoder model; use tensor parallelism without it")
+        if encoder_config.sequence_parallel != config.sequence_parallel:
+            raise ValueError(
+                f"T5Model: encoder_config.sequence_parallel={encoder_config.sequence_parallel} "
+                f"but config.sequence_parallel={config.sequence_parallel}; the shared embedding "
+                "splits both stacks' sequences alike, so set it the same in both")
         if encoder_config.hidden_size != config.hidden_size:
             raise ValueError(
                 f"T5Model: encoder_config.hidden_size={encoder_config.hidden_size} differs from "
@@ -171,7 +179,8 @@ class T5Model(nn.Module):
 
     def encode(self, encoder_input_ids: Tensor, *,
                encoder_padding_mask: Tensor | None = None) -> Tensor:
-        """The encoder's output `[se, b, h]` (after its final norm), the decoder's memory."""
+        """The encoder's output `[se, b, h]` (after its final norm), the decoder's memory
+        (`[se / tp, b, h]`, this rank's slice, under sequence parallelism)."""
         with mixed_precision_context(self.config, encoder_input_ids.device):
             self._check_ids("encoder_input_ids", encoder_input_ids)
             batch, seq_len = encoder_input_ids.shape
@@ -183,7 +192,7 @@ class T5Model(nn.Module):
             rotary = None
             if self.encoder_rotary_pos_emb is not None:
                 rotary = self.encoder_rotary_pos_emb(seq_len)
-            hidden_states = self._embed(encoder_input_ids)  # [se, b, h]
+            hidden_states = self._embed("encoder_input_ids", encoder_input_ids)  # [se, b, h]
             return apply_module(self.encoder)(
                 hidden_states, combine_masks(padding, bias), rotary_pos_emb=rotary)  # [se, b, h]
 
@@ -218,6 +227,10 @@ class T5Model(nn.Module):
                 f"[se, {batch}, {self.config.hidden_size}] (what encode() returns for the same "
                 "batch)")
         offset = 0
+        if inference_context is not None and self._splits_sequence():
+            raise ValueError("T5Model: incremental decoding (inference_context) feeds one token a "
+                             "step, which sequence parallelism cannot split; decode with a model "
+                             "built without config.sequence_parallel")
         if inference_context is not None:
             offset = inference_context.sequence_len_offset
             inference_context.check_room(seq_len)
@@ -227,7 +240,10 @@ class T5Model(nn.Module):
             if labels.shape != decoder_input_ids.shape:
                 raise ValueError(f"T5Model: labels of shape {tuple(labels.shape)} must match "
                                  f"decoder_input_ids of shape {tuple(decoder_input_ids.shape)}")
-        padding = self._padding_mask(encoder_padding_mask, batch, encoder_output.shape[0])
+        memory_len = encoder_output.shape[0]  # this rank's slice under sequence parallelism
+        if self._splits_sequence():
+            memory_len *= self.pg.tp_size
+        padding = self._padding_mask(encoder_padding_mask, batch, memory_len)
         bias = None
         if self.decoder_relative_pos_emb is not None:
             # Queries at [offset, offset + sd), keys at [0, offset + sd): the causal part
@@ -236,7 +252,7 @@ class T5Model(nn.Module):
         rotary = None
         if self.rotary_pos_emb is not None:
             rotary = self.rotary_pos_emb(offset + seq_len)
-        hidden_states = self._embed(decoder_input_ids)  # [sd, b, h]
+        hidden_states = self._embed("decoder_input_ids", decoder_input_ids)  # [sd, b, h]
         hidden_states = apply_module(self.decoder)(
             hidden_states, bias, context=encoder_output, context_mask=padding,
             rotary_pos_emb=rotary, inference_context=inference_context)  # [sd, b, h]
@@ -244,7 +260,12 @@ class T5Model(nn.Module):
             hidden_states = hidden_states * (self.config.hidden_size ** -0.5)
 
         weight = self.embedding.weight if self.share_embeddings_and_output_weights else None
-        if labels is None:
+        if labels is None and self._splits_sequence():
+            # The output layer all-gathers the sequence (dim 0) first: keep [sd, b, h].
+            logits, _ = apply_module(self.output_layer)(
+                hidden_states, weight=weight, runtime_gather_output=True)  # [sd, b, v]
+            result = logits.transpose(0, 1).contiguous()  # [b, sd, v]
+        elif labels is None:
             result, _ = apply_module(self.output_layer)(
                 hidden_states.transpose(0, 1), weight=weight, runtime_gather_output=True)  # [b, sd, v]
         else:
@@ -264,11 +285,24 @@ class T5Model(nn.Module):
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _embed(self, ids: Tensor) -> Tensor:
-        embeddings = apply_module(self.embedding)(ids)  # [b, s, h]
+    def _splits_sequence(self) -> bool:
+        return self.config.sequence_parallel and self.pg.tp_size > 1
+
+    def _embed(self, name: str, ids: Tensor) -> Tensor:
+        if self._splits_sequence() and ids.shape[1] % self.pg.tp_size != 0:
+            raise ValueError(f"T5Model: {name} has {ids.shape[1]} tokens, which sequence "
+                             f"parallelism cannot split over {self.pg.tp_size} ranks; pad it to "
+                             f"a multiple of {self.pg.tp_size}")
+        embeddings = apply_module(self.embedding)(ids)  # [b, s, h] ([b, s / tp, h] with SP)
         hidden_states = embeddings.transpose(0, 1).contiguous()  # [s, b, h]
         if self.training and self.config.hidden_dropout > 0.0:
-            hidden_states = F.dropout(hidden_states, p=self.config.hidden_dropout, training=True)
+            # Sequence-parallel slices differ per rank, so do their masks; replicated
+            # activations need the same mask on every rank.
+            rng = (tensor_parallel_rng_fork(self.pg.tp) if self._splits_sequence()
+                   else contextlib.nullcontext())
+            with rng:
+                hidden_states = F.dropout(hidden_states, p=self.config.hidden_dropout,
+                                          training=True)
         return hidden_states
 
     def _padding_mask(self, mask: Tensor | None, batch: int, seq_len: int) -> Tensor | None:
