@@ -202,6 +202,25 @@ def test_generate_seq2seq_greedy_equals_argmax_without_cache() -> None:
                             stop_token_ids={stop}) == got[:got.index(stop) + 1]
 
 
+def test_the_fused_backend_fills_the_same_slots_with_the_same_numbers() -> None:
+    """On the CPU the fused builders fall back to PyTorch: the same logits as the local ones."""
+    fused = get_backend("fused")
+    config, encoder_config = make_config(), make_config(num_layers=3)
+    model = T5Model(config, t5_encoder_layer_spec(fused, encoder_config),
+                    t5_decoder_layer_spec(fused, config), VOCAB, 64,
+                    encoder_config=encoder_config, relative_attention_num_buckets=8,
+                    relative_attention_max_distance=16).eval()
+    local = make_model()
+    model.load_state_dict(local.state_dict())
+    assert type(model.decoder.layers[0].cross_attention.core_attention).__name__ == "FusedSDPAttention"
+    enc, dec = ids(2, 9, 20), ids(2, 5, 21)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(enc, dec, encoder_padding_mask=padding),
+                                   local(enc, dec, encoder_padding_mask=padding), **TOL)
+
+
 def test_meta_build_then_init_weights_runs() -> None:
     with torch.device("meta"):
         model = make_model(position_embedding_type="rope")
