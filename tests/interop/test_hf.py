@@ -55,7 +55,14 @@ def hf_config(kind: str, **overrides: Any) -> Any:
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                "deepseek_v3": transformers.DeepseekV3Config}
     base = DEEPSEEK if kind == "deepseek_v3" else DENSE
-    return classes[kind](**{**base, **overrides})
+    values = {**base, **overrides}
+    if int(transformers.__version__.split(".")[0]) < 5 and "rope_parameters" in values:
+        # transformers 4 spells the rotary settings as `rope_theta` and `rope_scaling`.
+        rope = dict(values.pop("rope_parameters"))
+        values["rope_theta"] = rope.pop("rope_theta", 10000.0)
+        if rope.get("rope_type", "default") != "default":
+            values["rope_scaling"] = rope
+    return classes[kind](**values)
 
 
 # name -> (model_type, config overrides); each exercises one feature of the mapping.
