@@ -273,3 +273,9 @@ def test_harness_gives_up_after_the_timeout() -> None:
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] still running"):
         run_distributed(hang, 2, timeout_s=1.5)
     assert time.monotonic() - started < 30
+
+
+def test_harness_retries_once_when_the_group_never_came_up() -> None:
+    # An unknown backend fails inside init_process_group on every rank, on both attempts.
+    with pytest.raises(RuntimeError, match=r"(?s)failed on rank.*\(first attempt\)"):
+        run_distributed(fail_on_rank_one, 2, timeout_s=60, backend="no-such-backend")
