@@ -8,7 +8,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RESIDUAL_OUTPUT_LINEARS", "check_sizes", "check_token_ids", "reinitialize_parameters"]
+from protoformer.config import TransformerConfig
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.layers import ColumnParallelLinear
+from protoformer.parallel.protocols import InitMethod
+
+__all__ = ["RESIDUAL_OUTPUT_LINEARS", "check_sizes", "check_token_ids", "output_layer",
+           "reinitialize_parameters"]
 
 # Linears that write into the residual stream; initialised with std / sqrt(2 * num_layers).
 RESIDUAL_OUTPUT_LINEARS = ("linear_proj", "linear_fc2")
@@ -68,3 +74,13 @@ def reinitialize_parameters(model: nn.Module, std: float,
             param.normal_(0.0, std / math.sqrt(2.0 * num_layers_of(name)))
         else:
             param.normal_(0.0, std)
+
+
+def output_layer(config: TransformerConfig, vocab_size: int, *, init_method: InitMethod,
+                 pg: ProcessGroups, parallel_output: bool, tied: bool) -> ColumnParallelLinear:
+    """The language-model head: hidden -> vocabulary, split over the tensor-parallel ranks by
+    vocabulary; no bias; `tied` allocates no weight (the embedding's is passed at each call)."""
+    return ColumnParallelLinear(
+        config.hidden_size, vocab_size, config=config, init_method=init_method, bias=False,
+        gather_output=not parallel_output, skip_bias_add=False, tp_group=pg.tp,
+        skip_weight_param_allocation=tied)

@@ -11,12 +11,17 @@ from torch import Tensor, nn
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.initialization import init_method_normal
-from protoformer.models.common import check_sizes, check_token_ids, reinitialize_parameters
+from protoformer.models.common import (
+    check_sizes,
+    check_token_ids,
+    output_layer,
+    reinitialize_parameters,
+)
 from protoformer.models.gpt import mixed_precision_context
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
 from protoformer.parallel.groups import ProcessGroups
-from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from protoformer.parallel.layers import VocabParallelEmbedding
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
 from protoformer.transformer.block import TransformerBlock
@@ -148,17 +153,9 @@ class T5Model(nn.Module):
                                         pg=self.pg, post_layer_norm=True)
         self.decoder = TransformerBlock(config, transformer_decoder_layer_spec,
                                         pg=self.pg, post_layer_norm=True)
-        self.output_layer = ColumnParallelLinear(
-            config.hidden_size,
-            vocab_size,
-            config=config,
-            init_method=init_method,
-            bias=False,
-            gather_output=not parallel_output,
-            skip_bias_add=False,
-            tp_group=self.pg.tp,
-            skip_weight_param_allocation=share_embeddings_and_output_weights,
-        )
+        self.output_layer = output_layer(
+            config, vocab_size, init_method=init_method, pg=self.pg,
+            parallel_output=parallel_output, tied=share_embeddings_and_output_weights)
 
     # ------------------------------------------------------------------------------ forward
 
