@@ -138,8 +138,8 @@ def test_missing_and_extra_tensors_are_listed(tmp_path: Path) -> None:
     del tensors["decoder.block.1.layer.1.EncDecAttention.k.weight"]
     tensors["encoder.block.0.layer.0.SelfAttention.extra.weight"] = torch.zeros(2)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(HFConversionError, match=r"(?s)missing \(1\): decoder\.block\.1\.layer\.1"
-                                                r"\.EncDecAttention\.k\.weight.*unexpected \(1\): "
+    with pytest.raises(HFConversionError, match=r"(?s)missing \(1\):\s+decoder\.block\.1\.layer\.1"
+                                                r"\.EncDecAttention\.k\.weight.*unexpected \(1\):\s+"
                                                 r"encoder\.block\.0\.layer\.0\.SelfAttention\.extra"):
         t5_from_hf(tmp_path)
 

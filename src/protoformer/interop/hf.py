@@ -49,6 +49,9 @@ from protoformer.interop.hf_files import (
     SafetensorsSource,
     StateDictSource,
     TensorSource,
+    load_rules,
+    name_listing,
+    natural_order,
     read_config,
     write_safetensors,
 )
@@ -236,25 +239,14 @@ def tensor_rules(info: HFModelInfo) -> list[TensorRule]:
     return model_rules(info, attention)
 
 
-def _natural(name: str) -> tuple[tuple[int, str], ...]:
-    return tuple((int(part), "") if part.isdigit() else (-1, part)
-                 for part in re.split(r"(\d+)", name))
-
-
-def _listing(title: str, names: list[str], limit: int = 200) -> str:
-    shown = "\n    ".join(names[:limit])
-    more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
-    return f"\n  {title} ({len(names)}):\n    {shown}{more}"
-
-
 def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSource) -> None:
     expected = {name for rule in rules for name in rule.theirs}
     present = set(source.names())
-    missing = sorted(expected - present, key=_natural)
+    missing = sorted(expected - present, key=natural_order)
     unexpected: list[str] = []
     ignored: list[str] = []
     layers = info.config.num_layers
-    for name in sorted(present - expected, key=_natural):
+    for name in sorted(present - expected, key=natural_order):
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if name == "lm_head.weight" and info.tie_word_embeddings:
             embedding = "model.embed_tokens.weight"
@@ -271,8 +263,8 @@ def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSourc
     if missing or unexpected:
         raise HFConversionError(
             f"{source.where}: the tensors do not match the {info.architecture} layout its config "
-            "describes" + (_listing("missing", missing) if missing else "")
-            + (_listing("unexpected", unexpected) if unexpected else "")
+            "describes" + (name_listing("missing", missing) if missing else "")
+            + (name_listing("unexpected", unexpected) if unexpected else "")
             + "\nCheck that config.json belongs to these weights (a *ForCausalLM checkpoint).")
     if ignored:
         warnings.warn(f"{source.where}: not loading {len(ignored)} tensor(s) protoformer does not "
@@ -290,30 +282,6 @@ def _build(info: HFModelInfo, device: torch.device | str | None) -> GPTModel:
     with placement:
         return GPTModel(info.config, spec, info.vocab_size, info.max_sequence_length,
                         share_embeddings_and_output_weights=info.tie_word_embeddings)
-
-
-def _load(model: GPTModel, rules: list[TensorRule], source: TensorSource) -> None:
-    state = model.state_dict()
-    filled = {rule.ours for rule in rules}
-    if filled != set(state):
-        raise RuntimeError(f"internal error: the mapping fills {sorted(filled - set(state))} "
-                           f"that the model lacks and leaves {sorted(set(state) - filled)} empty")
-    with torch.no_grad():
-        for rule in rules:
-            parts = [source.get(name) for name in rule.theirs]
-            target = state[rule.ours]
-            shapes = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(rule.theirs, parts, strict=True))
-            try:
-                value = rule.to_ours(parts)
-            except RuntimeError as error:
-                raise HFConversionError(f"{source.where}: cannot make {rule.ours} "
-                                        f"{tuple(target.shape)} from {shapes}: {error}") from error
-            if value.shape != target.shape:
-                raise HFConversionError(
-                    f"{source.where}: {shapes} give {rule.ours} of shape {tuple(value.shape)}, "
-                    f"but the config makes it {tuple(target.shape)}; the weights do not match "
-                    "config.json")
-            target.copy_(value)
 
 
 def open_hf_source(source: HFSource) -> tuple[JSONDict, TensorSource]:
@@ -353,7 +321,7 @@ def from_hf(source: HFSource, *, dtype: torch.dtype | None = None,
     rules = tensor_rules(info)
     _check_names(info, rules, tensors)
     model = _build(info, device)
-    _load(model, rules, tensors)
+    load_rules(model, rules, tensors)
     # Built without random initialisation (every weight is loaded); a model rebuilt from
     # this config later should initialise its weights as usual.
     info.config.perform_initialization = True

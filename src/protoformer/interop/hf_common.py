@@ -31,6 +31,7 @@ __all__ = [
     "activation_for",
     "activation_name",
     "format_layer_list",
+    "gate_up_rule",
     "json_object",
     "mlp_rules",
     "model_rules",
@@ -280,14 +281,18 @@ def _split_halves(t: Tensor) -> tuple[Tensor, ...]:
     return owned(gate), owned(up)
 
 
+def gate_up_rule(ours: str, gate: str, up: str) -> TensorRule:
+    """A gated `linear_fc1` tensor: the gate projection's rows, then the up projection's."""
+    return TensorRule(ours, (gate, up), _cat_rows, _split_halves)
+
+
 def mlp_rules(config: TransformerConfig, ours: str, theirs: str) -> list[TensorRule]:
     """The gated MLP: `linear_fc1 = [gate_proj; up_proj]`, `linear_fc2 = down_proj`."""
     kinds = ("weight", "bias") if config.add_bias_linear else ("weight",)
     rules: list[TensorRule] = []
     for kind in kinds:
-        rules.append(TensorRule(f"{ours}.linear_fc1.{kind}",
-                                (f"{theirs}.gate_proj.{kind}", f"{theirs}.up_proj.{kind}"),
-                                _cat_rows, _split_halves))
+        rules.append(gate_up_rule(f"{ours}.linear_fc1.{kind}", f"{theirs}.gate_proj.{kind}",
+                                  f"{theirs}.up_proj.{kind}"))
     for kind in kinds:
         rules.append(same(f"{ours}.linear_fc2.{kind}", f"{theirs}.down_proj.{kind}"))
     return rules

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from protoformer.interop.hf_common import HFConversionError, JSONDict, json_object
+from protoformer.interop.hf_common import HFConversionError, JSONDict, TensorRule, json_object
 
 __all__ = [
     "INDEX_FILE",
@@ -25,6 +25,9 @@ __all__ = [
     "SafetensorsSource",
     "StateDictSource",
     "TensorSource",
+    "load_rules",
+    "name_listing",
+    "natural_order",
     "read_config",
     "write_safetensors",
 ]
@@ -237,3 +240,49 @@ def write_safetensors(directory: Path, tensors: Mapping[str, Tensor], *,
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*paths, directory / INDEX_FILE]
+
+
+# --- loading by rules -----------------------------------------------------------------------
+
+
+def natural_order(name: str) -> tuple[tuple[int, str], ...]:
+    """A sort key putting `layers.2` before `layers.10`."""
+    return tuple((int(part), "") if part.isdigit() else (-1, part)
+                 for part in re.split(r"(\d+)", name))
+
+
+def name_listing(title: str, names: list[str], limit: int = 200) -> str:
+    """`names` as an indented block of an error message, headed `title (count):`."""
+    shown = "\n    ".join(names[:limit])
+    more = f"\n    ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"\n  {title} ({len(names)}):\n    {shown}{more}"
+
+
+def load_rules(model: nn.Module, rules: list[TensorRule], source: TensorSource) -> None:
+    """Fill every tensor of `model`'s state dict from `source` through its rule.
+
+    The rules must cover the state dict exactly (else a `RuntimeError`: a bug in the mapping);
+    a tensor that cannot be made, or comes out in another shape than the model's, is an
+    `HFConversionError` naming both sides.
+    """
+    state = model.state_dict()
+    filled = {rule.ours for rule in rules}
+    if filled != set(state):
+        raise RuntimeError(f"internal error: the mapping fills {sorted(filled - set(state))} "
+                           f"that the model lacks and leaves {sorted(set(state) - filled)} empty")
+    with torch.no_grad():
+        for rule in rules:
+            parts = [source.get(name) for name in rule.theirs]
+            target = state[rule.ours]
+            shapes = ", ".join(f"{name} {tuple(p.shape)}" for name, p in zip(rule.theirs, parts, strict=True))
+            try:
+                value = rule.to_ours(parts)
+            except RuntimeError as error:
+                raise HFConversionError(f"{source.where}: cannot make {rule.ours} "
+                                        f"{tuple(target.shape)} from {shapes}: {error}") from error
+            if value.shape != target.shape:
+                raise HFConversionError(
+                    f"{source.where}: {shapes} give {rule.ours} of shape {tuple(value.shape)}, "
+                    f"but the config makes it {tuple(target.shape)}; the weights do not match "
+                    "config.json")
+            target.copy_(value)

@@ -43,6 +43,7 @@ __all__ = [
     "export_dense_config",
     "fuse_qkv",
     "parse_dense_config",
+    "qkv_rule",
     "split_qkv",
 ]
 
@@ -77,7 +78,9 @@ def split_qkv(fused: Tensor, *, heads: int, groups: int,
             owned(v.reshape(groups * head_dim, *rest)))
 
 
-def _qkv_rule(ours: str, theirs: str, kind: str, config: TransformerConfig) -> TensorRule:
+def qkv_rule(ours: str, theirs: str, kind: str, config: TransformerConfig, *,
+             projections: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")) -> TensorRule:
+    """`{ours}.linear_qkv.{kind}` from the three `{theirs}.{projection}.{kind}` tensors."""
     heads, groups, head_dim = config.num_attention_heads, config.query_groups, config.head_dim
 
     def to_ours(parts: Sequence[Tensor]) -> Tensor:
@@ -87,16 +90,16 @@ def _qkv_rule(ours: str, theirs: str, kind: str, config: TransformerConfig) -> T
     def to_theirs(fused: Tensor) -> tuple[Tensor, ...]:
         return split_qkv(fused, heads=heads, groups=groups, head_dim=head_dim)
 
-    names = tuple(f"{theirs}.{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj"))
+    names = tuple(f"{theirs}.{proj}.{kind}" for proj in projections)
     return TensorRule(f"{ours}.linear_qkv.{kind}", names, to_ours, to_theirs)
 
 
 def dense_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:
     """Self-attention of one layer: `linear_qkv` (+ bias), q/k norms, `linear_proj` (+ bias)."""
     config = info.config
-    rules = [_qkv_rule(ours, theirs, "weight", config)]
+    rules = [qkv_rule(ours, theirs, "weight", config)]
     if config.add_bias_linear or config.add_qkv_bias:
-        rules.append(_qkv_rule(ours, theirs, "bias", config))
+        rules.append(qkv_rule(ours, theirs, "bias", config))
     if config.qk_layernorm:
         rules.append(same(f"{ours}.q_layernorm.weight", f"{theirs}.q_norm.weight"))
         rules.append(same(f"{ours}.k_layernorm.weight", f"{theirs}.k_norm.weight"))

@@ -33,11 +33,18 @@ from protoformer.interop.hf_common import (
     TensorRule,
     UnsupportedHFModelError,
     activation_name,
+    gate_up_rule,
     owned,
     same,
 )
-from protoformer.interop.hf_files import TensorSource, write_safetensors
-from protoformer.interop.hf_llama import fuse_qkv, split_qkv
+from protoformer.interop.hf_files import (
+    TensorSource,
+    load_rules,
+    name_listing,
+    natural_order,
+    write_safetensors,
+)
+from protoformer.interop.hf_llama import qkv_rule
 from protoformer.models.t5 import T5Model
 from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
 from protoformer.spec import not_none
@@ -109,29 +116,10 @@ def _kv_rule(ours: str, theirs: str, config: TransformerConfig) -> TensorRule:
                       to_ours, to_theirs)
 
 
-def _qkv_rule(ours: str, theirs: str, config: TransformerConfig) -> TensorRule:
-    sizes = {"heads": config.num_attention_heads, "groups": config.num_attention_heads,
-             "head_dim": config.head_dim}
-
-    def to_ours(parts: Sequence[Tensor]) -> Tensor:
-        return fuse_qkv(parts[0], parts[1], parts[2], **sizes)
-
-    def to_theirs(fused: Tensor) -> tuple[Tensor, ...]:
-        return split_qkv(fused, **sizes)
-
-    names = tuple(f"{theirs}.{proj}.weight" for proj in ("q", "k", "v"))
-    return TensorRule(f"{ours}.linear_qkv.weight", names, to_ours, to_theirs)
-
-
 def _mlp_rules(config: TransformerConfig, ours: str, theirs: str) -> list[TensorRule]:
-    if config.gated_linear_unit:  # act(wi_0) * wi_1: the gate half first, as in linear_fc1
-        def split(t: Tensor) -> tuple[Tensor, ...]:
-            gate, up = t.chunk(2, dim=0)
-            return owned(gate), owned(up)
-
-        fc1 = TensorRule(f"{ours}.linear_fc1.weight",
-                         (f"{theirs}.wi_0.weight", f"{theirs}.wi_1.weight"),
-                         lambda parts: torch.cat(tuple(parts), dim=0), split)
+    if config.gated_linear_unit:  # act(wi_0) * wi_1: wi_0 is the gate
+        fc1 = gate_up_rule(f"{ours}.linear_fc1.weight", f"{theirs}.wi_0.weight",
+                           f"{theirs}.wi_1.weight")
     else:
         fc1 = same(f"{ours}.linear_fc1.weight", f"{theirs}.wi.weight")
     return [fc1, same(f"{ours}.linear_fc2.weight", f"{theirs}.wo.weight")]
@@ -147,7 +135,8 @@ def _rules(info: _T5Info) -> list[TensorRule]:
         for index in range(config.num_layers):
             ours, theirs = f"{stack}.layers.{index}", f"{stack}.block.{index}.layer"
             rules += [same(f"{ours}.input_layernorm.weight", f"{theirs}.0.layer_norm.weight"),
-                      _qkv_rule(f"{ours}.self_attention", f"{theirs}.0.SelfAttention", config),
+                      qkv_rule(f"{ours}.self_attention", f"{theirs}.0.SelfAttention", "weight",
+                               config, projections=("q", "k", "v")),
                       same(f"{ours}.self_attention.linear_proj.weight",
                            f"{theirs}.0.SelfAttention.o.weight")]
             mlp = 1
@@ -176,14 +165,13 @@ def _check_names(rules: list[TensorRule], source: TensorSource, tied: bool) -> N
         if "shared.weight" in present and not torch.equal(source.get(name), source.get("shared.weight")):
             raise HFConversionError(f"{source.where}: {name} differs from shared.weight; T5Model "
                                     "shares one embedding between encoder and decoder")
-    missing = sorted(expected - present)
-    unexpected = sorted(present - expected - copies)
+    missing = sorted(expected - present, key=natural_order)
+    unexpected = sorted(present - expected - copies, key=natural_order)
     if missing or unexpected:
-        listing = "".join(f"\n  {title} ({len(names)}): {', '.join(names[:50])}"
-                          for title, names in (("missing", missing), ("unexpected", unexpected))
-                          if names)
-        raise HFConversionError(f"{source.where}: the tensors do not match the T5 layout its "
-                                f"config describes{listing}")
+        raise HFConversionError(
+            f"{source.where}: the tensors do not match the T5 layout its config describes"
+            + (name_listing("missing", missing) if missing else "")
+            + (name_listing("unexpected", unexpected) if unexpected else ""))
 
 
 def t5_from_hf(source: str | os.PathLike[str] | torch.nn.Module, *,
@@ -217,18 +205,7 @@ def t5_from_hf(source: str | os.PathLike[str] | torch.nn.Module, *,
                         relative_attention_max_distance=info.max_distance,
                         share_embeddings_and_output_weights=tied,
                         scale_decoder_outputs=info.scale)
-    state = model.state_dict()
-    if {rule.ours for rule in rules} != set(state):
-        raise RuntimeError("internal error: the T5 mapping and the model's parameters differ: "
-                           f"{sorted({rule.ours for rule in rules} ^ set(state))}")
-    with torch.no_grad():
-        for rule in rules:
-            value = rule.to_ours([tensors.get(name) for name in rule.theirs])
-            if value.shape != state[rule.ours].shape:
-                raise HFConversionError(
-                    f"{tensors.where}: {', '.join(rule.theirs)} give {rule.ours} of shape "
-                    f"{tuple(value.shape)}, but the config makes it {tuple(state[rule.ours].shape)}")
-            state[rule.ours].copy_(value)
+    load_rules(model, rules, tensors)
     for config in (info.config, info.encoder_config):
         config.perform_initialization = True  # a model rebuilt from it initialises as usual
     return model
