@@ -37,15 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from protoformer.backends.local import LocalSpecProvider
 from protoformer.config import TransformerConfig
 from protoformer.kernels import fused_rms_norm, fused_swiglu, liger_available, triton_available
 from protoformer.parallel.groups import ProcessGroups
-from protoformer.parallel.layers import ColumnParallelLinear, Linear, RowParallelLinear
-from protoformer.parallel.protocols import (
-    ColumnParallelLinearBuilder,
-    LinearBuilder,
-    RowParallelLinearBuilder,
-)
 from protoformer.transformer.core_attention import SDPAttention
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.interfaces import AttentionTypeName, CoreAttentionBuilder
@@ -206,30 +201,19 @@ def _check_kernels(kernels: Sequence[str]) -> tuple[AttentionKernel, ...]:
     return tuple(checked)
 
 
-class FusedSpecProvider:
+class FusedSpecProvider(LocalSpecProvider):
     """The general layer builders with fused GPU kernels (`BackendSpecProvider`, `name == "fused"`).
 
     `attention_kernels` orders the fused SDPA kernels core attention may use. The backend
     needs no GPU: on CPU (or without liger-kernel) each builder falls back to the local
-    implementation. `kernel_report()` says which fused paths are live in this process.
+    implementation. The linears are the local backend's (a cuBLAS matmul already; nothing to
+    fuse at that layer). `kernel_report()` says which fused paths are live in this process.
     """
 
     name: str = "fused"
 
     def __init__(self, *, attention_kernels: Sequence[AttentionKernel] = DEFAULT_ATTENTION_KERNELS) -> None:
         self.attention_kernels = _check_kernels(attention_kernels)
-
-    def column_parallel_linear(self) -> ColumnParallelLinearBuilder:
-        """`ColumnParallelLinear`: a cuBLAS matmul already; nothing to fuse at this layer."""
-        return ColumnParallelLinear
-
-    def row_parallel_linear(self) -> RowParallelLinearBuilder:
-        """`RowParallelLinear`: as the local backend."""
-        return RowParallelLinear
-
-    def linear(self) -> LinearBuilder:
-        """`Linear`: as the local backend."""
-        return Linear
 
     def layer_norm(self, *, rms_norm: bool = False, for_qk: bool = False) -> LayerNormBuilder:
         """`FusedRMSNorm` with `rms_norm`, else `FusedLayerNorm`; both also normalize per head."""
