@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.models.common import check_sizes
 
 __all__ = ["attention_flops_per_token", "encoder_decoder_flops_per_token", "flops_per_token",
            "matmul_params"]
@@ -65,9 +66,7 @@ def attention_flops_per_token(config: TransformerConfig, seq_len: int) -> int:
 
 def flops_per_token(config: TransformerConfig, vocab_size: int, seq_len: int) -> int:
     """Training (forward + backward) FLOPs per token at sequence length `seq_len`."""
-    for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-            raise ValueError(f"flops_per_token: {name}={value!r} must be an int >= 1")
+    check_sizes("flops_per_token", vocab_size=vocab_size, seq_len=seq_len)
     return 6 * matmul_params(config, vocab_size) + attention_flops_per_token(config, seq_len)
 
 
@@ -81,10 +80,8 @@ def encoder_decoder_flops_per_token(config: TransformerConfig, encoder_config: T
     cross-attention (the same projections again) over `source_len`, the MLP — and the output
     layer. The rules are those of `flops_per_token`.
     """
-    for name, value in (("vocab_size", vocab_size), ("source_len", source_len),
-                        ("target_len", target_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-            raise ValueError(f"encoder_decoder_flops_per_token: {name}={value!r} must be an int >= 1")
+    check_sizes("encoder_decoder_flops_per_token", vocab_size=vocab_size,
+                   source_len=source_len, target_len=target_len)
     encoder = encoder_config.num_layers * (_attention_params(encoder_config)
                                            + _mlp_params(encoder_config))
     decoder = (config.num_layers * (2 * _attention_params(config) + _mlp_params(config))
