@@ -62,39 +62,36 @@ def stdlib_source_files() -> list[Path]:
     return sorted(files)
 
 
-_BINARY_PROBE_BYTES = 8192
+_BINARY_PROBE_BYTES = 8192  # a NUL byte in a file's first 8 KiB marks it binary (git's test)
 
 
-def _looks_binary(path: Path) -> bool:
-    """A NUL byte in the first 8 KiB: an image, archive or compiled file, not text (git's test)."""
-    try:
-        with path.open("rb") as handle:
-            return b"\0" in handle.read(_BINARY_PROBE_BYTES)
-    except OSError:
-        return False  # reported when the file is read
+def _non_hidden_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.rglob("*")
+                  if path.is_file() and not any(part.startswith(".")
+                                                for part in path.relative_to(directory).parts))
 
 
-def _text_files(directory: Path) -> tuple[list[Path], list[Path]]:
-    """The non-hidden files under `directory`, sorted by path: (text files, binary files)."""
-    files = sorted(path for path in directory.rglob("*")
-                   if path.is_file() and not any(part.startswith(".")
-                                                 for part in path.relative_to(directory).parts))
-    binary = [path for path in files if _looks_binary(path)]
-    skipped = set(binary)
-    return [path for path in files if path not in skipped], binary
+def _read_capped(files: list[Path], max_bytes: int, *, skip_unreadable: bool,
+                 skip_binary: bool = False) -> tuple[bytes, int, list[Path]]:
+    """Concatenate `files` in order until `max_bytes` are read.
 
-
-def _read_capped(files: list[Path], max_bytes: int, *, skip_unreadable: bool) -> tuple[bytes, int]:
-    """Concatenate `files` in order until `max_bytes` are read; returns (data, files used)."""
+    Returns (data, files used, binary files skipped). With `skip_binary`, a file whose first
+    8 KiB hold a NUL byte is left out; files after the budget is spent are never opened.
+    """
     chunks: list[bytes] = []
     total = 0
     used = 0
+    binary: list[Path] = []
     for path in files:
         if total >= max_bytes:
             break
         try:
             with path.open("rb") as handle:
-                data = handle.read(max_bytes - total)
+                head = handle.read(_BINARY_PROBE_BYTES) if skip_binary else b""
+                if b"\0" in head:
+                    binary.append(path)
+                    continue
+                data = (head + handle.read(max(max_bytes - total - len(head), 0)))[:max_bytes - total]
         except OSError as error:
             if skip_unreadable:
                 continue
@@ -103,7 +100,7 @@ def _read_capped(files: list[Path], max_bytes: int, *, skip_unreadable: bool) ->
             chunks.append(data)
             total += len(data)
             used += 1
-    return b"".join(chunks), used
+    return b"".join(chunks), used, binary
 
 
 def _byte_tensor(data: bytes) -> Tensor:
@@ -122,7 +119,8 @@ def load_corpus(
 
     `path` is a text file or a directory (every non-hidden file under it, sorted by path,
     except binary files: those with a NUL byte in their first 8 KiB, listed in
-    `Corpus.skipped_files`); None reads the standard library's source. Both parts hold at
+    `Corpus.skipped_files` as far as the byte budget reached); None reads the standard
+    library's source. Both parts hold at
     least one window of `sequence_length + 1` bytes, so a sampler can draw from each; a corpus
     too small for that raises `DataError`. `Corpus.fingerprint` is the sha256 of the bytes read.
     """
@@ -136,24 +134,23 @@ def load_corpus(
     if path is None:
         files = stdlib_source_files()
         source = f"Python standard library source ({sysconfig.get_paths()['stdlib']})"
-        data, used = _read_capped(files, max_bytes, skip_unreadable=True)
+        data, used, _ = _read_capped(files, max_bytes, skip_unreadable=True)
     else:
         root = Path(path)
         if not root.exists():
             raise DataError(f"data path {str(root)!r} does not exist; pass a text file or a "
                             "directory of text files with --data")
-        binary: list[Path] = []
-        files = [root]
-        if root.is_dir():
-            files, binary = _text_files(root)
-            if not files and binary:
-                raise DataError(f"data directory {str(root)!r} holds only binary files "
-                                f"({len(binary)}, e.g. {binary[0].name}); pass text files")
-            if not files:
-                raise DataError(f"data directory {str(root)!r} contains no files")
-        skipped = tuple(str(path.relative_to(root)) for path in binary)
+        is_dir = root.is_dir()
+        files = _non_hidden_files(root) if is_dir else [root]
+        if not files:
+            raise DataError(f"data directory {str(root)!r} contains no files")
         source = str(root)
-        data, used = _read_capped(files, max_bytes, skip_unreadable=False)
+        data, used, binary = _read_capped(files, max_bytes, skip_unreadable=False,
+                                          skip_binary=is_dir)
+        if not data and binary and len(binary) == len(files):
+            raise DataError(f"data directory {str(root)!r} holds only binary files "
+                            f"({len(binary)}, e.g. {binary[0].name}); pass text files")
+        skipped = tuple(str(path.relative_to(root)) for path in binary)
     if not data:
         raise DataError(f"the corpus from {source} is empty: {len(files)} file(s), 0 bytes")
     window = sequence_length + 1
