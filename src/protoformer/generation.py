@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Generator, Sequence
 
 import torch
 from torch import Tensor
@@ -82,6 +83,18 @@ def _seeded_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module) -> Generator[None, None, None]:
+    """Eval mode and `torch.inference_mode` for the block; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _sampling_loop(first_logits: Callable[[], Tensor], next_logits: Callable[[int], Tensor],
                    num_new: int, *, stop: frozenset[int], stream: Callable[[int], None] | None,
                    temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
@@ -150,16 +163,11 @@ def generate(
     def step(token: int) -> Tensor:
         return decoder.step(torch.tensor([token], dtype=torch.long, device=device))[0]  # [v]
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            return _sampling_loop(
-                lambda: decoder.prefill(prompt[None].to(device), num_new)[0], step, num_new,
-                stop=stop, stream=stream, temperature=temperature, top_k=top_k, top_p=top_p,
-                greedy=greedy, generator=generator)
-    finally:
-        model.train(was_training)
+    with _inference(model):
+        return _sampling_loop(
+            lambda: decoder.prefill(prompt[None].to(device), num_new)[0], step, num_new,
+            stop=stop, stream=stream, temperature=temperature, top_k=top_k, top_p=top_p,
+            greedy=greedy, generator=generator)
 
 
 def generate_seq2seq(
@@ -201,22 +209,17 @@ def generate_seq2seq(
     device = next(model.parameters()).device
     generator = _seeded_generator(seed)
     context = InferenceContext(max_batch_size=1, max_sequence_length=num_new + 1)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            memory = model.encode(source[None].to(device))  # [se, 1, h]
+    with _inference(model):
+        memory = model.encode(source[None].to(device))  # [se, 1, h]
 
-            def decode(token_ids: Tensor) -> Tensor:
-                return model.decode(token_ids, memory, inference_context=context)[0, -1]  # [v]
+        def decode(token_ids: Tensor) -> Tensor:
+            return model.decode(token_ids, memory, inference_context=context)[0, -1]  # [v]
 
-            return _sampling_loop(
-                lambda: decode(start[None].to(device)),
-                lambda token: decode(torch.tensor([[token]], dtype=torch.long, device=device)),
-                num_new, stop=stop, stream=stream, temperature=temperature, top_k=top_k,
-                top_p=top_p, greedy=greedy, generator=generator)
-    finally:
-        model.train(was_training)
+        return _sampling_loop(
+            lambda: decode(start[None].to(device)),
+            lambda token: decode(torch.tensor([[token]], dtype=torch.long, device=device)),
+            num_new, stop=stop, stream=stream, temperature=temperature, top_k=top_k,
+            top_p=top_p, greedy=greedy, generator=generator)
 
 
 class _EagerDecoder:
