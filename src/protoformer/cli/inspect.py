@@ -19,7 +19,6 @@ from protoformer.cli.spec_args import add_spec_arguments, layer_spec_from_args
 from protoformer.cli.spec_tree import SlotEntry, walk_spec
 from protoformer.flops import encoder_decoder_flops_per_token, flops_per_token
 from protoformer.recipes import get_preset, list_presets
-from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
 from protoformer.recipes.t5_presets import get_t5_preset, list_t5_presets
 from protoformer.transformer.layer import TransformerLayerSubmodules
 
@@ -84,6 +83,14 @@ def _param_counts(model: nn.Module) -> tuple[list[tuple[str, int, int]], int]:
     return rows, total
 
 
+def _flops_length(seq_len: int | None, max_sequence_length: int) -> int:
+    """The sequence length FLOPs are counted at: `--seq-len`, else min(4096, the preset's)."""
+    length = min(DEFAULT_FLOPS_SEQ_LEN, max_sequence_length) if seq_len is None else seq_len
+    if length < 1:
+        raise ValueError(f"--seq-len {length}: must be >= 1")
+    return length
+
+
 def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | None = None,
                    layer_spec: TransformerLayerSubmodules | None = None) -> PresetReport:
     """Build `name` on the meta device and collect its spec tree, parameters and FLOPs.
@@ -94,9 +101,7 @@ def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | Non
     backend = get_backend(backend_name)
     config = preset.config_factory()
     spec = layer_spec if layer_spec is not None else preset.layer_spec(backend, config)
-    length = min(DEFAULT_FLOPS_SEQ_LEN, preset.max_sequence_length) if seq_len is None else seq_len
-    if length < 1:
-        raise ValueError(f"--seq-len {length}: must be >= 1")
+    length = _flops_length(seq_len, preset.max_sequence_length)
     started = time.perf_counter()
     model = preset.build_model(backend, device=torch.device("meta"), layer_spec=spec)
     build_seconds = time.perf_counter() - started
@@ -115,13 +120,12 @@ def inspect_t5_preset(name: str, backend_name: str = "local", *,
     preset = get_t5_preset(name)
     backend = get_backend(backend_name)
     config, encoder_config = preset.configs()
-    length = min(DEFAULT_FLOPS_SEQ_LEN, preset.max_sequence_length) if seq_len is None else seq_len
-    if length < 1:
-        raise ValueError(f"--seq-len {length}: must be >= 1")
-    slots = [*walk_spec(t5_encoder_layer_spec(backend, encoder_config), "encoder"),
-             *walk_spec(t5_decoder_layer_spec(backend, config), "decoder")]
+    length = _flops_length(seq_len, preset.max_sequence_length)
+    encoder_spec, decoder_spec = preset.layer_specs(backend)
+    slots = [*walk_spec(encoder_spec, "encoder"), *walk_spec(decoder_spec, "decoder")]
     started = time.perf_counter()
-    model = preset.build_model(backend, device=torch.device("meta"))
+    model = preset.build_model(backend, device=torch.device("meta"),
+                               layer_specs=(encoder_spec, decoder_spec))
     build_seconds = time.perf_counter() - started
     rows, total = _param_counts(model)
     per_source, per_target = encoder_decoder_flops_per_token(

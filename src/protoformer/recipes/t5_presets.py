@@ -18,6 +18,7 @@ from protoformer.backends import BackendSpecProvider, get_backend
 from protoformer.config import TransformerConfig
 from protoformer.models.t5 import T5Model
 from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
+from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.mlp import gelu_tanh
 
 __all__ = ["T5Preset", "get_t5_preset", "list_t5_presets"]
@@ -40,15 +41,26 @@ class T5Preset:
         """Fresh (decoder config, encoder config)."""
         return self.config_factory(self.decoder_layers), self.config_factory(self.encoder_layers)
 
+    def layer_specs(self, backend: BackendSpecProvider
+                    ) -> tuple[TransformerLayerSubmodules, TransformerLayerSubmodules]:
+        """(encoder layer spec, decoder layer spec) from `backend`."""
+        config, encoder_config = self.configs()
+        return t5_encoder_layer_spec(backend, encoder_config), t5_decoder_layer_spec(backend, config)
+
     def build_model(self, backend: BackendSpecProvider | None = None, *,
-                    device: torch.device | str | None = None) -> T5Model:
-        """Build the model (default backend `"local"`); `device="meta"` allocates nothing."""
+                    device: torch.device | str | None = None,
+                    layer_specs: tuple[TransformerLayerSubmodules, TransformerLayerSubmodules]
+                    | None = None) -> T5Model:
+        """Build the model (default backend `"local"`); `device="meta"` allocates nothing.
+
+        `layer_specs` (encoder, decoder) replaces the preset's recipes."""
         backend = backend if backend is not None else get_backend("local")
         config, encoder_config = self.configs()
+        encoder_spec, decoder_spec = (layer_specs if layer_specs is not None
+                                      else self.layer_specs(backend))
         placement = torch.device(device) if device is not None else contextlib.nullcontext()
         with placement:
-            return T5Model(config, t5_encoder_layer_spec(backend, encoder_config),
-                           t5_decoder_layer_spec(backend, config), self.vocab_size,
+            return T5Model(config, encoder_spec, decoder_spec, self.vocab_size,
                            self.max_sequence_length, encoder_config=encoder_config,
                            share_embeddings_and_output_weights=self.tie_embeddings,
                            scale_decoder_outputs=self.tie_embeddings)
