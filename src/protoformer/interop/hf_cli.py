@@ -66,10 +66,14 @@ def _eos_token_ids(directory: Path, config: JSONDict) -> tuple[int, ...]:
     return _token_ids(config.get("eos_token_id"))
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _placement(device: str | torch.device | None,
+               dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype | None]:
+    """("auto" -> CUDA when available) and float32 on the CPU unless a dtype is given."""
+    where = (torch.device("cuda" if torch.cuda.is_available() else "cpu")
+             if device is None or device == "auto" else torch.device(device))
+    if dtype is None and where.type == "cpu":
+        dtype = torch.float32  # reduced precision is slow there
+    return where, dtype
 
 
 def load_hf_for_cli(path: str | os.PathLike[str], *, device: str | torch.device | None = "auto",
@@ -81,9 +85,7 @@ def load_hf_for_cli(path: str | os.PathLike[str], *, device: str | torch.device 
     the directory has no tokenizer.json.
     """
     directory = Path(path)
-    where = _resolve_device(device)
-    if dtype is None and where.type == "cpu":
-        dtype = torch.float32
+    where, dtype = _placement(device, dtype)
     model = from_hf(directory, dtype=dtype, device=where).eval()
     info = hf_model_info(model)
     return HFCheckpoint(model=model, tokenizer=load_tokenizer(directory),
@@ -104,9 +106,7 @@ def load_t5_for_cli(path: str | os.PathLike[str], *, device: str | torch.device 
     end-of-sequence ids and the decoder's start token (config `decoder_start_token_id`, else
     the padding id, else 0)."""
     directory = Path(path)
-    where = _resolve_device(device)
-    if dtype is None and where.type == "cpu":
-        dtype = torch.float32
+    where, dtype = _placement(device, dtype)
     config = read_config(directory)
     model = t5_from_hf(directory, dtype=dtype, device=where).eval()
     start = (_token_ids(config.get("decoder_start_token_id"))
