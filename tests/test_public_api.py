@@ -22,7 +22,9 @@ PUBLIC_API = {
     "protoformer.transformer.layer": ["TransformerLayer", "TransformerLayerSubmodules"],
     "protoformer.transformer.enums": ["AttnMaskType"],
     "protoformer.backends": ["BackendSpecProvider", "LocalSpecProvider", "get_backend"],
-    "protoformer.recipes": ["gpt_layer_spec", "mla_layer_spec"],
+    "protoformer.transformer.block": ["TransformerBlock", "LayerSpecs", "per_layer_specs"],
+    "protoformer.recipes": ["gpt_layer_spec", "mla_layer_spec", "layer_pattern_from_freq",
+                            "layer_specs_from_pattern"],
     "protoformer.models": ["GPTModel"],
 }
 

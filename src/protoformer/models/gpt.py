@@ -24,9 +24,8 @@ from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import VocabParallelEmbedding
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
-from protoformer.transformer.block import TransformerBlock
+from protoformer.transformer.block import LayerSpecs, TransformerBlock
 from protoformer.transformer.inference import InferenceContext
-from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.mlp import init_method_normal
 from protoformer.transformer.rope import RotaryEmbedding, rotary_emb_from_config
 from protoformer.transformer.yarn import MLARotaryEmbedding
@@ -38,6 +37,9 @@ _POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
 
 class GPTModel(nn.Module):
     """Token embedding, `config.num_layers` layers of `layer_spec`, final norm, output layer.
+
+    `layer_spec` is one `TransformerLayerSubmodules` for every layer or a sequence with one
+    per layer (see `TransformerBlock`).
 
     `forward(input_ids [b, s])` returns logits `[b, s, vocab_size]` (gathered to the full
     vocabulary), or with `labels [b, s]` the per-token loss `[b, s]` (float32, not reduced;
@@ -62,7 +64,7 @@ class GPTModel(nn.Module):
     def __init__(
         self,
         config: TransformerConfig,
-        layer_spec: TransformerLayerSubmodules,
+        layer_spec: LayerSpecs,
         vocab_size: int,
         max_sequence_length: int,
         *,

@@ -24,7 +24,7 @@ from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import VocabParallelEmbedding
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
-from protoformer.transformer.block import TransformerBlock
+from protoformer.transformer.block import LayerSpecs, TransformerBlock, per_layer_specs
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.masks import combine_masks
@@ -48,7 +48,8 @@ class T5Model(nn.Module):
     The encoder layers come from `transformer_encoder_layer_spec` (bidirectional
     self-attention, e.g. `protoformer.recipes.t5_encoder_layer_spec`), the decoder layers from
     `transformer_decoder_layer_spec` (causal self-attention and a `cross_attention` slot, e.g.
-    `t5_decoder_layer_spec`). `encoder_config` (default: `config`) may give the encoder its own
+    `t5_decoder_layer_spec`); each is one spec for every layer of its stack or a sequence with one
+    per layer. `encoder_config` (default: `config`) may give the encoder its own
     depth; its hidden size must match the decoder's.
 
     Positions: `"relative"` (T5) adds a learned bucketed bias per head to every layer's
@@ -77,8 +78,8 @@ class T5Model(nn.Module):
     def __init__(
         self,
         config: TransformerConfig,
-        transformer_encoder_layer_spec: TransformerLayerSubmodules,
-        transformer_decoder_layer_spec: TransformerLayerSubmodules,
+        transformer_encoder_layer_spec: LayerSpecs,
+        transformer_decoder_layer_spec: LayerSpecs,
         vocab_size: int,
         max_sequence_length: int,
         *,
@@ -111,14 +112,25 @@ class T5Model(nn.Module):
                 f"T5Model: encoder_config.hidden_size={encoder_config.hidden_size} differs from "
                 f"config.hidden_size={config.hidden_size}; the decoder's cross-attention and the "
                 "shared embedding need one hidden size")
-        if transformer_decoder_layer_spec.cross_attention is None:
-            raise ValueError("T5Model: transformer_decoder_layer_spec has no cross_attention, so "
-                             "the decoder could not read the encoder; use "
-                             "protoformer.recipes.t5_decoder_layer_spec or fill that slot")
-        if transformer_encoder_layer_spec.cross_attention is not None:
-            raise ValueError("T5Model: transformer_encoder_layer_spec has a cross_attention slot, "
-                             "but the encoder has no memory to attend to; use "
-                             "protoformer.recipes.t5_encoder_layer_spec or set it to None")
+        encoder_specs = per_layer_specs(transformer_encoder_layer_spec, encoder_config.num_layers,
+                                        owner="T5Model (encoder)")
+        decoder_specs = per_layer_specs(transformer_decoder_layer_spec, config.num_layers,
+                                        owner="T5Model (decoder)")
+        for index, spec in enumerate(decoder_specs):
+            if spec.cross_attention is None:
+                at = "" if isinstance(transformer_decoder_layer_spec,
+                                    TransformerLayerSubmodules) else f"[{index}]"
+                raise ValueError(f"T5Model: transformer_decoder_layer_spec{at} has no "
+                                 "cross_attention, so the decoder could not read the encoder; "
+                                 "use protoformer.recipes.t5_decoder_layer_spec or fill that slot")
+        for index, spec in enumerate(encoder_specs):
+            if spec.cross_attention is not None:
+                at = "" if isinstance(transformer_encoder_layer_spec,
+                                    TransformerLayerSubmodules) else f"[{index}]"
+                raise ValueError(f"T5Model: transformer_encoder_layer_spec{at} has a "
+                                 "cross_attention slot, but the encoder has no memory to attend "
+                                 "to; use protoformer.recipes.t5_encoder_layer_spec or set it to "
+                                 "None")
         self.config = config
         self.encoder_config = encoder_config
         self.pg = pg if pg is not None else ProcessGroups()
@@ -149,10 +161,9 @@ class T5Model(nn.Module):
             self.encoder_rotary_pos_emb = rotary_emb_from_config(encoder_config)
             self.rotary_pos_emb = rotary_emb_from_config(config)
 
-        self.encoder = TransformerBlock(encoder_config, transformer_encoder_layer_spec,
-                                        pg=self.pg, post_layer_norm=True)
-        self.decoder = TransformerBlock(config, transformer_decoder_layer_spec,
-                                        pg=self.pg, post_layer_norm=True)
+        self.encoder = TransformerBlock(encoder_config, encoder_specs, pg=self.pg,
+                                        post_layer_norm=True)
+        self.decoder = TransformerBlock(config, decoder_specs, pg=self.pg, post_layer_norm=True)
         self.output_layer = output_layer(
             config, vocab_size, init_method=init_method, pg=self.pg,
             parallel_output=parallel_output, tied=share_embeddings_and_output_weights)

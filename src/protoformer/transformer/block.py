@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeAlias
+
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
@@ -11,36 +14,67 @@ from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.layer import TransformerLayer, TransformerLayerSubmodules
 from protoformer.transformer.norm import LayerNormInterface
 
-__all__ = ["TransformerBlock"]
+__all__ = ["LayerSpecs", "TransformerBlock", "per_layer_specs"]
+
+# One spec for every layer, or exactly one per layer (Megatron-Core's
+# `TransformerBlockSubmodules(layer_specs=[...])`).
+LayerSpecs: TypeAlias = "TransformerLayerSubmodules | Sequence[TransformerLayerSubmodules]"
+
+
+def per_layer_specs(layer_spec: LayerSpecs, num_layers: int, *,
+                    owner: str = "TransformerBlock") -> list[TransformerLayerSubmodules]:
+    """The spec of each of `num_layers` layers: one spec repeated, or a checked list.
+
+    Raises `TypeError` for anything but a `TransformerLayerSubmodules` or a list/tuple of them
+    (naming the index of the first wrong element), `ValueError` for a list of the wrong length.
+    """
+    if isinstance(layer_spec, TransformerLayerSubmodules):
+        return [layer_spec] * num_layers
+    if not isinstance(layer_spec, (list, tuple)):
+        raise TypeError(f"{owner} expects layer_spec=TransformerLayerSubmodules(...) or a list "
+                        f"with one per layer, got {type(layer_spec).__qualname__}")
+    specs: list[object] = list(layer_spec)
+    for index, spec in enumerate(specs):
+        if not isinstance(spec, TransformerLayerSubmodules):
+            raise TypeError(f"{owner}: layer_spec[{index}] is a {type(spec).__qualname__}; every "
+                            "element must be a TransformerLayerSubmodules (one per layer)")
+    if len(specs) != num_layers:
+        raise ValueError(f"{owner}: got {len(specs)} layer spec(s) for config.num_layers="
+                         f"{num_layers}; pass exactly one spec per layer, or a single spec for "
+                         "every layer")
+    return [spec for spec in specs if isinstance(spec, TransformerLayerSubmodules)]
 
 
 class TransformerBlock(nn.Module):
-    """`config.num_layers` layers built from one spec, numbered 1..L, then a final norm.
+    """`config.num_layers` layers, numbered 1..L, then a final norm.
 
-    The final norm (`post_layer_norm`, needed by pre-norm models) is built by the spec's
-    `input_layernorm` builder, so it is the same kind of norm as every layer's.
+    `layer_spec` is one `TransformerLayerSubmodules` for every layer, or a sequence with one
+    per layer (`layer_spec[i]` builds layer number `i + 1`), e.g. dense layers first and MoE
+    layers after (see `protoformer.recipes.layer_specs_from_pattern`). `self.layer_specs`
+    keeps the per-layer list.
+
+    The final norm (`post_layer_norm`, needed by pre-norm models) is built by the last layer's
+    `input_layernorm` builder, so it is the same kind of norm as the layers'.
     """
 
     def __init__(
         self,
         config: TransformerConfig,
-        layer_spec: TransformerLayerSubmodules,
+        layer_spec: LayerSpecs,
         *,
         pg: ProcessGroups | None = None,
         post_layer_norm: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(layer_spec, TransformerLayerSubmodules):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-            raise TypeError(f"TransformerBlock expects layer_spec=TransformerLayerSubmodules(...), "
-                            f"got {type(layer_spec).__qualname__}")
         self.config = config
+        self.layer_specs = per_layer_specs(layer_spec, config.num_layers)
         self.layers = nn.ModuleList(
-            TransformerLayer(config, layer_spec, layer_number=number, pg=pg)
-            for number in range(1, config.num_layers + 1)
+            TransformerLayer(config, spec, layer_number=number, pg=pg)
+            for number, spec in enumerate(self.layer_specs, start=1)
         )
         self.final_layernorm: LayerNormInterface | None = None
         if post_layer_norm:
-            self.final_layernorm = layer_spec.input_layernorm(
+            self.final_layernorm = self.layer_specs[-1].input_layernorm(
                 config.hidden_size, config=config, eps=config.layernorm_epsilon)
 
     def forward(
