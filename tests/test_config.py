@@ -313,3 +313,102 @@ def test_config_is_a_dataclass_with_megatron_names() -> None:
     names = {field.name for field in dataclasses.fields(TransformerConfig)}
     assert {"num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
             "ffn_hidden_size", "add_bias_linear", "gated_linear_unit", "layernorm_epsilon"} <= names
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture of experts: Megatron-Core's field names, derived defaults and invalid combinations.
+
+MOE: dict[str, Any] = {**BASE, "num_moe_experts": 8}
+
+
+def test_moe_defaults_and_layer_pattern() -> None:
+    dense = TransformerConfig(**BASE)
+    assert dense.num_moe_experts is None and dense.moe_layer_pattern == (False, False)
+    config = TransformerConfig(**{**MOE, "num_layers": 5}, moe_layer_freq=2)
+    assert config.moe_ffn_hidden_size == config.ffn_hidden_size == 256  # defaults to the dense width
+    assert config.moe_layer_pattern == (True, False, True, False, True)  # layers 0, N, 2N
+    first_k_dense = TransformerConfig(**{**MOE, "num_layers": 4}, moe_layer_freq=[0, 1, 1, 1])
+    assert first_k_dense.moe_layer_pattern == (False, True, True, True)
+    assert TransformerConfig(**MOE, moe_layer_freq=(1, 0)).moe_layer_freq == [1, 0]
+
+
+@pytest.mark.parametrize(("overrides", "normalized"), [
+    ({}, True),                                                    # Mixtral, Qwen3 norm_topk_prob
+    ({"moe_router_pre_softmax": True}, False),                     # Qwen2-MoE, OLMoE
+    ({"moe_router_score_function": "sigmoid"}, True),              # DeepSeek-V3 (Megatron default)
+    ({"moe_router_score_function": "sigmoid", "moe_router_pre_softmax": True}, True),
+    ({"moe_router_score_function": "sigmoid", "moe_router_norm_topk_prob": False}, False),
+    ({"moe_router_norm_topk_prob": True}, True),
+])
+def test_moe_topk_normalisation_rule(overrides: dict[str, Any], normalized: bool) -> None:
+    assert TransformerConfig(**MOE, **overrides).moe_normalizes_topk_probs is normalized
+
+
+def test_moe_fields_on_mla_config() -> None:
+    config = MLATransformerConfig(**MOE, moe_router_score_function="sigmoid",
+                                  moe_router_num_groups=4, moe_router_group_topk=2,
+                                  moe_router_enable_expert_bias=True,
+                                  moe_shared_expert_intermediate_size=32)
+    assert config.moe_router_num_groups == 4 and config.num_moe_experts == 8
+
+
+MOE_INVALID: list[tuple[dict[str, Any], str, str]] = [
+    ({"num_moe_experts": 0}, "num_moe_experts=0", "must be >= 1"),
+    ({"num_moe_experts": None, "moe_ffn_hidden_size": 8}, "moe_ffn_hidden_size=8",
+     "needs num_moe_experts"),
+    ({"num_moe_experts": None, "expert_model_parallel_size": 2}, "expert_model_parallel_size=2",
+     "needs num_moe_experts"),
+    ({"num_moe_experts": None, "moe_shared_expert_intermediate_size": 8},
+     "moe_shared_expert_intermediate_size=8", "needs num_moe_experts"),
+    ({"moe_ffn_hidden_size": 0}, "moe_ffn_hidden_size=0", "must be >= 1"),
+    ({"moe_router_topk": 9}, "moe_router_topk=9", "must be <= num_moe_experts=8"),
+    ({"moe_router_topk": 0}, "moe_router_topk=0", "must be >= 1"),
+    ({"moe_router_topk": 1}, "moe_router_pre_softmax=False", "must be True with moe_router_topk=1"),
+    ({"moe_router_score_function": "relu"}, "moe_router_score_function='relu'",
+     "must be 'softmax' or 'sigmoid'"),
+    ({"moe_router_pre_softmax": 1}, "moe_router_pre_softmax=1", "must be True or False"),
+    ({"moe_router_norm_topk_prob": False}, "moe_router_norm_topk_prob=False",
+     "moe_router_pre_softmax decides it"),
+    ({"moe_router_topk_scaling_factor": 0.0}, "moe_router_topk_scaling_factor=0.0", "must be > 0.0"),
+    ({"moe_router_num_groups": 4}, "moe_router_group_topk=None", "needs both"),
+    ({"moe_router_group_topk": 2}, "moe_router_num_groups=None", "needs both"),
+    ({"moe_router_num_groups": 3, "moe_router_group_topk": 1}, "moe_router_num_groups=3",
+     "must divide num_moe_experts=8"),
+    ({"moe_router_num_groups": 4, "moe_router_group_topk": 3}, "moe_router_group_topk=3",
+     "must be <= moe_router_num_groups=4 and <= moe_router_topk=2"),
+    ({"moe_router_num_groups": 4, "moe_router_group_topk": 1, "moe_router_topk": 3},
+     "moe_router_topk=3", "must be <= group_topk * experts per group = 2"),
+    ({"moe_router_dtype": "bf16"}, "moe_router_dtype='bf16'", "must be None, 'fp32' or 'fp64'"),
+    ({"moe_router_enable_expert_bias": True}, "moe_router_enable_expert_bias=True",
+     "needs moe_router_score_function='sigmoid'"),
+    ({"moe_router_bias_update_rate": -1.0}, "moe_router_bias_update_rate=-1.0", "must be >= 0.0"),
+    ({"moe_aux_loss_coeff": -0.1}, "moe_aux_loss_coeff=-0.1", "must be >= 0.0"),
+    ({"moe_z_loss_coeff": math.nan}, "moe_z_loss_coeff=nan", "must not be NaN"),
+    ({"moe_shared_expert_intermediate_size": 0}, "moe_shared_expert_intermediate_size=0",
+     "must be >= 1"),
+    ({"moe_shared_expert_gate": True}, "moe_shared_expert_gate=True",
+     "set moe_shared_expert_intermediate_size too"),
+    ({"moe_expert_capacity_factor": 0.0}, "moe_expert_capacity_factor=0.0", "must be > 0.0"),
+    ({"moe_token_drop_policy": "random"}, "moe_token_drop_policy='random'",
+     "must be 'probs' or 'position'"),
+    ({"expert_model_parallel_size": 3}, "expert_model_parallel_size=3",
+     "must divide num_moe_experts=8"),
+    ({"expert_model_parallel_size": 0}, "expert_model_parallel_size=0", "must be >= 1"),
+    ({"moe_layer_freq": 0}, "moe_layer_freq=0", "must be >= 1"),
+    ({"moe_layer_freq": [1, 0, 1]}, "moe_layer_freq=[1, 0, 1]", "one 0 (dense) or 1 (MoE) per layer"),
+    ({"moe_layer_freq": [1, 2]}, "moe_layer_freq=[1, 2]", "one 0 (dense) or 1 (MoE) per layer"),
+    ({"moe_layer_freq": [True, False]}, "moe_layer_freq=[True, False]", "per layer (2 entries)"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field_value", "rule"), MOE_INVALID,
+                         ids=[case[1] for case in MOE_INVALID])
+def test_moe_invalid_combination_raises_naming_field(
+    overrides: dict[str, Any], field_value: str, rule: str
+) -> None:
+    for cls in (TransformerConfig, MLATransformerConfig):
+        with pytest.raises(ValueError) as info:
+            cls(**{**MOE, **overrides})
+        message = str(info.value)
+        assert f"TransformerConfig.{field_value}" in message
+        assert rule in message

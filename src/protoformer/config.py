@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ Normalization = Literal["LayerNorm", "RMSNorm"]
 RecomputeGranularity = Literal["selective", "full"]
 RopeScaling = Literal["llama3"]
 MLARopeType = Literal["rope", "yarn"]
+RouterScoreFunction = Literal["softmax", "sigmoid"]
+RouterDtype = Literal["fp32", "fp64"]
+TokenDropPolicy = Literal["probs", "position"]
 
 _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
@@ -129,9 +132,32 @@ class TransformerConfig:
     apply_rope_fusion: bool = False
     cross_entropy_loss_fusion: bool = False
 
+    # Mixture of experts (None experts = a dense model; see `moe_layer_pattern`).
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None  # each routed expert's width; default ffn_hidden_size
+    moe_layer_freq: int | list[int] = 1  # N: every N-th layer (0, N, 2N, ...) is MoE; or 0/1 per layer
+    moe_router_topk: int = 2
+    moe_router_score_function: RouterScoreFunction = "softmax"
+    moe_router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalising)
+    moe_router_norm_topk_prob: bool | None = None  # see `moe_normalizes_topk_probs`
+    moe_router_topk_scaling_factor: float | None = None
+    moe_router_num_groups: int | None = None  # group-limited routing (DeepSeek-V3)
+    moe_router_group_topk: int | None = None
+    moe_router_dtype: RouterDtype | None = None  # router GEMM and scores in fp32/fp64
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (sigmoid scores)
+    moe_router_bias_update_rate: float = 1e-3
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ w) scales the shared experts
+    moe_expert_capacity_factor: float | None = None  # None = dropless
+    moe_token_drop_policy: TokenDropPolicy = "probs"
+    expert_model_parallel_size: int = 1
+
     def __post_init__(self) -> None:
         self._validate_sizes()
         self._validate_options()
+        self._validate_moe()
 
     def _validate_sizes(self) -> None:
         _require_int("num_layers", self.num_layers, minimum=1)
@@ -198,6 +224,115 @@ class TransformerConfig:
             raise _fail("activation_func", self.activation_func,
                         "must be a callable Tensor -> Tensor such as torch.nn.functional.gelu")
 
+    def _validate_moe(self) -> None:
+        experts = self.num_moe_experts
+        if experts is None:
+            for name in ("moe_ffn_hidden_size", "moe_router_num_groups", "moe_router_group_topk",
+                         "moe_shared_expert_intermediate_size", "moe_expert_capacity_factor"):
+                if getattr(self, name) is not None:
+                    raise _fail(name, getattr(self, name),
+                                "needs num_moe_experts (this config is dense); set "
+                                "num_moe_experts or leave it unset")
+            if self.expert_model_parallel_size != 1:
+                raise _fail("expert_model_parallel_size", self.expert_model_parallel_size,
+                            "needs num_moe_experts; expert parallelism splits the experts")
+            return
+        experts = _require_int("num_moe_experts", experts, minimum=1)
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        _require_int("moe_ffn_hidden_size", self.moe_ffn_hidden_size, minimum=1)
+        self._validate_moe_layer_freq()
+        topk = _require_int("moe_router_topk", self.moe_router_topk, minimum=1)
+        if topk > experts:
+            raise _fail("moe_router_topk", topk,
+                        f"must be <= num_moe_experts={experts} (a token picks distinct experts)")
+        for name in ("moe_router_pre_softmax", "moe_router_enable_expert_bias",
+                     "moe_shared_expert_gate"):
+            _require_bool(name, getattr(self, name))
+        self._validate_moe_router(experts, topk)
+        _require_float("moe_aux_loss_coeff", self.moe_aux_loss_coeff, low=0.0)
+        if self.moe_z_loss_coeff is not None:
+            _require_float("moe_z_loss_coeff", self.moe_z_loss_coeff, low=0.0)
+        if self.moe_shared_expert_intermediate_size is not None:
+            _require_int("moe_shared_expert_intermediate_size",
+                         self.moe_shared_expert_intermediate_size, minimum=1)
+        elif self.moe_shared_expert_gate:
+            raise _fail("moe_shared_expert_gate", True,
+                        "gates the shared experts; set moe_shared_expert_intermediate_size too")
+        if self.moe_expert_capacity_factor is not None:
+            _require_float("moe_expert_capacity_factor", self.moe_expert_capacity_factor,
+                           low=0.0, low_inclusive=False)
+        if self.moe_token_drop_policy not in ("probs", "position"):
+            raise _fail("moe_token_drop_policy", self.moe_token_drop_policy,
+                        "must be 'probs' or 'position'")
+        ep = _require_int("expert_model_parallel_size", self.expert_model_parallel_size,
+                          minimum=1)
+        if experts % ep != 0:
+            raise _fail("expert_model_parallel_size", ep,
+                        f"must divide num_moe_experts={experts} (each rank holds as many experts)")
+
+    def _validate_moe_layer_freq(self) -> None:
+        freq = cast(object, self.moe_layer_freq)  # user input: check every entry's type
+        if not isinstance(freq, (list, tuple)):
+            _require_int("moe_layer_freq", freq, minimum=1)
+            return
+        pattern: list[int] = []
+        entries = cast("list[object] | tuple[object, ...]", freq)
+        for value in entries:
+            if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+                pattern.append(value)
+        if len(pattern) != len(entries) or len(pattern) != self.num_layers:
+            raise _fail("moe_layer_freq", entries,
+                        f"a list must hold one 0 (dense) or 1 (MoE) per layer "
+                        f"({self.num_layers} entries)")
+        self.moe_layer_freq = pattern
+
+    def _validate_moe_router(self, experts: int, topk: int) -> None:
+        score = self.moe_router_score_function
+        if score not in ("softmax", "sigmoid"):
+            raise _fail("moe_router_score_function", score, "must be 'softmax' or 'sigmoid'")
+        if score == "softmax" and topk == 1 and not self.moe_router_pre_softmax:
+            raise _fail("moe_router_pre_softmax", False,
+                        "must be True with moe_router_topk=1 and softmax scores (a softmax "
+                        "over one selected logit is always 1 and has no gradient)")
+        norm = self.moe_router_norm_topk_prob
+        if norm is not None:
+            _require_bool("moe_router_norm_topk_prob", norm)
+            if score == "softmax" and norm == self.moe_router_pre_softmax:
+                raise _fail("moe_router_norm_topk_prob", norm,
+                            "with softmax scores moe_router_pre_softmax decides it: "
+                            "pre_softmax=False renormalises over the top-k, True does not; "
+                            "leave moe_router_norm_topk_prob unset")
+        if self.moe_router_topk_scaling_factor is not None:
+            _require_float("moe_router_topk_scaling_factor", self.moe_router_topk_scaling_factor,
+                           low=0.0, low_inclusive=False)
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            name = "moe_router_group_topk" if group_topk is None else "moe_router_num_groups"
+            raise _fail(name, None, "group-limited routing needs both moe_router_num_groups "
+                                    "and moe_router_group_topk")
+        if groups is not None and group_topk is not None:
+            groups = _require_int("moe_router_num_groups", groups, minimum=1)
+            if experts % groups != 0:
+                raise _fail("moe_router_num_groups", groups,
+                            f"must divide num_moe_experts={experts}")
+            group_topk = _require_int("moe_router_group_topk", group_topk, minimum=1)
+            if group_topk > groups or group_topk > topk:
+                raise _fail("moe_router_group_topk", group_topk,
+                            f"must be <= moe_router_num_groups={groups} and <= "
+                            f"moe_router_topk={topk} (a group is scored by its top "
+                            "topk // group_topk experts)")
+            if topk > group_topk * (experts // groups):
+                raise _fail("moe_router_topk", topk,
+                            f"must be <= group_topk * experts per group = "
+                            f"{group_topk * (experts // groups)}")
+        if self.moe_router_dtype not in (None, "fp32", "fp64"):
+            raise _fail("moe_router_dtype", self.moe_router_dtype, "must be None, 'fp32' or 'fp64'")
+        if self.moe_router_enable_expert_bias and score != "sigmoid":
+            raise _fail("moe_router_enable_expert_bias", True,
+                        "aux-loss-free expert bias needs moe_router_score_function='sigmoid'")
+        _require_float("moe_router_bias_update_rate", self.moe_router_bias_update_rate, low=0.0)
+
     # Derived sizes, named as Megatron-Core derives them.
     @property
     def head_dim(self) -> int:
@@ -216,6 +351,36 @@ class TransformerConfig:
         """Width of the MLP's hidden layer (`ffn_hidden_size` after defaults)."""
         assert self.ffn_hidden_size is not None  # set in __post_init__
         return self.ffn_hidden_size
+
+    @property
+    def moe_ffn_size(self) -> int:
+        """Width of one routed expert's hidden layer (`moe_ffn_hidden_size` after defaults)."""
+        if self.moe_ffn_hidden_size is None:
+            return self.ffn_size
+        return self.moe_ffn_hidden_size
+
+    @property
+    def moe_layer_pattern(self) -> tuple[bool, ...]:
+        """Per layer (0-based): is it an MoE layer? Megatron-Core's rule for an int
+        `moe_layer_freq` N: layers 0, N, 2N, ... (so DeepSeek's "first k dense" is a list)."""
+        if self.num_moe_experts is None:
+            return (False,) * self.num_layers
+        freq = self.moe_layer_freq
+        if isinstance(freq, int):
+            return tuple(i % freq == 0 for i in range(self.num_layers))
+        return tuple(bool(v) for v in freq)
+
+    @property
+    def moe_normalizes_topk_probs(self) -> bool:
+        """Are the selected experts' probabilities divided by their sum?
+
+        Softmax scores: yes unless `moe_router_pre_softmax` (Mixtral, Qwen3 with
+        `norm_topk_prob`); sigmoid scores: `moe_router_norm_topk_prob`, default yes as in
+        Megatron-Core (DeepSeek-V3). HF's `norm_topk_prob=False` with softmax is
+        `moe_router_pre_softmax=True`."""
+        if self.moe_router_score_function == "softmax":
+            return not self.moe_router_pre_softmax
+        return self.moe_router_norm_topk_prob is not False
 
 
 @dataclass
