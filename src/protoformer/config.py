@@ -333,6 +333,12 @@ class TransformerConfig:
                         "aux-loss-free expert bias needs moe_router_score_function='sigmoid'")
         _require_float("moe_router_bias_update_rate", self.moe_router_bias_update_rate, low=0.0)
 
+    @property
+    def multi_latent_attention(self) -> bool:
+        """Whether the layers use multi-latent attention (`MLATransformerConfig`), which applies
+        its own rotary embedding (Megatron-Core's flag of the same name)."""
+        return False
+
     # Derived sizes, named as Megatron-Core derives them.
     @property
     def head_dim(self) -> int:
@@ -436,6 +442,11 @@ class MLATransformerConfig(TransformerConfig):
             raise _fail("num_query_groups", self.num_query_groups,
                         "multi-latent attention has one key/value head per query head; leave "
                         "num_query_groups unset or equal to num_attention_heads")
+
+    @property
+    def multi_latent_attention(self) -> bool:
+        """Always True: these layers use multi-latent attention."""
+        return True
 
     @property
     def q_head_dim(self) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from protoformer.interop.hf_common import HFConversionError
+from protoformer.interop import HFConversionError
 from protoformer.interop.hf_files import INDEX_FILE, SafetensorsSource
 
 

@@ -4,8 +4,8 @@
     model = from_hf(hf_model)                         # a transformers model instance
     save_hf(model, "out/")                            # loadable by AutoModelForCausalLM
 
-Supported: Llama (incl. Llama-3 rope scaling), Mistral, Qwen2, Qwen3 and DeepSeek-V3 attention
-(MLA) with dense MLP layers. Loading a directory reads config.json and the safetensors files
+Supported: the architectures registered in `protoformer.architectures`, found by the config's
+`model_type` (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V3 with dense MLP layers, ...). Loading a directory reads config.json and the safetensors files
 directly, so it does not need transformers. Every tensor of the checkpoint must be used and
 every parameter filled: missing or unexpected tensors raise `HFConversionError` listing them.
 Exceptions: a tied model's `lm_head.weight` (checked equal to the embedding), and, with a
@@ -29,22 +29,21 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
-from protoformer.backends import get_backend
-from protoformer.config import MLATransformerConfig, TransformerConfig
-from protoformer.interop.hf_common import (
+from protoformer.architectures import (
+    CausalLMArchitecture,
+    ModelSizes,
+    causal_lm_architecture,
+)
+from protoformer.architectures.conversion import (
     HFConversionError,
     HFModelInfo,
     JSONDict,
     TensorRule,
     UnsupportedHFModelError,
-    model_rules,
-    supported_list,
 )
-from protoformer.interop.hf_deepseek import (
-    export_deepseek_config,
-    mla_attention_rules,
-    parse_deepseek_config,
-)
+from protoformer.architectures.registry import default_export_architectures
+from protoformer.backends import get_backend
+from protoformer.config import TransformerConfig
 from protoformer.interop.hf_files import (
     SafetensorsSource,
     StateDictSource,
@@ -55,14 +54,7 @@ from protoformer.interop.hf_files import (
     read_config,
     write_safetensors,
 )
-from protoformer.interop.hf_llama import (
-    DENSE_MODEL_TYPES,
-    dense_attention_rules,
-    export_dense_config,
-    parse_dense_config,
-)
 from protoformer.models import GPTModel
-from protoformer.recipes import gpt_layer_spec, mla_layer_spec
 
 __all__ = [
     "HFConversionError",
@@ -121,70 +113,47 @@ def parse_hf_config(config: HFConfigLike, *, dtype: torch.dtype = torch.float32)
     with missing or ill-typed values.
     """
     values = _config_values(config, "parse_hf_config")
-    model_type = values.get("model_type")
-    if model_type == "deepseek_v3":
-        return parse_deepseek_config(values, dtype)
-    if isinstance(model_type, str) and model_type in DENSE_MODEL_TYPES:
-        return parse_dense_config(values, model_type, dtype)
-    if model_type == "t5":
-        raise UnsupportedHFModelError(
-            "Hugging Face model_type='t5' is an encoder-decoder model; load it with "
-            "protoformer.interop.t5_from_hf, which returns a T5Model")
-    architectures = values.get("architectures")
-    named = f" ({', '.join(map(str, architectures))})" if isinstance(architectures, list) else ""  # pyright: ignore[reportUnknownArgumentType]  # JSON list
-    raise UnsupportedHFModelError(
-        f"Hugging Face model_type={model_type!r}{named} is not supported; protoformer.interop "
-        f"converts {supported_list()}")
+    return causal_lm_architecture(values).read_config(values, dtype)
 
 
 def _export_config(model: GPTModel) -> JSONDict:
+    """The config.json of the first default-export architecture that can represent `model`."""
     if model.position_embedding_type != "rope":
         raise UnsupportedHFModelError(f"position_embedding_type={model.position_embedding_type!r}: "
                                       "the Hugging Face architectures use rotary embeddings")
-    vocab, length = model.vocab_size, model.max_sequence_length
-    tied = model.share_embeddings_and_output_weights
-    if isinstance(model.config, MLATransformerConfig):
-        return export_deepseek_config(model.config, vocab_size=vocab, max_sequence_length=length,
-                                      tie_word_embeddings=tied)
-    return export_dense_config(model.config, vocab_size=vocab, max_sequence_length=length,
-                               tie_word_embeddings=tied)
+    sizes = ModelSizes(vocab_size=model.vocab_size, max_sequence_length=model.max_sequence_length,
+                       tie_word_embeddings=model.share_embeddings_and_output_weights)
+    refusals: list[str] = []
+    for architecture in default_export_architectures():
+        try:
+            return architecture.write_config(model.config, sizes)
+        except UnsupportedHFModelError as refusal:
+            refusals.append(str(refusal))
+    raise UnsupportedHFModelError("no Hugging Face architecture represents this model; pass "
+                                  "config= to name one:\n  " + "\n  ".join(refusals))
 
 
 def _model_dtype(model: GPTModel) -> torch.dtype:
     return model.embedding.weight.dtype
 
 
-def _compare(config: TransformerConfig, expected: TransformerConfig) -> list[str]:
-    names = ["num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-             "normalization", "layernorm_epsilon", "qk_layernorm", "add_bias_linear",
-             "add_qkv_bias", "gated_linear_unit", "rotary_base", "rotary_percent",
-             "rotary_interleaved", "softmax_scale"]
-    if isinstance(expected, MLATransformerConfig):
-        names += ["q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
-                  "v_head_dim", "rope_type"]
-        if expected.rope_type == "yarn":
-            names += ["rotary_scaling_factor", "original_max_position_embeddings",
-                      "beta_fast", "beta_slow", "mscale", "mscale_all_dim"]
-    else:
-        names += ["num_query_groups", "kv_channels", "rope_scaling"]
-        if expected.rope_scaling is not None:
-            names += ["rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                      "rope_original_max_position_embeddings"]
+def _compare(config: TransformerConfig, expected: HFModelInfo) -> list[str]:
+    """How `config` differs from the one `expected` was read as, in the fields it describes."""
+    if type(config) is not type(expected.config):
+        return [f"the config is a {type(expected.config).__name__}, the model's a "
+                f"{type(config).__name__}"]
     problems: list[str] = []
-    if isinstance(config, MLATransformerConfig) != isinstance(expected, MLATransformerConfig):
-        return [f"the config is a {type(expected).__name__}, the model's a {type(config).__name__}"]
-    for name in names:
+    for name in expected.described_fields:
         ours: object = getattr(config, name)
-        theirs: object = getattr(expected, name)
+        theirs: object = getattr(expected.config, name)
         if isinstance(ours, float) and isinstance(theirs, float):
             same_value = math.isclose(ours, theirs, rel_tol=1e-9, abs_tol=1e-12)
+        elif callable(ours):
+            same_value = ours is theirs
         else:
             same_value = ours == theirs
         if not same_value:
             problems.append(f"{name}: model {ours!r}, config {theirs!r}")
-    if config.activation_func is not expected.activation_func:
-        problems.append(f"activation_func: model {config.activation_func!r}, config "
-                        f"{expected.activation_func!r}")
     return problems
 
 
@@ -206,7 +175,7 @@ def hf_model_info(model: GPTModel, config: HFConfigLike | None = None) -> HFMode
         return _ORIGINS[model]
     else:
         info = parse_hf_config(_export_config(model), dtype=dtype)
-    problems = _compare(model.config, info.config)
+    problems = _compare(model.config, info)
     if info.vocab_size != model.vocab_size:
         problems.append(f"vocab_size: model {model.vocab_size}, config {info.vocab_size}")
     if info.tie_word_embeddings != model.share_embeddings_and_output_weights:
@@ -232,11 +201,13 @@ def hf_config_dict(model: GPTModel, config: HFConfigLike | None = None) -> JSOND
 
 
 # ------------------------------------------------------------------ tensors
+def _architecture(info: HFModelInfo) -> CausalLMArchitecture:
+    return causal_lm_architecture({"model_type": info.model_type})
+
+
 def tensor_rules(info: HFModelInfo) -> list[TensorRule]:
     """The conversion rule of every tensor of `info`'s model."""
-    attention = (mla_attention_rules if info.model_type == "deepseek_v3"
-                 else dense_attention_rules)
-    return model_rules(info, attention)
+    return _architecture(info).tensor_rules(info)
 
 
 def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSource) -> None:
@@ -275,9 +246,7 @@ def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSourc
 
 
 def _build(info: HFModelInfo, device: torch.device | str | None) -> GPTModel:
-    backend = get_backend("local")
-    recipe = mla_layer_spec if isinstance(info.config, MLATransformerConfig) else gpt_layer_spec
-    spec = recipe(backend, info.config)
+    spec = _architecture(info).layer_spec(get_backend("local"), info)
     placement = torch.device(device) if device is not None else contextlib.nullcontext()
     with placement:
         return GPTModel(info.config, spec, info.vocab_size, info.max_sequence_length,

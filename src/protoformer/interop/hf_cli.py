@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from protoformer.architectures import seq2seq_architecture
+from protoformer.architectures.conversion import HFModelInfo, JSONDict
 from protoformer.interop.hf import from_hf, hf_model_info
-from protoformer.interop.hf_common import HFModelInfo, JSONDict
 from protoformer.interop.hf_files import read_config
 from protoformer.interop.hf_t5 import t5_from_hf
 from protoformer.interop.hf_tokenizer import HFTokenizer, load_tokenizer
@@ -95,9 +96,11 @@ def load_hf_for_cli(path: str | os.PathLike[str], *, device: str | torch.device 
 
 
 def is_t5_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether the checkpoint directory's config.json says `model_type: t5`."""
+    """Whether the checkpoint directory's config.json names a registered encoder-decoder
+    architecture (T5, mT5), which `load_t5_for_cli` loads."""
     directory = Path(path)
-    return (directory / "config.json").is_file() and read_config(directory).get("model_type") == "t5"
+    return ((directory / "config.json").is_file()
+            and seq2seq_architecture(read_config(directory)) is not None)
 
 
 def load_t5_for_cli(path: str | os.PathLike[str], *, device: str | torch.device | None = "auto",

@@ -17,7 +17,12 @@ from typing import Protocol, cast
 import torch
 from torch import Tensor, nn
 
-from protoformer.interop.hf_common import HFConversionError, JSONDict, TensorRule, json_object
+from protoformer.architectures.conversion import (
+    HFConversionError,
+    JSONDict,
+    TensorRule,
+    json_object,
+)
 
 __all__ = [
     "INDEX_FILE",

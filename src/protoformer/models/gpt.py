@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.config import TransformerConfig
 from protoformer.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from protoformer.models.common import (
     check_sizes,
@@ -28,7 +28,6 @@ from protoformer.transformer.block import LayerSpecs, TransformerBlock
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.mlp import init_method_normal
 from protoformer.transformer.rope import RotaryEmbedding, rotary_emb_from_config
-from protoformer.transformer.yarn import MLARotaryEmbedding
 
 __all__ = ["GPTModel", "PositionEmbeddingType", "mixed_precision_context"]
 
@@ -101,7 +100,7 @@ class GPTModel(nn.Module):
             self.position_embeddings.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]  # a documented tag, read by finalize_model_grads
         # Multi-latent attention applies its own (decoupled, possibly YaRN) rotary embedding.
         self.rotary_pos_emb: RotaryEmbedding | None = None
-        if position_embedding_type == "rope" and not isinstance(config, MLATransformerConfig):
+        if position_embedding_type == "rope" and not config.multi_latent_attention:
             self.rotary_pos_emb = rotary_emb_from_config(config)
 
         self.decoder = TransformerBlock(config, layer_spec, pg=self.pg, post_layer_norm=True)
@@ -242,18 +241,12 @@ class GPTModel(nn.Module):
         self._recompute_rotary_tables()
 
     def _recompute_rotary_tables(self) -> None:
-        """Refill the rotary `inv_freq` buffers, which `to_empty` leaves uninitialised."""
+        """Refill the model's rotary `inv_freq` buffer, which `to_empty` leaves uninitialised
+        (attention modules with their own tables refill them in `reset_parameters`)."""
         device = self.embedding.weight.device
         if self.rotary_pos_emb is not None:
             with torch.device(device):
                 self.rotary_pos_emb = rotary_emb_from_config(self.config)
-        config = self.config
-        if isinstance(config, MLATransformerConfig):
-            for module in self.modules():
-                if isinstance(module, MLARotaryEmbedding):
-                    with torch.device(module.inv_freq.device):
-                        fresh = MLARotaryEmbedding(config)
-                    module.inv_freq.copy_(fresh.inv_freq)
 
 
 def mixed_precision_context(config: TransformerConfig,

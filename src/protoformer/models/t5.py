@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.config import TransformerConfig
 from protoformer.initialization import init_method_normal
 from protoformer.models.common import (
     check_sizes,
@@ -99,7 +99,7 @@ class T5Model(nn.Module):
                              f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")
         encoder_config = encoder_config if encoder_config is not None else config
         for name, stack in (("config", config), ("encoder_config", encoder_config)):
-            if isinstance(stack, MLATransformerConfig):
+            if stack.multi_latent_attention:
                 raise ValueError(f"T5Model: {name} is an MLATransformerConfig; the encoder-decoder "
                                  "model is built from standard attention layers")
         if encoder_config.sequence_parallel != config.sequence_parallel:

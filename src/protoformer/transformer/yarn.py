@@ -111,23 +111,31 @@ class MLARotaryEmbedding(nn.Module):
         super().__init__()
         dim = config.qk_pos_emb_head_dim
         _check_even_dim(dim)
+        self.config = config
         self.dim = dim
         self.rope_type = config.rope_type
+        self.magnitude = 1.0
         if config.rope_type == "yarn":
-            factor = config.rotary_scaling_factor
-            with torch.device("cpu"):  # see RotaryEmbedding: avoid meta-device reference kernels
-                inv_freq = yarn_inv_freq(dim, config.rotary_base, factor,
-                                         config.original_max_position_embeddings,
-                                         config.beta_fast, config.beta_slow)
             # DeepSeek-V3's `_mscale`: YaRN's attention temperature, folded into cos/sin.
+            factor = config.rotary_scaling_factor
             self.magnitude = (yarn_get_mscale(factor, config.mscale)
                               / yarn_get_mscale(factor, config.mscale_all_dim))
-        else:
-            with torch.device("cpu"):
-                inv_freq = rope_inv_freq(dim, config.rotary_base)
-            self.magnitude = 1.0
-        inv_freq = inv_freq.to(torch.get_default_device())
+        inv_freq = self._inv_freq().to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [dim / 2]
+
+    def _inv_freq(self) -> Tensor:
+        config = self.config
+        with torch.device("cpu"):  # see RotaryEmbedding: avoid meta-device reference kernels
+            if config.rope_type == "yarn":
+                return yarn_inv_freq(self.dim, config.rotary_base, config.rotary_scaling_factor,
+                                     config.original_max_position_embeddings,
+                                     config.beta_fast, config.beta_slow)  # [dim / 2]
+            return rope_inv_freq(self.dim, config.rotary_base)  # [dim / 2]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Refill `inv_freq` from the config (`to_empty` leaves the buffer uninitialised)."""
+        self.inv_freq.copy_(self._inv_freq())
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Integer positions `[s]` -> (cos, sin), each float32 `[s, dim / 2]` (one angle per pair)."""

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from protoformer.config import TransformerConfig
-from protoformer.interop.hf_common import (
-    SUPPORTED_ARCHITECTURES,
+from protoformer.architectures.conversion import (
+    DESCRIBED_FIELDS,
     ConfigReader,
     HFConversionError,
     HFModelInfo,
@@ -32,13 +33,21 @@ from protoformer.interop.hf_common import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
+    model_rules,
     owned,
     read_rope,
     same,
 )
+from protoformer.architectures.registry import ModelSizes, register_architecture
+from protoformer.backends.base import BackendSpecProvider
+from protoformer.config import TransformerConfig
+from protoformer.recipes.gpt import gpt_layer_spec
+from protoformer.recipes.presets import Preset, register_preset
+from protoformer.transformer.layer import TransformerLayerSubmodules
 
 __all__ = [
     "DENSE_MODEL_TYPES",
+    "LlamaArchitecture",
     "dense_attention_rules",
     "export_dense_config",
     "fuse_qkv",
@@ -48,6 +57,8 @@ __all__ = [
 ]
 
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 # ------------------------------------------------------------------ fused QKV layout
@@ -155,7 +166,7 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
     `max_sequence_length` at `W`: up to that length sliding-window and full causal attention
     agree exactly, and protoformer has no sliding-window mask.
     """
-    reader = ConfigReader(values, f"{SUPPORTED_ARCHITECTURES[model_type]} config")
+    reader = ConfigReader(values, f"{_HF_CLASSES[model_type]} config")
     hidden = reader.get_int("hidden_size")
     heads = reader.get_int("num_attention_heads")
     head_dim = reader.get_optional_int("head_dim")
@@ -223,12 +234,22 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
         max_sequence_length = window
     return HFModelInfo(
         model_type=model_type,
+        architecture=_HF_CLASSES[model_type],
         config=config,
         vocab_size=reader.get_int("vocab_size"),
         max_sequence_length=max_sequence_length,
         tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
         hf_config=dict(values),
+        described_fields=_described_fields(config),
     )
+
+
+def _described_fields(config: TransformerConfig) -> tuple[str, ...]:
+    names: tuple[str, ...] = (*DESCRIBED_FIELDS, "num_query_groups", "kv_channels", "rope_scaling")
+    if config.rope_scaling is not None:
+        names += ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_position_embeddings")
+    return names
 
 
 # ------------------------------------------------------------------ config: protoformer -> HF
@@ -242,6 +263,8 @@ def _choose_dense_type(config: TransformerConfig) -> str:
 
 def _check_exportable(config: TransformerConfig, model_type: str) -> None:
     problems: list[str] = []
+    if type(config) is not TransformerConfig:
+        problems.append(f"a {type(config).__name__} (these models take a plain TransformerConfig)")
     if config.normalization != "RMSNorm":
         problems.append(f"normalization={config.normalization!r} (these models use RMSNorm)")
     if not config.gated_linear_unit:
@@ -269,7 +292,7 @@ def _check_exportable(config: TransformerConfig, model_type: str) -> None:
         problems.append("biases (Qwen3's attention_bias would also bias o_proj, not the MLP)")
     if problems:
         raise UnsupportedHFModelError(
-            f"cannot export this model as {SUPPORTED_ARCHITECTURES[model_type]}: "
+            f"cannot export this model as {_HF_CLASSES[model_type]}: "
             + "; ".join(problems))
 
 
@@ -298,7 +321,7 @@ def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_seque
         }
         rope = {**legacy_scaling, "rope_theta": config.rotary_base}
     values: JSONDict = {
-        "architectures": [SUPPORTED_ARCHITECTURES[kind]],
+        "architectures": [_HF_CLASSES[kind]],
         "model_type": kind,
         "vocab_size": vocab_size,
         "hidden_size": config.hidden_size,
@@ -330,3 +353,86 @@ def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_seque
         values["sliding_window"] = None
         values["max_window_layers"] = config.num_layers
     return values
+
+
+# ------------------------------------------------------------------ the registered architectures
+@dataclass(frozen=True)
+class LlamaArchitecture:
+    """One of the Llama-family `model_type`s (a `CausalLMArchitecture`): all are built by
+    `gpt_layer_spec` and differ in biases, q/k norms and sliding windows."""
+
+    model_type: str
+    exports_by_default: bool = True
+
+    @property
+    def hf_class(self) -> str:
+        return _HF_CLASSES[self.model_type]
+
+    def read_config(self, values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
+        return parse_dense_config(values, self.model_type, dtype)
+
+    def layer_spec(self, backend: BackendSpecProvider,
+                   info: HFModelInfo) -> TransformerLayerSubmodules:
+        return gpt_layer_spec(backend, info.config)
+
+    def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
+        return model_rules(info, dense_attention_rules)
+
+    def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
+        return export_dense_config(config, vocab_size=sizes.vocab_size,
+                                   max_sequence_length=sizes.max_sequence_length,
+                                   tie_word_embeddings=sizes.tie_word_embeddings,
+                                   model_type=self.model_type)
+
+
+# Mistral writes the same layout as Llama without biases: a model not read from Hugging Face
+# exports as Llama (or Qwen2/Qwen3 for their biases and norms), never as Mistral.
+for _kind in DENSE_MODEL_TYPES:
+    register_architecture(LlamaArchitecture(_kind, exports_by_default=_kind != "mistral"))
+
+
+# ------------------------------------------------------------------ presets of published sizes
+def _llama3(*, num_layers: int, hidden_size: int, num_attention_heads: int,
+            ffn_hidden_size: int) -> TransformerConfig:
+    # Llama 3.1 shapes: GQA with 8 key/value heads, SwiGLU, RMSNorm, no biases, RoPE with
+    # base 500000 and the llama3 frequency scaling (factor 8 over an 8192-token original).
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        num_query_groups=8,
+        ffn_hidden_size=ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        rotary_base=500000.0,
+        rope_scaling="llama3",
+        rope_scaling_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_position_embeddings=8192,
+        params_dtype=torch.bfloat16,
+        bf16=True,
+    )
+
+
+def _llama3_8b() -> TransformerConfig:
+    return _llama3(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=14336)
+
+
+def _llama3_70b() -> TransformerConfig:
+    return _llama3(num_layers=80, hidden_size=8192, num_attention_heads=64, ffn_hidden_size=28672)
+
+
+register_preset(Preset(
+    "llama3-8b", "Llama 3.1 8B shapes (32 layers, hidden 4096, GQA 32/8, SwiGLU 14336, vocab "
+    "128256, llama3 RoPE scaling)", _llama3_8b, vocab_size=128256, max_sequence_length=131072,
+    layer_spec=gpt_layer_spec, tie_embeddings=False))
+register_preset(Preset(
+    "llama3-70b", "Llama 3.1 70B shapes (80 layers, hidden 8192, GQA 64/8, SwiGLU 28672, vocab "
+    "128256, llama3 RoPE scaling)", _llama3_70b, vocab_size=128256, max_sequence_length=131072,
+    layer_spec=gpt_layer_spec, tie_embeddings=False))

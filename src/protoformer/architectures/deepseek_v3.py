@@ -18,11 +18,11 @@ import math
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from protoformer.config import MLATransformerConfig, TransformerConfig
-from protoformer.interop.hf_common import (
-    SUPPORTED_ARCHITECTURES,
+from protoformer.architectures.conversion import (
+    DESCRIBED_FIELDS,
     ConfigReader,
     HFConversionError,
     HFModelInfo,
@@ -32,12 +32,20 @@ from protoformer.interop.hf_common import (
     activation_for,
     activation_name,
     format_layer_list,
+    model_rules,
     read_rope,
     same,
 )
+from protoformer.architectures.registry import ModelSizes, register_architecture
+from protoformer.backends.base import BackendSpecProvider
+from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.recipes.mla import mla_layer_spec
+from protoformer.recipes.presets import Preset, register_preset
+from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.yarn import yarn_get_mscale
 
 __all__ = [
+    "DeepseekV3Architecture",
     "export_deepseek_config",
     "mla_attention_rules",
     "moe_layers",
@@ -46,7 +54,8 @@ __all__ = [
     "rope_rows_to_pairs",
 ]
 
-_WHERE = f"{SUPPORTED_ARCHITECTURES['deepseek_v3']} config"
+_HF_CLASS = "DeepseekV3ForCausalLM"
+_WHERE = f"{_HF_CLASS} config"
 
 
 # ------------------------------------------------------------------ rotary row layouts
@@ -234,8 +243,14 @@ def parse_deepseek_config(values: Mapping[str, object], dtype: torch.dtype) -> H
     extra = reader.get_optional_int("num_nextn_predict_layers")
     if extra is None:
         extra = reader.get_int("num_mtp_layers", 0)
+    names: tuple[str, ...] = (*DESCRIBED_FIELDS, "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+             "qk_pos_emb_head_dim", "v_head_dim", "rope_type")
+    if config.rope_type == "yarn":
+        names += ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast",
+                  "beta_slow", "mscale", "mscale_all_dim")
     return HFModelInfo(
         model_type="deepseek_v3",
+        architecture=_HF_CLASS,
         config=config,
         vocab_size=reader.get_int("vocab_size"),
         max_sequence_length=max_positions,
@@ -243,6 +258,7 @@ def parse_deepseek_config(values: Mapping[str, object], dtype: torch.dtype) -> H
         hf_config=dict(values),
         rope_interleave=reader.get_bool("rope_interleave", True),
         extra_layers=extra,
+        described_fields=names,
     )
 
 
@@ -289,7 +305,7 @@ def export_deepseek_config(config: TransformerConfig, *, vocab_size: int,
     legacy = None if config.rope_type == "rope" else {k: v for k, v in rope.items()
                                                       if k != "rope_theta"}
     return {
-        "architectures": [SUPPORTED_ARCHITECTURES["deepseek_v3"]],
+        "architectures": [_HF_CLASS],
         "model_type": "deepseek_v3",
         "vocab_size": vocab_size,
         "hidden_size": config.hidden_size,
@@ -318,3 +334,69 @@ def export_deepseek_config(config: TransformerConfig, *, vocab_size: int,
         "num_nextn_predict_layers": 0,
         "use_cache": True,
     }
+
+
+# ------------------------------------------------------------------ the registered architecture
+class DeepseekV3Architecture:
+    """DeepSeek-V3 (`CausalLMArchitecture`): multi-latent attention, dense MLPs, `mla_layer_spec`."""
+
+    model_type = "deepseek_v3"
+    hf_class = _HF_CLASS
+    exports_by_default = True
+
+    def read_config(self, values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
+        return parse_deepseek_config(values, dtype)
+
+    def layer_spec(self, backend: BackendSpecProvider,
+                   info: HFModelInfo) -> TransformerLayerSubmodules:
+        return mla_layer_spec(backend, info.config)
+
+    def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
+        return model_rules(info, mla_attention_rules)
+
+    def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
+        return export_deepseek_config(config, vocab_size=sizes.vocab_size,
+                                      max_sequence_length=sizes.max_sequence_length,
+                                      tie_word_embeddings=sizes.tie_word_embeddings)
+
+
+register_architecture(DeepseekV3Architecture())
+
+
+def _deepseek_v3_mla() -> TransformerConfig:
+    # DeepSeek-V3's attention and sizes with a dense SwiGLU MLP in every layer (the released
+    # model uses mixture-of-experts MLPs in all but its first three layers).
+    return MLATransformerConfig(
+        num_layers=61,
+        hidden_size=7168,
+        num_attention_heads=128,
+        ffn_hidden_size=18432,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_head_dim=128,
+        qk_pos_emb_head_dim=64,
+        v_head_dim=128,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        rotary_base=10000.0,
+        rope_type="yarn",
+        rotary_scaling_factor=40.0,
+        original_max_position_embeddings=4096,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+        params_dtype=torch.bfloat16,
+        bf16=True,
+    )
+
+
+register_preset(Preset(
+    "deepseek-v3-mla", "DeepSeek-V3 attention shapes (61 layers, hidden 7168, MLA with 128 "
+    "heads, YaRN RoPE) with dense SwiGLU MLPs of 18432", _deepseek_v3_mla, vocab_size=129280,
+    max_sequence_length=163840, layer_spec=mla_layer_spec, tie_embeddings=False))

@@ -1,5 +1,5 @@
-"""What every Hugging Face architecture mapping shares: errors, the model description, config
-reading, activations and the tensor rules of embeddings, norms and the gated MLP.
+"""What every Hugging Face architecture shares: errors, the model description, config reading,
+activations and the tensor rules of embeddings, norms and the gated MLP.
 
 A `TensorRule` ties one protoformer parameter to the Hugging Face tensor(s) it is made from,
 with both directions of the conversion. Loading and exporting walk the same list of rules, so
@@ -21,11 +21,12 @@ from protoformer.transformer.mlp import gelu_tanh
 
 __all__ = [
     "ACTIVATIONS",
-    "SUPPORTED_ARCHITECTURES",
+    "DESCRIBED_FIELDS",
     "ConfigReader",
     "HFConversionError",
     "HFModelInfo",
     "JSONDict",
+    "Seq2SeqModelInfo",
     "TensorRule",
     "UnsupportedHFModelError",
     "activation_for",
@@ -38,19 +39,16 @@ __all__ = [
     "owned",
     "read_rope",
     "same",
-    "supported_list",
 ]
 
 JSONDict = dict[str, object]
 
-# Hugging Face `model_type` -> the causal-LM class name written to config.json `architectures`.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-}
+# The `TransformerConfig` fields every Hugging Face config determines; `hf_model_info` checks
+# that a model's config agrees with them (a family adds its own in `HFModelInfo.described_fields`).
+DESCRIBED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                    "normalization", "layernorm_epsilon", "qk_layernorm", "add_bias_linear",
+                    "add_qkv_bias", "gated_linear_unit", "rotary_base", "rotary_percent",
+                    "rotary_interleaved", "softmax_scale", "activation_func")
 
 # Hugging Face `hidden_act` names and the functions that compute them exactly.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -84,35 +82,49 @@ def json_object(value: object) -> JSONDict:
     return {str(key): item for key, item in items.items()}
 
 
-def supported_list() -> str:
-    """The supported `model_type`s with their classes, for error messages."""
-    return ", ".join(f"{kind} ({cls})" for kind, cls in SUPPORTED_ARCHITECTURES.items())
-
-
 @dataclass(frozen=True)
 class HFModelInfo:
     """A Hugging Face causal LM described in protoformer's terms: its config and the model sizes.
 
-    `hf_config` is the Hugging Face config the description was read from (written back by
-    `save_hf`). `rope_interleave` (DeepSeek-V3 only) says whether the checkpoint stores the
+    `architecture` is the transformers class (`LlamaForCausalLM`). `hf_config` is the Hugging
+    Face config the description was read from (written back by `save_hf`). `described_fields`
+    are the config fields the Hugging Face config determines (`hf_model_info` compares them
+    with a model's). `rope_interleave` (DeepSeek-V3 only) says whether the checkpoint stores the
     rotary rows of queries and keys as interleaved pairs (protoformer's MLA layout) or as
     halves. `extra_layers` counts DeepSeek's multi-token-prediction layers stored after the
     decoder, which protoformer does not use.
     """
 
     model_type: str
+    architecture: str
     config: TransformerConfig
     vocab_size: int
     max_sequence_length: int
     tie_word_embeddings: bool
     hf_config: JSONDict = field(repr=False)
+    described_fields: tuple[str, ...] = DESCRIBED_FIELDS
     rope_interleave: bool = True
     extra_layers: int = 0
 
-    @property
-    def architecture(self) -> str:
-        """The Hugging Face class name, e.g. `LlamaForCausalLM`."""
-        return SUPPORTED_ARCHITECTURES[self.model_type]
+
+@dataclass(frozen=True)
+class Seq2SeqModelInfo:
+    """A Hugging Face encoder-decoder model (T5 and relatives) in protoformer's terms.
+
+    `config` describes the decoder stack, `encoder_config` the encoder's; `scale_decoder_outputs`
+    says whether the decoder output is scaled by `d_model ** -0.5` before the tied head;
+    `tied`, whether the output layer shares the embedding.
+    """
+
+    model_type: str
+    architecture: str
+    config: TransformerConfig
+    encoder_config: TransformerConfig
+    vocab_size: int
+    relative_attention_num_buckets: int
+    relative_attention_max_distance: int
+    scale_decoder_outputs: bool
+    tied: bool
 
 
 class ConfigReader:

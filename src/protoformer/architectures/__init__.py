@@ -1,0 +1,40 @@
+"""Model families: one module per Hugging Face architecture, found by `model_type`.
+
+Each module registers its architecture object(s) (`registry.CausalLMArchitecture` or
+`registry.Seq2SeqArchitecture`: config reader, layer recipe, tensor conversion rules, config
+writer) and its published-size presets when imported; importing this package registers the
+built-in families. `protoformer.interop` and the `protoformer` command look them up here.
+"""
+
+# Registration order is the order of `SUPPORTED_ARCHITECTURES`, of the presets and of the
+# architectures `save_hf` tries for a model that was not read from Hugging Face.
+from protoformer.architectures import llama
+
+# isort: split
+from protoformer.architectures import deepseek_v3, t5
+from protoformer.architectures.registry import (
+    SUPPORTED_ARCHITECTURES,
+    CausalLMArchitecture,
+    ModelSizes,
+    Seq2SeqArchitecture,
+    causal_lm_architecture,
+    register_architecture,
+    register_seq2seq_architecture,
+    registered_model_types,
+    seq2seq_architecture,
+)
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CausalLMArchitecture",
+    "ModelSizes",
+    "Seq2SeqArchitecture",
+    "causal_lm_architecture",
+    "deepseek_v3",
+    "llama",
+    "register_architecture",
+    "register_seq2seq_architecture",
+    "registered_model_types",
+    "seq2seq_architecture",
+    "t5",
+]
