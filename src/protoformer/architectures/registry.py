@@ -37,7 +37,7 @@ from protoformer.architectures.conversion import (
 from protoformer.backends.base import BackendSpecProvider
 from protoformer.config import TransformerConfig
 from protoformer.models.t5 import T5Model
-from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.block import LayerSpecs
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -90,9 +90,9 @@ class CausalLMArchitecture(Protocol):
         """
         ...
 
-    def layer_spec(self, backend: BackendSpecProvider,
-                   info: HFModelInfo) -> TransformerLayerSubmodules:
-        """The layer recipe of the model `info` describes, from `backend`'s builders."""
+    def layer_spec(self, backend: BackendSpecProvider, info: HFModelInfo) -> LayerSpecs:
+        """The layer recipe of the model `info` describes, from `backend`'s builders: one spec
+        for every layer, or one per layer (e.g. alternating local and global attention)."""
         ...
 
     def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
