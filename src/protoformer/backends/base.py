@@ -16,6 +16,7 @@ from protoformer.parallel.protocols import (
 )
 from protoformer.transformer.interfaces import CoreAttentionBuilder
 from protoformer.transformer.mlp import ActivationBuilder
+from protoformer.transformer.moe.protocols import GroupedLinearBuilder, RouterBuilder
 from protoformer.transformer.norm import LayerNormBuilder
 
 __all__ = ["BackendSpecProvider"]
@@ -48,4 +49,12 @@ class BackendSpecProvider(Protocol):
 
     def activation(self) -> ActivationBuilder:
         """The MLP nonlinearity (gated or not, per the config)."""
+        ...
+
+    def router(self) -> RouterBuilder:
+        """The MoE router (scores tokens against the experts, picks the top-k)."""
+        ...
+
+    def grouped_linear(self) -> GroupedLinearBuilder:
+        """One linear per local expert in one weight tensor (the MoE experts' fc1 and fc2)."""
         ...

@@ -15,6 +15,9 @@ from protoformer.parallel.protocols import (
 from protoformer.transformer.core_attention import SDPAttention
 from protoformer.transformer.interfaces import CoreAttentionBuilder
 from protoformer.transformer.mlp import Activation, ActivationBuilder
+from protoformer.transformer.moe.experts import GroupedLinear
+from protoformer.transformer.moe.protocols import GroupedLinearBuilder, RouterBuilder
+from protoformer.transformer.moe.router import TopKRouter
 from protoformer.transformer.norm import LayerNorm, LayerNormBuilder, RMSNorm
 
 __all__ = ["LocalSpecProvider"]
@@ -53,6 +56,14 @@ class LocalSpecProvider:
     def activation(self) -> ActivationBuilder:
         """`Activation`: `config.activation_func`, gated or plain."""
         return Activation
+
+    def router(self) -> RouterBuilder:
+        """`TopKRouter`: softmax/sigmoid scores, (group-limited) top-k, aux losses, expert bias."""
+        return TopKRouter
+
+    def grouped_linear(self) -> GroupedLinearBuilder:
+        """`GroupedLinear`: `torch._grouped_mm` on Hopper GPUs in bf16, a loop over experts elsewhere."""
+        return GroupedLinear
 
     def __repr__(self) -> str:
         return "LocalSpecProvider()"

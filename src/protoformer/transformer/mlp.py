@@ -151,6 +151,8 @@ class MLP(nn.Module):
         *,
         pg: ProcessGroups | None = None,
         input_size: int | None = None,
+        ffn_hidden_size: int | None = None,
+        is_expert: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(submodules, MLPSubmodules):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
@@ -159,7 +161,7 @@ class MLP(nn.Module):
         self.config = config
         pg = pg if pg is not None else ProcessGroups()
         tp_size = pg.tp_size
-        ffn = config.ffn_size
+        ffn = ffn_hidden_size if ffn_hidden_size is not None else config.ffn_size
         if ffn % tp_size != 0:
             raise ValueError(f"ffn_hidden_size={ffn} must be divisible by the tensor-parallel "
                              f"size {tp_size}; choose an ffn_hidden_size that is a multiple of it")
@@ -178,7 +180,7 @@ class MLP(nn.Module):
             bias=config.add_bias_linear,
             gather_output=False,
             skip_bias_add=True,
-            is_expert=False,
+            is_expert=is_expert,
             tp_comm_buffer_name="fc1",
             tp_group=pg.tp,
         )
@@ -191,7 +193,7 @@ class MLP(nn.Module):
             bias=config.add_bias_linear,
             input_is_parallel=True,
             skip_bias_add=True,
-            is_expert=False,
+            is_expert=is_expert,
             tp_comm_buffer_name="fc2",
             tp_group=pg.tp,
         )

@@ -1,0 +1,62 @@
+"""Mixture of experts: `MoELayer` (fills a layer's `mlp` slot), its typed slots
+(`MoESubmodules`: router, experts, shared experts, token dispatcher), `TopKRouter`,
+`GroupedMLP` / `SequentialMLP` experts, `SharedExpertMLP`, and the auxiliary-loss channel."""
+
+from protoformer.transformer.moe.aux_loss import (
+    AuxLossReporter,
+    ExpertBiasOwner,
+    MoEAuxLossTracker,
+    bind_aux_loss_tracker,
+)
+from protoformer.transformer.moe.dispatcher import MoELocalTokenDispatcher
+from protoformer.transformer.moe.experts import (
+    GroupedLinear,
+    GroupedMLP,
+    GroupedMLPSubmodules,
+    SequentialMLP,
+)
+from protoformer.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from protoformer.transformer.moe.protocols import (
+    ExpertsBuilder,
+    ExpertsInterface,
+    GroupedLinearBuilder,
+    GroupedLinearFc1Builder,
+    GroupedLinearFc2Builder,
+    GroupedLinearInterface,
+    RouterBuilder,
+    RouterInterface,
+    SharedExpertsBuilder,
+    SharedExpertsInterface,
+    TokenDispatcherBuilder,
+    TokenDispatcherInterface,
+)
+from protoformer.transformer.moe.router import TopKRouter
+from protoformer.transformer.moe.shared_experts import SharedExpertMLP
+
+__all__ = [
+    "AuxLossReporter",
+    "ExpertBiasOwner",
+    "ExpertsBuilder",
+    "ExpertsInterface",
+    "GroupedLinear",
+    "GroupedLinearBuilder",
+    "GroupedLinearFc1Builder",
+    "GroupedLinearFc2Builder",
+    "GroupedLinearInterface",
+    "GroupedMLP",
+    "GroupedMLPSubmodules",
+    "MoEAuxLossTracker",
+    "MoELayer",
+    "MoELocalTokenDispatcher",
+    "MoESubmodules",
+    "RouterBuilder",
+    "RouterInterface",
+    "SequentialMLP",
+    "SharedExpertMLP",
+    "SharedExpertsBuilder",
+    "SharedExpertsInterface",
+    "TokenDispatcherBuilder",
+    "TokenDispatcherInterface",
+    "TopKRouter",
+    "bind_aux_loss_tracker",
+]

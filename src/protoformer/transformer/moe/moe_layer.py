@@ -1,0 +1,80 @@
+"""`MoELayer`: a mixture-of-experts block that fills a transformer layer's `mlp` slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from protoformer.config import TransformerConfig
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.spec import Submodules, apply_module
+from protoformer.transformer.moe.dispatcher import MoELocalTokenDispatcher
+from protoformer.transformer.moe.protocols import (
+    ExpertsBuilder,
+    RouterBuilder,
+    SharedExpertsBuilder,
+    TokenDispatcherBuilder,
+)
+
+__all__ = ["MoELayer", "MoESubmodules"]
+
+
+@dataclass
+class MoESubmodules(Submodules):
+    """The slots of `MoELayer`. `token_dispatcher=None` picks the local (one-rank) dispatcher."""
+
+    router: RouterBuilder
+    experts: ExpertsBuilder
+    shared_experts: SharedExpertsBuilder | None = None
+    token_dispatcher: TokenDispatcherBuilder | None = None
+
+
+class MoELayer(nn.Module):
+    """Route each token to `moe_router_topk` of `num_moe_experts` experts and sum their
+    prob-weighted outputs, plus the shared experts when there are any.
+
+    Same Builder/Interface as `MLP` (`partial(MoELayer, submodules=MoESubmodules(...))` in a
+    layer's `mlp` slot): `[s, b, h]` -> (`[s, b, h]`, None). Steps: `router` (probs, indices),
+    `token_dispatcher.dispatch` (rows grouped by expert), `experts`, `token_dispatcher.combine`.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: MoESubmodules, *,
+                 pg: ProcessGroups | None = None) -> None:
+        super().__init__()
+        if not isinstance(submodules, MoESubmodules):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            raise TypeError(f"MoELayer expects submodules=MoESubmodules(...), got "
+                            f"{type(submodules).__qualname__}")
+        experts = config.num_moe_experts
+        if experts is None:
+            raise ValueError("MoELayer needs config.num_moe_experts (this config is dense); set "
+                             "it, or put a dense MLP in this layer's mlp slot")
+        shared_size = config.moe_shared_expert_intermediate_size
+        if (shared_size is None) != (submodules.shared_experts is None):
+            raise ValueError(
+                f"MoELayer: config.moe_shared_expert_intermediate_size={shared_size} but "
+                f"MoESubmodules.shared_experts is {'None' if submodules.shared_experts is None else 'set'}; "
+                "give both (shared experts) or neither")
+        self.config = config
+        ep_size = config.expert_model_parallel_size
+        self.num_local_experts = experts // ep_size
+        # Expert-parallel rank within the expert group; 0 until groups carry one.
+        local_offset = 0
+        self.router = submodules.router(config=config, pg=pg)
+        self.experts = submodules.experts(self.num_local_experts, config, pg=pg)
+        self.shared_experts = None if submodules.shared_experts is None else \
+            submodules.shared_experts(config=config, pg=pg, gate=config.moe_shared_expert_gate)
+        dispatcher = submodules.token_dispatcher or MoELocalTokenDispatcher
+        self.token_dispatcher = dispatcher(self.num_local_experts, local_offset, config=config, pg=pg)
+
+    def forward(self, hidden_states: Tensor, /) -> tuple[Tensor, Tensor | None]:
+        """`[s, b, h]` -> (`[s, b, h]`, None)."""
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])  # [T, h]
+        probs, top_indices = apply_module(self.router)(tokens)  # [T, k] each
+        rows, tokens_per_expert, row_probs = self.token_dispatcher.dispatch(tokens, probs, top_indices)
+        expert_output, _ = apply_module(self.experts)(rows, tokens_per_expert, row_probs)  # [N, h]
+        output = self.token_dispatcher.combine(expert_output).view(shape)  # [s, b, h]
+        if self.shared_experts is not None:
+            output = output + apply_module(self.shared_experts)(hidden_states)
+        return output, None
