@@ -260,3 +260,21 @@ def test_run_checkpoints_and_step_directories_all_resolve(saved: Path) -> None:
     assert resolve_checkpoint(run_dir) == saved
     assert resolve_checkpoint(run_dir / "checkpoints") == saved
     assert resolve_checkpoint(saved) == saved
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_and_directories_honour_the_umask(tmp_path: Path, make_gpt: MakeGPT,
+                                                           umask: int) -> None:
+    extra = tmp_path / "tokenizer.json"
+    extra.write_text("{}")
+    previous = os.umask(umask)
+    try:
+        step_dir = save_checkpoint(tmp_path / "run", 1, make_gpt(), None, {},
+                                   extra_files={"tokenizer.json": extra})
+    finally:
+        os.umask(previous)
+    assert step_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("model.safetensors", "state.json", "tokenizer.json"):
+        assert (step_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    files = json.loads((step_dir / "state.json").read_text())["files"]
+    assert files["tokenizer.json"]["bytes"] == 2  # copied in, with size and checksum recorded

@@ -40,7 +40,7 @@ def test_default_corpus_is_the_stdlib_source_deterministic_and_capped() -> None:
 
 
 def test_a_text_file_splits_off_its_last_bytes_for_validation(tmp_path: Path) -> None:
-    text = bytes(range(256)) * 40
+    text = bytes(range(1, 256)) * 40  # no NUL: a NUL byte marks a binary file
     path = tmp_path / "corpus.txt"
     path.write_bytes(text)
     corpus = load_corpus(path, sequence_length=16)
@@ -155,3 +155,32 @@ def test_validation_batches_are_fixed_and_cover_the_split() -> None:
     assert all(torch.equal(x, y) for x, y in zip(batches, again, strict=True))
     shards = [validation_batches(tokens, 2, 15, 2, dp_rank=r, dp_size=2) for r in range(2)]
     assert all(len(s) == 2 for s in shards)
+
+
+def test_raw_text_past_the_budget_is_refused_not_cut_short(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"a" * 600)
+    (tmp_path / "b.txt").write_bytes(b"b" * 600)
+    assert load_corpus(tmp_path, sequence_length=8, max_bytes=1200).num_bytes == 1200  # fits
+    for budget in (1199, 600, 300):  # cut inside b.txt, before b.txt, inside a.txt
+        with pytest.raises(DataError, match=r"more than .* prepare-data"):
+            load_corpus(tmp_path, sequence_length=8, max_bytes=budget)
+
+
+def test_a_single_binary_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00\x01" * 500)
+    with pytest.raises(DataError, match="is binary"):
+        load_corpus(path, sequence_length=8)
+
+
+def test_a_tokenizer_encodes_each_file_as_a_document(tmp_path: Path) -> None:
+    class Doubling:
+        def encode_batch(self, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+            return [[ord(c) * 2 for c in text] for text in texts]
+
+    (tmp_path / "a.txt").write_text("ab" * 20)
+    (tmp_path / "b.txt").write_text("cd" * 20)
+    corpus = load_corpus(tmp_path, sequence_length=8, tokenizer=Doubling(), eos_token_id=1)
+    ids = torch.cat([corpus.train, corpus.validation]).tolist()
+    assert ids == [ord(c) * 2 for c in "ab" * 20] + [1] + [ord(c) * 2 for c in "cd" * 20] + [1]
+    assert corpus.num_bytes == 80 and corpus.num_tokens == 82

@@ -35,3 +35,24 @@ def test_no_warmup_starts_at_the_peak() -> None:
 def test_bad_settings_are_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         WarmupCosineSchedule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_linear_constant_and_wsd_decay_styles_follow_their_closed_forms() -> None:
+    from protoformer.train.schedule import LRSchedule
+
+    common = {"max_lr": 1.0, "min_lr": 0.1, "warmup_steps": 2, "total_steps": 12}
+    linear = LRSchedule(**common, decay_style="linear")  # type: ignore[arg-type]
+    constant = LRSchedule(**common, decay_style="constant")  # type: ignore[arg-type]
+    wsd = LRSchedule(**common, decay_style="WSD", wsd_decay_steps=4)  # type: ignore[arg-type]
+    cosine = LRSchedule(**common)  # type: ignore[arg-type]
+    for step in range(12):
+        warm = (step + 1) / 2 if step < 2 else None
+        assert linear(step) == pytest.approx(warm or 1.0 - 0.9 * (step - 2) / 9)
+        assert constant(step) == pytest.approx(warm or 1.0)
+        # WSD: the peak until step 12 - 4 = 8, then a straight line to the floor at step 11.
+        assert wsd(step) == pytest.approx(warm or (1.0 if step < 8 else 1.0 - 0.9 * (step - 8) / 3))
+        assert cosine(step) == WarmupCosineSchedule(1.0, 0.1, 2, 12)(step)
+    with pytest.raises(ValueError, match="lr_decay_style"):
+        LRSchedule(**common, decay_style="exponential")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lr_wsd_decay_steps"):
+        LRSchedule(**common, decay_style="WSD", wsd_decay_steps=11)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""The `protoformer` command: `train`, `generate`, `inspect` and `check`.
+"""The `protoformer` command: `train`, `prepare-data`, `generate`, `inspect` and `check`.
 
 Errors in what the user gave (an unknown preset, a missing file, a corrupt checkpoint, a
 miswired spec, an optional package that is not installed) print one line,
@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from protoformer.cli import check, generate, inspect, train
+from protoformer.cli import check, generate, inspect, prepare_data, train
 from protoformer.spec import SpecError
 from protoformer.train.checkpoint import CheckpointError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, sample, inspect and check protoformer models and specs.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train.add_parser(commands)
+    prepare_data.add_parser(commands)
     generate.add_parser(commands)
     inspect.add_parser(commands)
     check.add_parser(commands)
@@ -47,8 +48,9 @@ def error_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: `sys.argv[1:]`); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # Inside the try: `train --config FILE` reads the file while the flags are parsed.
+        args = parser.parse_args(argv)
         status: int = args.handler(args)
     except BrokenPipeError:  # stdout closed early (`protoformer inspect X | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)

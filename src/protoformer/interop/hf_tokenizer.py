@@ -1,8 +1,9 @@
 """Text <-> token ids for Hugging Face checkpoints, through the `tokenizers` library's tokenizer.json.
 
-Only what the command line needs: encode a prompt (with the special tokens the tokenizer adds,
-such as Llama's BOS), decode ids, and stream text as tokens arrive. `tokenizers` ships with
-transformers; it is imported only when a tokenizer is loaded.
+What the command line and the data preparation need: encode text (with the special tokens the
+tokenizer adds, such as Llama's BOS, or without), encode many texts at once (in `tokenizers`'
+threads), decode ids, and stream text as tokens arrive. `tokenizers` ships with transformers
+(and with `pip install protoformer[tokenizers]`); it is imported only when a tokenizer is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
 
-__all__ = ["HFTokenizer", "StreamDecoder", "TextTokenizer", "load_tokenizer"]
+__all__ = ["TOKENIZER_FILE", "HFTokenizer", "StreamDecoder", "TextTokenizer", "load_tokenizer",
+           "load_tokenizer_file"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -33,9 +35,16 @@ class _Encoding(Protocol):
 class _RawTokenizer(Protocol):
     """The part of `tokenizers.Tokenizer` used here."""
 
-    def encode(self, sequence: str) -> _Encoding: ...
+    def encode(self, sequence: str, /) -> _Encoding: ...
+
+    def encode_batch(self, input: list[str], /, is_pretokenized: bool = False,
+                     add_special_tokens: bool = True) -> list[_Encoding]: ...
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def get_vocab_size(self, with_added_tokens: bool = True) -> int: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,43 @@ class HFTokenizer:
         """The text of `ids`, special tokens left out."""
         return self.raw.decode(list(ids), skip_special_tokens=True)
 
+    def encode_batch(self, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of each of `texts` (encoded in parallel by `tokenizers`' threads)."""
+        return [list(encoding.ids)
+                for encoding in self.raw.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are below this (added tokens included)."""
+        return self.raw.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of the token spelled `token` (e.g. "</s>"), None when there is none."""
+        return self.raw.token_to_id(token)
+
+
+def load_tokenizer_file(path: str | Path) -> HFTokenizer:
+    """The tokenizer in the tokenizer.json file `path` (a `tokenizers` serialisation).
+
+    Raises `ImportError` naming the package when `tokenizers` is missing, `ValueError` when the
+    file cannot be read as a tokenizer.
+    """
+    path = Path(path)
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as error:
+        raise ImportError(f"{path} needs the 'tokenizers' package to be read; install it with "
+                          "`pip install tokenizers` (it comes with `pip install "
+                          "protoformer[tokenizers]`)") from error
+    try:
+        raw = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+        if not path.is_file():
+            raise ValueError(f"tokenizer file {str(path)!r} does not exist") from error
+        raise ValueError(f"{path}: not a tokenizers tokenizer.json "
+                         f"({' '.join(str(error).split())[:200]})") from error
+    return HFTokenizer(cast(_RawTokenizer, raw), path)
+
 
 def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
     """The tokenizer in `directory/tokenizer.json`, or None when the checkpoint has none.
@@ -62,13 +108,7 @@ def load_tokenizer(directory: str | Path) -> HFTokenizer | None:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as error:
-        raise ImportError(f"{path} needs the 'tokenizers' package to be read; install it with "
-                          "`pip install tokenizers` (it comes with `pip install protoformer[hf]`)"
-                          ) from error
-    return HFTokenizer(cast(_RawTokenizer, Tokenizer.from_file(str(path))), path)
+    return load_tokenizer_file(path)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Spec files: JSON, TOML and (with PyYAML) YAML text for `to_dict`/`from_dict` data.
 
-JSON is written with two-space indentation; TOML by a small emitter (`toml_writer`; the
+JSON is written with two-space indentation; TOML by tomli-w (`toml_writer`; the
 standard library only reads TOML, with `tomllib` on Python 3.11+, or the `tomli` package on
 3.10); YAML with `yaml.safe_dump`/`yaml.safe_load` when PyYAML is installed. A malformed file
 raises `SpecError` naming the file; a missing file raises `OSError`.

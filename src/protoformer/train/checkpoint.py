@@ -39,6 +39,7 @@ from protoformer.train.checkpoint_files import (
     TEMP_PREFIX,
     CheckpointError,
     JSONValue,
+    copy_files,
     publish_step_directory,
     read_state,
     remove_stale_temps,
@@ -83,11 +84,14 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: Optimizer | None,
     state: Mapping[str, JSONValue],
+    *,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write `run_dir/checkpoints/step_<step>/` atomically and point `latest` at it.
 
     `state` is stored in state.json next to the step and the optimizer's non-tensor state
-    (keys "step", "optimizer", "files" and "format" are reserved). Returns the step directory.
+    (keys "step", "optimizer", "files" and "format" are reserved). `extra_files` (name ->
+    source file) are copied in and checksummed with the rest. Returns the step directory.
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -98,6 +102,7 @@ def save_checkpoint(
     try:
         files, optimizer_json = write_shard(temp, model, optimizer, model_file=MODEL_FILE,
                                             optimizer_file=OPTIMIZER_FILE)
+        files.update(copy_files(temp, extra_files or {}))
         document: dict[str, JSONValue] = {
             **state, "format": FORMAT_VERSION, "step": step, "optimizer": optimizer_json,
             "files": files}

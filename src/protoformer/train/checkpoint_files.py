@@ -33,7 +33,9 @@ __all__ = [
     "TEMP_PREFIX",
     "CheckpointError",
     "JSONValue",
+    "copy_files",
     "file_record",
+    "honour_umask",
     "publish_step_directory",
     "read_safetensors",
     "read_state",
@@ -82,9 +84,25 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give `path` the permissions a plain `open`/`mkdir` would have (0666/0777 less the umask).
+
+    safetensors writes files 0600 and `tempfile.mkdtemp` makes directories 0700, which would
+    keep teammates on a shared machine from reading a run's checkpoints.
+    """
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_current_umask())
+
+
 def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write `tensors` (contiguous, unshared) with `metadata` to `path`, durably."""
     save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)
     _fsync_path(path)
 
 
@@ -114,6 +132,18 @@ def file_record(path: Path) -> dict[str, JSONValue]:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def copy_files(directory: Path, files: Mapping[str, Path]) -> dict[str, JSONValue]:
+    """Copy `files` (name in the checkpoint -> source) into `directory`, durably; returns their
+    records for state.json's "files" (e.g. the run's tokenizer.json, which travels with it)."""
+    records: dict[str, JSONValue] = {}
+    for name, source in files.items():
+        target = directory / name
+        shutil.copyfile(source, target)
+        _fsync_path(target)
+        records[name] = file_record(target)
+    return records
 
 
 _OLD_PREFIX = f"{TEMP_PREFIX}old-"
@@ -155,6 +185,7 @@ def publish_step_directory(temp: Path, final: Path) -> None:
     there, readers find it (`swapped_out_copy`) and the next save puts it back.
     """
     root, name = final.parent, final.name
+    honour_umask(temp)
     _fsync_path(temp)
     if final.exists():  # saving the same step again: swap the old one out
         old = Path(tempfile.mkdtemp(prefix=f"{_OLD_PREFIX}{name}-", dir=root))
