@@ -112,3 +112,33 @@ def test_every_miswired_slot_is_reported(tmp_path: Path,
     err = capsys.readouterr().err
     assert "SelfAttentionSubmodules.linear_qkv" in err
     assert "SelfAttentionSubmodules.linear_proj" in err
+
+
+PER_LAYER = """
+import dataclasses
+from protoformer.parallel import ColumnParallelLinear
+from protoformer.recipes import gpt_layer_spec
+
+def spec(backend, config):
+    good = gpt_layer_spec(backend, config)
+    bad = dataclasses.replace(good)
+    object.__setattr__(bad, "pre_mlp_layernorm", ColumnParallelLinear)  # edited after the check
+    return [good, good, bad, good]
+"""
+
+
+def test_a_per_layer_recipe_is_checked_group_by_group(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "layers.py", PER_LAYER)
+    assert main(["check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "at layers.2: " in err and "pre_mlp_layernorm" in err
+    assert "layers.0-1" not in err and "layers.3" not in err
+    good = _write(tmp_path, "good_layers.py", GOOD.replace(
+        "return gpt_layer_spec(backend, config)", "return [gpt_layer_spec(backend, config)] * 4"))
+    assert main(["check", str(good)]) == 0
+    single = _write(tmp_path, "single.py", GOOD)
+    assert main(["check", str(single)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # one group of four equal layers is checked once: as many slots as the single spec
+    assert out[0].split(" slots")[0] == out[1].split(" slots")[0]

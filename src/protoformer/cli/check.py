@@ -15,12 +15,13 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import Protocol, cast
 
 from protoformer.backends import get_backend
 from protoformer.cli.spec_tree import walk_spec
 from protoformer.recipes import get_preset
-from protoformer.spec import SpecError, Submodules, validate_submodules
+from protoformer.spec import SpecError, Submodules, spec_equal, validate_submodules
+from protoformer.spec.layers import LAYERS_PATH, layer_groups, range_label
 
 __all__ = ["CheckResult", "add_parser", "check_recipe", "run"]
 
@@ -141,21 +142,38 @@ def check_recipe(target: str, *, preset: str = "tiny", backend: str = "local") -
             result = function()
     except SpecError as error:
         return CheckResult(label, _problems_of(error), 0)
-    if not isinstance(result, Submodules):
-        raise ValueError(f"{label} returned {type(result).__qualname__}, not a Submodules "
-                         "record (e.g. a TransformerLayerSubmodules)")
-    # Construction checked each record; check again in case one was edited afterwards.
-    entries = list(walk_spec(result))
-    records = [("", result)] + [(e.path, e.value) for e in entries
-                                if isinstance(e.value, Submodules)]
     problems: list[str] = []
-    for where, record in records:
-        try:
-            validate_submodules(record)
-        except SpecError as error:
-            lines = _problems_of(error)
-            problems += [f"at {where}: {lines[0]}" if where else lines[0], *lines[1:]]
-    return CheckResult(label, problems, sum(not e.is_record for e in entries))
+    slots_checked = 0
+    for prefix, spec in _specs_of(result, label):
+        # Construction checked each record; check again in case one was edited afterwards.
+        entries = list(walk_spec(spec, prefix))
+        records = [(prefix, spec)] + [(e.path, e.value) for e in entries
+                                      if isinstance(e.value, Submodules)]
+        for where, record in records:
+            try:
+                validate_submodules(record)
+            except SpecError as error:
+                lines = _problems_of(error)
+                problems += [f"at {where}: {lines[0]}" if where else lines[0], *lines[1:]]
+        slots_checked += sum(not e.is_record for e in entries)
+    return CheckResult(label, problems, slots_checked)
+
+
+def _specs_of(result: object, label: str) -> list[tuple[str, Submodules]]:
+    """(path prefix, record) to check: the one record, or each group of equal neighbouring
+    layers of a per-layer list (prefix `layers.0-2`)."""
+    kind = type(result).__qualname__
+    if isinstance(result, Submodules):
+        return [("", result)]
+    if isinstance(result, (list, tuple)):
+        sequence = cast("list[object]", result)
+        specs: list[object] = list(sequence)
+        records = [spec for spec in specs if isinstance(spec, Submodules)]
+        if specs and len(records) == len(specs):
+            return [(f"{LAYERS_PATH}.{range_label(first, last)}", records[first])
+                    for first, last in layer_groups(records, spec_equal)]
+    raise ValueError(f"{label} returned {kind}, not a Submodules record "
+                     "(e.g. a TransformerLayerSubmodules) or a list of them, one per layer")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,9 +20,12 @@ from protoformer.cli.spec_tree import SlotEntry, walk_spec
 from protoformer.flops import encoder_decoder_flops_per_token, flops_per_token
 from protoformer.recipes import get_preset, list_presets
 from protoformer.recipes.t5_presets import get_t5_preset, list_t5_presets
+from protoformer.spec import diff, spec_equal
+from protoformer.spec.layers import layer_groups, range_label
+from protoformer.transformer.block import LayerSpecs, per_layer_specs
 from protoformer.transformer.layer import TransformerLayerSubmodules
 
-__all__ = ["PresetReport", "add_parser", "inspect_preset", "inspect_t5_preset", "run"]
+__all__ = ["LayerGroup", "PresetReport", "add_parser", "inspect_preset", "inspect_t5_preset", "run"]
 
 DEFAULT_FLOPS_SEQ_LEN = 4096
 
@@ -47,6 +50,16 @@ def add_parser(commands: _Subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+@dataclass(frozen=True)
+class LayerGroup:
+    """Neighbouring layers built from equal specs: layers `first..last` use `kinds[kind]`."""
+
+    first: int
+    last: int
+    kind: int  # index into PresetReport.kinds
+    differs_at: list[str]  # slot paths where this kind differs from the first kind
+
+
 @dataclass
 class PresetReport:
     """What `inspect` shows, and the meta-device model it was measured on."""
@@ -54,7 +67,7 @@ class PresetReport:
     name: str
     description: str
     spec_class: str
-    slots: list[SlotEntry]
+    slots: list[SlotEntry]  # the first (or only) layer spec's slots
     module_params: list[tuple[str, int, int]]  # (child name, parameters counted here, shared)
     total_params: int
     seq_len: int
@@ -62,6 +75,25 @@ class PresetReport:
     model: nn.Module
     build_seconds: float
     flops_per_source_token: int | None = None  # an encoder-decoder preset only
+    # Per-layer specs: the distinct specs' slots (kinds[0] is `slots`) and the layer groups;
+    # empty when every layer has the same spec.
+    kinds: list[list[SlotEntry]] = field(default_factory=list[list[SlotEntry]])
+    layer_groups: list[LayerGroup] = field(default_factory=list[LayerGroup])
+
+
+def _layer_kinds(specs: list[TransformerLayerSubmodules]
+                 ) -> tuple[list[TransformerLayerSubmodules], list[LayerGroup]]:
+    """The distinct specs among `specs` (first seen first) and the runs of equal neighbours."""
+    kinds: list[TransformerLayerSubmodules] = []
+    groups: list[LayerGroup] = []
+    for first, last in layer_groups(specs, spec_equal):
+        kind = next((i for i, known in enumerate(kinds) if spec_equal(known, specs[first])), None)
+        if kind is None:
+            kinds.append(specs[first])
+            kind = len(kinds) - 1
+        differs_at = [d.path for d in diff(kinds[0], kinds[kind])]
+        groups.append(LayerGroup(first, last, kind, differs_at))
+    return kinds, groups
 
 
 def _param_counts(model: nn.Module) -> tuple[list[tuple[str, int, int]], int]:
@@ -92,10 +124,11 @@ def _flops_length(seq_len: int | None, max_sequence_length: int) -> int:
 
 
 def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | None = None,
-                   layer_spec: TransformerLayerSubmodules | None = None) -> PresetReport:
+                   layer_spec: LayerSpecs | None = None) -> PresetReport:
     """Build `name` on the meta device and collect its spec tree, parameters and FLOPs.
 
-    `layer_spec` replaces the preset's recipe (from `--spec FILE` and `--set` overrides).
+    `layer_spec` replaces the preset's recipe (from `--spec FILE` and `--set` overrides). With
+    per-layer specs the report groups equal neighbouring layers and shows each distinct spec.
     """
     preset = get_preset(name)
     backend = get_backend(backend_name)
@@ -106,11 +139,15 @@ def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | Non
     model = preset.build_model(backend, device=torch.device("meta"), layer_spec=spec)
     build_seconds = time.perf_counter() - started
     rows, total = _param_counts(model)
+    kinds, groups = _layer_kinds(per_layer_specs(spec, config.num_layers))
+    if len(groups) == 1:
+        groups = []
     return PresetReport(
-        name=preset.name, description=preset.description, spec_class=type(spec).__name__,
-        slots=list(walk_spec(spec)), module_params=rows, total_params=total, seq_len=length,
+        name=preset.name, description=preset.description, spec_class=type(kinds[0]).__name__,
+        slots=list(walk_spec(kinds[0])), module_params=rows, total_params=total, seq_len=length,
         flops_per_token=flops_per_token(config, preset.vocab_size, length), model=model,
-        build_seconds=build_seconds)
+        build_seconds=build_seconds, kinds=[list(walk_spec(k)) for k in kinds] if groups else [],
+        layer_groups=groups)
 
 
 def inspect_t5_preset(name: str, backend_name: str = "local", *,
@@ -148,15 +185,55 @@ def _human(count: float, scales: tuple[tuple[float, str], ...]) -> str:
     return f"{count:.0f}"
 
 
-def format_report(report: PresetReport) -> list[str]:
-    """The report as the lines `protoformer inspect` prints."""
-    kind = "layer spec" if report.flops_per_source_token is None else "layer specs"
-    lines = [f"{report.name}: {report.description}", "",
-             f"{kind} ({report.spec_class}), each slot and its builder:"]
-    width = max((len(entry.path) for entry in report.slots), default=0)
-    for entry in report.slots:
+def _slot_lines(slots: list[SlotEntry]) -> list[str]:
+    width = max((len(entry.path) for entry in slots), default=0)
+    lines: list[str] = []
+    for entry in slots:
         origin = f"  [{entry.origin}]" if entry.origin else ""
         lines.append(f"  {entry.path:<{width}}  {entry.label}{origin}")
+    return lines
+
+
+def _layer_group_lines(report: PresetReport) -> list[str]:
+    """The layer groups ("layers 0-2 ... kind 1"), then each distinct spec's slots."""
+    groups = report.layer_groups
+    num_layers = groups[-1].last + 1
+    lines = [f"layer specs ({report.spec_class}): {len(report.kinds)} kinds over {num_layers} "
+             "layers, equal neighbouring layers grouped:"]
+    labels = [f"layers {range_label(g.first, g.last)}" if g.last > g.first
+              else f"layer {g.first}" for g in groups]
+    width = max(len(label) for label in labels)
+    for label, group in zip(labels, groups, strict=True):
+        count = group.last - group.first + 1
+        note = ""
+        if group.differs_at:
+            shown = ", ".join(group.differs_at[:3])
+            more = f" (+{len(group.differs_at) - 3} more)" if len(group.differs_at) > 3 else ""
+            note = f"  (differs from kind 1 at {shown}{more})"
+        lines.append(f"  {label:<{width}}  {count:>4} x kind {group.kind + 1}{note}")
+    first_kind = {(e.path, e.label, e.origin) for e in report.kinds[0]}
+    for index, slots in enumerate(report.kinds):
+        used = [g for g in groups if g.kind == index]
+        where = ("layer " if len(used) == 1 and used[0].first == used[0].last else "layers ") + \
+            ", ".join(range_label(g.first, g.last) for g in used)
+        if index == 0:
+            lines += ["", f"kind 1 ({where}), each slot and its builder:", *_slot_lines(slots)]
+        else:
+            changed = [e for e in slots if (e.path, e.label, e.origin) not in first_kind]
+            lines += ["", f"kind {index + 1} ({where}), the slots that differ from kind 1:",
+                      *_slot_lines(changed)]
+    return lines
+
+
+def format_report(report: PresetReport) -> list[str]:
+    """The report as the lines `protoformer inspect` prints."""
+    lines = [f"{report.name}: {report.description}", ""]
+    if report.layer_groups:
+        lines += _layer_group_lines(report)
+    else:
+        kind = "layer spec" if report.flops_per_source_token is None else "layer specs"
+        lines += [f"{kind} ({report.spec_class}), each slot and its builder:",
+                  *_slot_lines(report.slots)]
     lines += ["", "parameters (built on the meta device, nothing allocated):"]
     name_width = max((len(name) for name, _, _ in report.module_params), default=0)
     for name, own, shared in report.module_params:

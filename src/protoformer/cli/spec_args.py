@@ -6,9 +6,8 @@ import argparse
 
 from protoformer.backends import BackendSpecProvider
 from protoformer.recipes import Preset
-from protoformer.recipes.spec_data import layer_spec_from_data
+from protoformer.recipes.spec_data import LayerSpecList, layer_spec_from_data
 from protoformer.spec import DEFAULT_ALLOW
-from protoformer.transformer.layer import TransformerLayerSubmodules
 
 __all__ = ["add_spec_arguments", "layer_spec_from_args"]
 
@@ -23,7 +22,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
         "--set", metavar="PATH=VALUE", action="append", default=[], dest="overrides",
         help="override one slot or keyword, e.g. "
              "self_attention.core_attention=protoformer.transformer.core_attention:"
-             "DotProductAttention (repeatable; applied after --spec)")
+             "DotProductAttention; layers.3.PATH, layers.3-5.PATH or layers.*.PATH change "
+             "some layers only (repeatable; applied after --spec)")
     parser.add_argument(
         "--allow", metavar="PREFIX", action="append", default=[],
         help=f"also allow importing builders from modules under PREFIX (default only "
@@ -31,7 +31,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def layer_spec_from_args(args: argparse.Namespace, preset: Preset,
-                         backend: BackendSpecProvider) -> TransformerLayerSubmodules | None:
+                         backend: BackendSpecProvider) -> LayerSpecList | None:
     """The layer spec `--spec`/`--set` describe, or None when neither was given.
 
     `--set` without `--spec` overrides the preset's own recipe. The result is checked by the

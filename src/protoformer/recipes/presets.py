@@ -22,11 +22,12 @@ from protoformer.models.gpt import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.recipes.gpt import gpt_layer_spec
 from protoformer.recipes.mla import mla_layer_spec
-from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.block import LayerSpecs
 
 __all__ = ["Preset", "get_preset", "list_presets", "register_preset"]
 
-LayerSpecRecipe = Callable[[BackendSpecProvider, TransformerConfig], TransformerLayerSubmodules]
+# One spec for every layer, or a list with one per layer (e.g. dense layers, then MoE).
+LayerSpecRecipe = Callable[[BackendSpecProvider, TransformerConfig], LayerSpecs]
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,14 @@ class Preset:
         *,
         device: torch.device | str | None = None,
         pg: ProcessGroups | None = None,
-        layer_spec: TransformerLayerSubmodules | None = None,
+        layer_spec: LayerSpecs | None = None,
     ) -> GPTModel:
         """Build the model with `backend` (default: the `"local"` backend), on `device` if given.
 
         `device="meta"` builds every parameter without storage, to inspect shapes and count
         parameters of models that do not fit in memory. `layer_spec` replaces the preset's own
-        recipe (a spec loaded from a file, or one with overrides applied).
+        recipe (a spec loaded from a file, or one with overrides applied; one spec or a list with
+        one per layer).
         """
         backend = backend if backend is not None else get_backend("local")
         config = self.config()

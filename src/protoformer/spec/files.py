@@ -54,8 +54,9 @@ def _yaml() -> types.ModuleType:
             from None
 
 
-def dumps_spec(spec: Submodules, format: SpecFormat = "json") -> str:
-    """The text of a spec file in `format` ("json", "toml" or "yaml")."""
+def dumps_spec(spec: Submodules | Sequence[Submodules], format: SpecFormat = "json") -> str:
+    """The text of a spec file in `format` ("json", "toml" or "yaml"); a list of per-layer specs
+    is written as groups of equal neighbouring layers (see `protoformer.spec.serialize`)."""
     _check_format(format)
     data = to_dict(spec)
     if format == "json":
@@ -90,8 +91,10 @@ def _parse_toml(text: str) -> object:
 
 
 def loads_spec(text: str, format: SpecFormat = "json", *,
-               allow: Sequence[str] = DEFAULT_ALLOW, source: str = "<string>") -> Submodules:
-    """The spec in the text of a spec file; `SpecError` (naming `source`) on any problem."""
+               allow: Sequence[str] = DEFAULT_ALLOW,
+               source: str = "<string>") -> Submodules | list[Submodules]:
+    """The spec (or list of per-layer specs) in the text of a spec file; `SpecError` (naming
+    `source`) on any problem."""
     _check_format(format)
     try:
         if format == "json":
@@ -110,9 +113,10 @@ def loads_spec(text: str, format: SpecFormat = "json", *,
         raise SpecError(f"{source}: {error}") from error
 
 
-def save_spec(spec: Submodules, path: str | os.PathLike[str], *,
+def save_spec(spec: Submodules | Sequence[Submodules], path: str | os.PathLike[str], *,
               format: SpecFormat | None = None) -> Path:
-    """Write `spec` to `path` (.json, .toml, .yaml/.yml, or `format`); returns the path."""
+    """Write `spec` (or a list of per-layer specs) to `path` (.json, .toml, .yaml/.yml, or
+    `format`); returns the path."""
     target = Path(path)
     text = dumps_spec(spec, _format_of(target, format))
     target.write_text(text, encoding="utf-8")
@@ -120,9 +124,10 @@ def save_spec(spec: Submodules, path: str | os.PathLike[str], *,
 
 
 def load_spec(path: str | os.PathLike[str], *, allow: Sequence[str] = DEFAULT_ALLOW,
-              format: SpecFormat | None = None) -> Submodules:
+              format: SpecFormat | None = None) -> Submodules | list[Submodules]:
     """Read a spec file (.json, .toml, .yaml/.yml, or `format`), importing only `allow`ed modules.
 
+    A file written from a list of per-layer specs gives that list back.
     A missing or unreadable file raises `OSError`; anything wrong inside it, `SpecError`.
     """
     source = Path(path)

@@ -23,9 +23,10 @@ import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TypeVar, cast, overload
 
 from protoformer.spec.check import SpecError
+from protoformer.spec.layers import LAYERS_PATH, layer_groups, parse_layer_range, range_label
 from protoformer.spec.names import DEFAULT_ALLOW, is_named_builder, normalize_allow
 from protoformer.spec.serialize import (
     decode_builder,
@@ -149,15 +150,50 @@ def _diff(a: object, b: object, path: str, out: list[SpecDifference]) -> None:
     out.append(SpecDifference(path or "(root)", describe_value(a), describe_value(b)))
 
 
-def diff(a: Submodules, b: Submodules) -> list[SpecDifference]:
+def _as_layers(spec: object) -> list[object] | None:
+    return list(cast("Sequence[object]", spec)) if isinstance(spec, (list, tuple)) else None
+
+
+def _diff_layers(a: Sequence[object], b: Sequence[object]) -> list[SpecDifference]:
+    """Per-layer differences under `layers.N`; neighbours that differ alike share `layers.N-M`."""
+    per_layer: list[list[tuple[str, str, str]]] = []
+    for left, right in zip(a, b, strict=False):
+        found: list[SpecDifference] = []
+        _diff(left, right, "", found)
+        per_layer.append([(d.path, d.old, d.new) for d in found])
+    out: list[SpecDifference] = []
+    for first, last in layer_groups(per_layer, lambda x, y: x == y):
+        prefix = _join(LAYERS_PATH, range_label(first, last))
+        out += [SpecDifference(prefix if path == "(root)" else _join(prefix, path), old, new)
+                for path, old, new in per_layer[first]]
+    if len(a) != len(b):
+        out.append(SpecDifference(LAYERS_PATH, f"{len(a)} layers", f"{len(b)} layers"))
+    return out
+
+
+def diff(a: Submodules | Sequence[Submodules],
+         b: Submodules | Sequence[Submodules]) -> list[SpecDifference]:
     """The slot paths whose builder or arguments differ from `a` to `b`, deepest first reached.
 
     Records of the same type are compared field by field, and partials of the same function
     with the same positional arguments keyword by keyword (a keyword set on one side only is
     shown as "(not set)"); anything else that differs is one difference at its path.
+
+    Lists of per-layer specs are compared layer by layer (paths `layers.3.mlp...`, or
+    `layers.3-60.mlp...` for neighbours that differ alike); a single spec against a list
+    stands for that spec in every layer; lists of different lengths also report `layers`.
     """
+    left: object = a
+    right: object = b
+    layers_a, layers_b = _as_layers(left), _as_layers(right)
+    if layers_a is not None and layers_b is not None:
+        return _diff_layers(layers_a, layers_b)
+    if layers_a is not None:
+        return _diff_layers(layers_a, [right] * len(layers_a))
+    if layers_b is not None:
+        return _diff_layers([left] * len(layers_b), layers_b)
     out: list[SpecDifference] = []
-    _diff(a, b, "", out)
+    _diff(left, right, "", out)
     return out
 
 
@@ -297,24 +333,95 @@ def _parse_override(text: object, allow: tuple[str, ...]) -> tuple[list[str], _O
         raise SpecError(f"override {text!r}: expected PATH=VALUE, e.g. "
                         "'self_attention.submodules.core_attention=package.module:Name'")
     segments = path_text.strip().split(".")
+    _check_segments(text, path_text, segments)
+    return segments, _Override(text, value, allow)
+
+
+def _selected_layers(selector: str, count: int, change: _Override) -> range:
+    if selector == "*":
+        return range(count)
+    parsed = parse_layer_range(selector)
+    if parsed is None:
+        raise change.error(f"{_join(LAYERS_PATH, selector)}: name layers as "
+                           f"{LAYERS_PATH}.N, {LAYERS_PATH}.N-M (0-based, inclusive) or "
+                           f"{LAYERS_PATH}.*")
+    first, last = parsed
+    if last >= count:
+        raise change.error(f"{_join(LAYERS_PATH, selector)}: the spec has {count} layer(s) "
+                           f"(0..{count - 1})")
+    return range(first, last + 1)
+
+
+def _in_layers(specs: list[Submodules], path_text: str, change: _Override) -> list[Submodules]:
+    segments = path_text.strip().split(".")
+    if len(segments) == 2 and segments[0] == LAYERS_PATH:
+        raise change.error(f"{path_text.strip()} names whole layers; override a slot inside "
+                           f"them, e.g. {path_text.strip()}.mlp=package.module:Name")
+    if len(segments) < 3 or segments[0] != LAYERS_PATH:
+        raise change.error(f"the spec is a list with one spec per layer: start the path with "
+                           f"{LAYERS_PATH}.N, {LAYERS_PATH}.N-M or {LAYERS_PATH}.* (e.g. "
+                           f"{LAYERS_PATH}.*.{path_text.strip()})")
+    rest = segments[2:]
+    _check_segments(change.text, path_text, rest)
+    result = list(specs)
+    for index in _selected_layers(segments[1], len(specs), change):
+        result[index] = _in_record(specs[index], rest, change, _join(LAYERS_PATH, str(index)))
+    return result
+
+
+def _check_segments(text: str, path_text: str, segments: list[str]) -> None:
     for segment in segments:
         if not (segment.isascii() and segment.isidentifier()):
             raise SpecError(f"override {text!r}: path {path_text.strip()!r} has an invalid "
                             f"segment {segment!r}; a path is dot-separated slot and keyword names")
-    return segments, _Override(text, value, allow)
 
 
-def override(spec: S, assignment: str, *, allow: Sequence[str] = DEFAULT_ALLOW) -> S:
+@overload
+def override(spec: S, assignment: str, *, allow: Sequence[str] = DEFAULT_ALLOW) -> S: ...
+@overload
+def override(spec: Sequence[S], assignment: str, *,
+             allow: Sequence[str] = DEFAULT_ALLOW) -> list[S]: ...
+def override(spec: S | Sequence[S], assignment: str, *,
+             allow: Sequence[str] = DEFAULT_ALLOW) -> S | list[S]:
     """A new spec with one "PATH=VALUE" assignment applied (see the module docstring).
 
-    `spec` is not changed. The result is re-validated; any problem (bad syntax, unknown path,
-    a name outside `allow`, a miswired builder) raises `SpecError` naming the override.
+    On a list with one spec per layer the path starts with the layers it changes:
+    `layers.3.mlp...`, `layers.3-60.mlp...` (0-based, inclusive) or `layers.*.mlp...`; the
+    result is a new list. `spec` is not changed. The result is re-validated; any problem (bad
+    syntax, unknown path, a name outside `allow`, a miswired builder) raises `SpecError`
+    naming the override.
     """
-    if not isinstance(spec, Submodules):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-        raise SpecError(f"override expects a Submodules record, got {spec!r}")
+    layers = _as_layers(spec)
+    if layers is None and not isinstance(spec, Submodules):
+        raise SpecError(f"override expects a Submodules record or a list of them (one per "
+                        f"layer), got {spec!r}")
+    for index, item in enumerate(layers or []):
+        if not isinstance(item, Submodules):
+            raise SpecError(f"override: layer {index} of the list is {item!r}, not a "
+                            "Submodules record")
+    if not isinstance(assignment, str):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+        raise SpecError(f"an override is a 'PATH=VALUE' string, got {assignment!r}")
+    if layers is not None:
+        path_text, sep, value = assignment.partition("=")
+        if not sep:
+            raise SpecError(f"override {assignment!r}: expected PATH=VALUE, e.g. "
+                            f"'{LAYERS_PATH}.3.mlp=package.module:Name'")
+        change = _Override(assignment, value, normalize_allow(allow))
+        try:
+            return cast("list[S]", _in_layers(cast("list[Submodules]", layers), path_text,
+                                              change))
+        except RecursionError:
+            raise SpecError(f"override {assignment[:80]!r}: the value is nested too deeply") \
+                from None
+    record = cast("S", spec)
+    first_segment = assignment.partition("=")[0].strip().split(".")[0]
+    if first_segment == LAYERS_PATH and LAYERS_PATH not in _init_names(record):
+        raise SpecError(f"override {assignment!r}: this is one spec for every layer, so it has "
+                        f"no per-layer paths; override a list with one spec per layer (e.g. "
+                        f"[spec] * num_layers)")
     segments, change = _parse_override(assignment, normalize_allow(allow))
     try:
-        result = _in_record(spec, segments, change, "")
+        result = _in_record(record, segments, change, "")
     except SpecError as error:
         prefix = f"override {assignment!r}: "
         if str(error).startswith(prefix):
@@ -323,16 +430,24 @@ def override(spec: S, assignment: str, *, allow: Sequence[str] = DEFAULT_ALLOW) 
     except RecursionError:  # as from_dict: a value nested deeper than the parser can follow
         raise SpecError(f"override {assignment[:80]!r}: the value is nested too deeply") \
             from None
-    assert type(result) is type(spec)
+    assert type(result) is type(record)
     return result
 
 
+@overload
 def apply_overrides(spec: S, assignments: Iterable[str], *,
-                    allow: Sequence[str] = DEFAULT_ALLOW) -> S:
-    """`override` for each "PATH=VALUE" in order (e.g. the CLI's repeated `--set`)."""
+                    allow: Sequence[str] = DEFAULT_ALLOW) -> S: ...
+@overload
+def apply_overrides(spec: Sequence[S], assignments: Iterable[str], *,
+                    allow: Sequence[str] = DEFAULT_ALLOW) -> list[S]: ...
+def apply_overrides(spec: S | Sequence[S], assignments: Iterable[str], *,
+                    allow: Sequence[str] = DEFAULT_ALLOW) -> S | list[S]:
+    """`override` for each "PATH=VALUE" in order (e.g. the CLI's repeated `--set`); a list of
+    per-layer specs gives a new list."""
     if isinstance(assignments, str):
         raise SpecError(f"apply_overrides expects a list of 'PATH=VALUE' strings, got the single "
                         f"string {assignments!r}; wrap it in a list")
+    result: S | list[S] = spec if isinstance(spec, Submodules) else list(spec)
     for assignment in assignments:
-        spec = override(spec, assignment, allow=allow)
-    return spec
+        result = override(result, assignment, allow=allow)
+    return result

@@ -7,7 +7,9 @@ A spec (a tree of `Submodules` records) becomes plain JSON-compatible data::
 
 Builders are named "package.module:QualName" (see `protoformer.spec.names`). A slot holds
 such a string, a partial `{"__partial__": "module:Name", "args": [...], "kwargs": {...}}`
-(nested partials are merged), a nested record, or null. Keyword values (and plain data fields
+(nested partials are merged), a nested record, or null. A list with one spec per layer is
+written `{"__layers__": {"0-2": record, "3-60": record}}` (equal neighbours once, under their
+0-based inclusive range of layers). Keyword values (and plain data fields
 of a record) are JSON values or one of the tagged objects `{"__enum__":
 "module:Class.member"}`, `{"__dtype__": "bfloat16"}`, `{"__tuple__": [...]}`, `{"__ref__":
 "module:Name"}` (a class or function), a partial or a record; `{"__null__": true}` also reads
@@ -28,6 +30,13 @@ from collections.abc import Callable, Sequence
 from typing import TypeAlias, cast
 
 from protoformer.spec.check import SpecError
+from protoformer.spec.layers import (
+    LAYERS,
+    LAYERS_PATH,
+    layer_groups,
+    parse_layer_range,
+    range_label,
+)
 from protoformer.spec.names import (
     DEFAULT_ALLOW,
     is_identifier,
@@ -183,13 +192,31 @@ def _encode_value(value: object, path: str) -> JSONValue:
     return {REF: reference_of(value, path=path)}
 
 
-def to_dict(spec: Submodules) -> dict[str, JSONValue]:
+def _encode_layers(specs: Sequence[object]) -> dict[str, JSONValue]:
+    if not specs:
+        raise SpecError("to_dict: the list of layer specs is empty; give one spec per layer")
+    records: list[dict[str, JSONValue]] = []
+    for index, spec in enumerate(specs):
+        at = join_path(LAYERS_PATH, str(index))
+        if not isinstance(spec, Submodules):
+            raise SpecError(f"{where(at)}expected a Submodules record, got {short_repr(spec)}")
+        records.append(_encode_record(spec, at))
+    groups = layer_groups(records, lambda a, b: a == b)
+    return {LAYERS: {range_label(first, last): records[first] for first, last in groups}}
+
+
+def to_dict(spec: Submodules | Sequence[Submodules]) -> dict[str, JSONValue]:
     """The spec as plain JSON-compatible data (see the module docstring for the format).
 
+    A list or tuple with one spec per layer becomes `{"__layers__": {"0-2": record, "3-60":
+    record}}`: equal neighbouring layers are written once, under their 0-based inclusive range.
     Raises `SpecError` naming the slot path and the value for anything a file cannot name.
     """
-    if not isinstance(spec, Submodules):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-        raise SpecError(f"to_dict expects a Submodules record, got {short_repr(spec)}")
+    if _is_sequence(spec):
+        return _encode_layers(cast("Sequence[object]", spec))
+    if not isinstance(spec, Submodules):
+        raise SpecError(f"to_dict expects a Submodules record or a list of them (one per layer), "
+                        f"got {short_repr(spec)}")
     return _encode_record(spec, "")
 
 
@@ -369,17 +396,49 @@ def _construct(cls: type[Submodules], values: dict[str, object], path: str) -> S
                         f"{type(error).__name__}: {error}") from error
 
 
-def from_dict(data: object, *, allow: Sequence[str] = DEFAULT_ALLOW) -> Submodules:
+def _decode_layers(decoder: _Decoder, mapping: dict[str, object]) -> list[Submodules]:
+    _check_keys(mapping, {LAYERS}, set(), "")
+    groups = _as_dict(mapping[LAYERS], LAYERS_PATH,
+                      "a mapping from layer ranges ('0', '3-60') to records")
+    ranges: list[tuple[int, int, str]] = []
+    for key in groups:
+        parsed = parse_layer_range(key)
+        if parsed is None:
+            raise SpecError(f"{where(LAYERS_PATH)}key {key!r} is not a layer index or range; "
+                            "write '3' or '3-60' (0-based, inclusive)")
+        ranges.append((*parsed, key))
+    if not ranges:
+        raise SpecError(f"{where(LAYERS_PATH)}no layers; give at least one range, e.g. '0-3'")
+    ranges.sort()
+    specs: list[Submodules] = []
+    for first, last, key in ranges:
+        if first != len(specs):
+            problem = (f"layer(s) {range_label(len(specs), first - 1)} are missing"
+                       if first > len(specs) else f"layer {first} appears twice")
+            raise SpecError(f"{where(join_path(LAYERS_PATH, key))}{problem}; the ranges must "
+                            "cover 0..N-1 once each")
+        spec = decoder.record(groups[key], join_path(LAYERS_PATH, key))
+        specs.extend([spec] * (last - first + 1))
+    return specs
+
+
+def from_dict(data: object, *,
+              allow: Sequence[str] = DEFAULT_ALLOW) -> Submodules | list[Submodules]:
     """The spec that `data` (as written by `to_dict`) describes, validated slot by slot.
 
-    Only modules under the `allow` prefixes are imported (see `protoformer.spec.names`). A
-    field with a default may be left out of "fields" (so files stay valid when a record gains
-    an optional slot); a required one may not. Any problem, malformed data included, raises
-    `SpecError` naming the path in the spec. `to_dict(from_dict(to_dict(s))) == to_dict(s)`,
-    and the rebuilt spec is `spec_equal` to `s` (the very same classes and functions).
+    Data with `"__layers__"` gives a list with one spec per layer (layers of one range share
+    one record object). Only modules under the `allow` prefixes are imported (see
+    `protoformer.spec.names`). A field with a default may be left out of "fields" (so files
+    stay valid when a record gains an optional slot); a required one may not. Any problem,
+    malformed data included, raises `SpecError` naming the path in the spec.
+    `to_dict(from_dict(to_dict(s))) == to_dict(s)`, and the rebuilt spec is `spec_equal` to
+    `s` (the very same classes and functions).
     """
+    decoder = _Decoder(allow)
     try:
-        return _Decoder(allow).record(data, "")
+        if _is_dict(data) and LAYERS in cast("dict[object, object]", data):
+            return _decode_layers(decoder, _as_dict(data, "", "a mapping"))
+        return decoder.record(data, "")
     except RecursionError:
         raise SpecError("spec root: the data is nested too deeply to be a spec") from None
 

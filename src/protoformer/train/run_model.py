@@ -20,12 +20,11 @@ from protoformer.interop import from_hf, hf_config_dict, hf_model_info, model_fr
 from protoformer.models import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.recipes import Preset
-from protoformer.recipes.spec_data import layer_spec_from_data, stored_layer_spec
+from protoformer.recipes.spec_data import LayerSpecList, layer_spec_from_data, stored_layer_spec
 from protoformer.spec import to_dict
 from protoformer.train.checkpoint_files import STATE_FILE, JSONValue
 from protoformer.train.data import BYTE_VOCAB_SIZE
 from protoformer.train.options import TrainOptions
-from protoformer.transformer.layer import TransformerLayerSubmodules
 
 __all__ = ["RunModel", "build_hf_model", "build_preset_model", "check_sizes"]
 
@@ -38,7 +37,7 @@ class RunModel:
     name: str  # for messages and the loss curve's title
     preset: Preset | None  # None: from a Hugging Face checkpoint
     hf_config: dict[str, JSONValue] | None
-    layer_spec: dict[str, JSONValue] | None  # the resolved spec, when --spec/--set gave one
+    layer_spec: dict[str, JSONValue] | None  # the resolved spec(s), when --spec/--set gave them
 
 
 def check_sizes(name: str, vocab_size: int, max_sequence_length: int,
@@ -72,10 +71,11 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
                              f"by --tp ({pg.tp_size})")
         config = dataclasses.replace(config, sequence_parallel=True)
     stored = saved.get("layer_spec") if saved is not None else None
-    custom: TransformerLayerSubmodules | None
+    custom: LayerSpecList | None
     if stored is not None:
         custom = stored_layer_spec(stored, allow=options.allow,
-                                   where=f"{checkpoint}/{STATE_FILE} layer_spec")
+                                   where=f"{checkpoint}/{STATE_FILE} layer_spec",
+                                   num_layers=config.num_layers)
         source = f"the layer spec stored in {checkpoint}"
     else:
         custom = layer_spec_from_data(preset, backend, spec_file=options.spec,
