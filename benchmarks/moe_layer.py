@@ -1,6 +1,9 @@
 """One MoE layer, forward + backward: protoformer's `MoELayer` against transformers'
 `Qwen3MoeSparseMoeBlock` with the same weights, in the same process (GPU, bf16).
 
+protoformer's layer is built by the fused backend (grouped GEMMs, the experts' activation x
+routing weight compiled into one pass) and, for comparison, by the local backend.
+
 Qwen3-30B-A3B-like sizes by default: hidden 2048, 128 experts, top-8 (softmax, top-k
 renormalised), expert ffn 768 (SwiGLU), 16k tokens. transformers' block runs under every
 `config._experts_implementation` this version accepts ("eager", "batched_mm", "grouped_mm");
@@ -68,13 +71,13 @@ def time_ms(step: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def build_ours(args: argparse.Namespace) -> MoELayer:
+def build_ours(args: argparse.Namespace, backend: str = "fused") -> MoELayer:
     config = TransformerConfig(
         num_layers=1, hidden_size=args.hidden, num_attention_heads=16,
         num_moe_experts=args.experts, moe_router_topk=args.topk, moe_ffn_hidden_size=args.ffn,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         params_dtype=torch.bfloat16, bf16=True, hidden_dropout=0.0, attention_dropout=0.0)
-    return MoELayer(config, moe_spec(get_backend("local"), config)).to(args.device)
+    return MoELayer(config, moe_spec(get_backend(backend), config)).to(args.device)
 
 
 def build_hf(args: argparse.Namespace, ours: MoELayer) -> nn.Module:
@@ -127,8 +130,10 @@ def main() -> None:
     print(f"tokens {tokens}, hidden {h}, experts {args.experts}, top-{k}, ffn {f}: "
           f"{rows} routed rows, expert matmuls {expert_flops / 1e12:.2f} TFLOP per fwd+bwd")
 
-    ours = build_ours(args)
+    ours = build_ours(args, "fused")
     hf = build_hf(args, ours)
+    ours_local = build_ours(args, "local")
+    ours_local.load_state_dict(ours.state_dict())
     x = torch.randn(tokens, 1, h, device=args.device, dtype=torch.bfloat16)  # [s, b, h]
     grad = torch.randn_like(x) * 1e-2
 
@@ -146,7 +151,16 @@ def main() -> None:
             results[f"transformers {impl}"] = time_ms(fwd_bwd(hf, x, grad, seq_first=False), args.repeats)
         except Exception as error:  # a version without this implementation
             print(f"transformers {impl}: not run ({type(error).__name__}: {str(error)[:120]})")
+    results["protoformer MoELayer local"] = time_ms(fwd_bwd(ours_local, x, grad, seq_first=True),
+                                                    args.repeats)
     results["protoformer MoELayer"] = time_ms(fwd_bwd(ours, x, grad, seq_first=True), args.repeats)
+    fused_out = fwd_bwd(ours, x, grad, seq_first=True)().float()
+    local_out = fwd_bwd(ours_local, x, grad, seq_first=True)().float()
+    grads = {name: p.grad for name, p in ours.named_parameters()}
+    worst = max(float((grads[name] - p.grad).norm() / p.grad.norm())
+                for name, p in ours_local.named_parameters() if p.grad is not None)
+    print(f"fused vs local backend: output rel. L2 {float((fused_out - local_out).norm() / local_out.norm()):.1e}, "
+          f"worst weight-gradient rel. L2 {worst:.1e} (bf16)")
 
     baseline_name = min((n for n in results if n.startswith("transformers")), key=results.__getitem__,
                         default=None)

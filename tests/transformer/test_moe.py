@@ -16,6 +16,7 @@ from protoformer import TransformerConfig
 from protoformer.parallel import ColumnParallelLinear, RowParallelLinear
 from protoformer.transformer.mlp import Activation, MLPSubmodules
 from protoformer.transformer.moe import (
+    ExpertActivation,
     GroupedLinear,
     GroupedMLP,
     GroupedMLPSubmodules,
@@ -47,7 +48,7 @@ def make_config(**overrides: Any) -> TransformerConfig:
 def make_layer(config: TransformerConfig, *, sequential: bool = False) -> MoELayer:
     experts = (functools.partial(SequentialMLP, submodules=DENSE_MLP) if sequential else
                functools.partial(GroupedMLP, submodules=GroupedMLPSubmodules(
-                   linear_fc1=GroupedLinear, linear_fc2=GroupedLinear, activation=Activation)))
+                   linear_fc1=GroupedLinear, linear_fc2=GroupedLinear, activation=ExpertActivation)))
     shared = None
     if config.moe_shared_expert_intermediate_size is not None:
         shared = functools.partial(SharedExpertMLP, submodules=DENSE_MLP)

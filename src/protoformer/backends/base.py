@@ -16,7 +16,11 @@ from protoformer.parallel.protocols import (
 )
 from protoformer.transformer.interfaces import CoreAttentionBuilder
 from protoformer.transformer.mlp import ActivationBuilder
-from protoformer.transformer.moe.protocols import GroupedLinearBuilder, RouterBuilder
+from protoformer.transformer.moe.protocols import (
+    ExpertActivationBuilder,
+    GroupedLinearBuilder,
+    RouterBuilder,
+)
 from protoformer.transformer.norm import LayerNormBuilder
 
 __all__ = ["BackendSpecProvider"]
@@ -57,4 +61,8 @@ class BackendSpecProvider(Protocol):
 
     def grouped_linear(self) -> GroupedLinearBuilder:
         """One linear per local expert in one weight tensor (the MoE experts' fc1 and fc2)."""
+        ...
+
+    def expert_activation(self) -> ExpertActivationBuilder:
+        """The experts' nonlinearity times the routing weight (one pass when fused)."""
         ...

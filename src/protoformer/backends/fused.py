@@ -10,6 +10,7 @@ the same Builder protocol, checked statically by the return types below and at r
 | LayerNorm | `F.layer_norm` on the input dtype (float32 accumulation inside) | `LayerNorm` |
 | core attention | SDPA restricted to the flash / cuDNN / memory-efficient kernels | `SDPAttention` |
 | gated SiLU (SwiGLU) | liger-kernel's fused gate-up SwiGLU | `Activation` |
+| MoE experts' activation x routing weight | one `torch.compile`d (Inductor/Triton) pass, forward and backward | `ExpertActivation` |
 | linears | the local tensor-parallel linears (cuBLAS already runs them) | the same |
 
 Two fusions are not slots of a layer spec, because the layer itself calls them: the rotary
@@ -28,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Literal, cast
 
@@ -45,11 +47,14 @@ from protoformer.transformer.core_attention import SDPAttention
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.interfaces import AttentionTypeName, CoreAttentionBuilder
 from protoformer.transformer.mlp import Activation, ActivationBuilder
+from protoformer.transformer.moe.experts import ExpertActivation
+from protoformer.transformer.moe.protocols import ExpertActivationBuilder
 from protoformer.transformer.norm import LayerNorm, LayerNormBuilder, RMSNorm
 
 __all__ = [
     "AttentionKernel",
     "FusedActivation",
+    "FusedExpertActivation",
     "FusedLayerNorm",
     "FusedRMSNorm",
     "FusedSDPAttention",
@@ -107,6 +112,42 @@ class FusedActivation(Activation):
                 and x.shape[-1] % 2 == 0:
             return fused_swiglu(x)  # [..., f]
         return super().forward(x)
+
+
+def _weighted_activation(x: Tensor, probs: Tensor, activation_func: Callable[[Tensor], Tensor],
+                         gated: bool) -> Tensor:
+    """`act(gate) * up * prob` (gated) or `act(x) * prob`: `[N, 2f]` or `[N, f]`, `[N]` -> `[N, f]`."""
+    if gated:
+        gate, up = torch.chunk(x, 2, dim=-1)
+        out = activation_func(gate) * up
+    else:
+        out = activation_func(x)
+    return out * probs.unsqueeze(-1).to(out.dtype)
+
+
+@functools.cache
+def _compiled_weighted_activation() -> Callable[..., Tensor]:
+    compiled: object = torch.compile(_weighted_activation)  # pyright: ignore[reportUnknownMemberType]  # torch.compile's overloads carry Unknown
+    return cast(Callable[..., Tensor], compiled)
+
+
+class FusedExpertActivation(ExpertActivation):
+    """`ExpertActivation` as one fused kernel on CUDA: Inductor compiles the activation, the
+    gating product and the routing-weight product (and their backward) into single passes
+    over the `[N, 2f]` rows. Elsewhere, or if compilation fails (warned once), the local one."""
+
+    compile_failed = False  # set once torch.compile has failed in this process
+
+    def forward(self, x: Tensor, probs: Tensor, /) -> Tensor:
+        if x.is_cuda and not FusedExpertActivation.compile_failed:
+            try:
+                return _compiled_weighted_activation()(
+                    x, probs, self.activation.activation_func, self.activation.gated)
+            except Exception as error:  # no working compiler toolchain: keep training, unfused
+                FusedExpertActivation.compile_failed = True
+                warnings.warn(f"FusedExpertActivation: torch.compile failed ({error!r}); using "
+                              "the unfused activation", stacklevel=2)
+        return super().forward(x, probs)
 
 
 class FusedSDPAttention(SDPAttention):
@@ -230,6 +271,10 @@ class FusedSpecProvider(LocalSpecProvider):
         """`FusedActivation`: SwiGLU fused on CUDA, otherwise `config.activation_func`."""
         return FusedActivation
 
+    def expert_activation(self) -> ExpertActivationBuilder:
+        """`FusedExpertActivation`: the MoE experts' activation x routing weight in one pass."""
+        return FusedExpertActivation
+
     def kernel_report(self) -> dict[str, bool]:
         """Which fused paths this process can take (each also needs CUDA tensors at run time)."""
         cuda = torch.cuda.is_available()
@@ -241,6 +286,7 @@ class FusedSpecProvider(LocalSpecProvider):
             "liger_swiglu": liger,
             "liger_fused_linear_cross_entropy": liger,
             "fused_sdpa": cuda,
+            "compiled_expert_activation": cuda and not FusedExpertActivation.compile_failed,
         }
 
     def __repr__(self) -> str:

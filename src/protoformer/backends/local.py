@@ -15,8 +15,12 @@ from protoformer.parallel.protocols import (
 from protoformer.transformer.core_attention import SDPAttention
 from protoformer.transformer.interfaces import CoreAttentionBuilder
 from protoformer.transformer.mlp import Activation, ActivationBuilder
-from protoformer.transformer.moe.experts import GroupedLinear
-from protoformer.transformer.moe.protocols import GroupedLinearBuilder, RouterBuilder
+from protoformer.transformer.moe.experts import ExpertActivation, GroupedLinear
+from protoformer.transformer.moe.protocols import (
+    ExpertActivationBuilder,
+    GroupedLinearBuilder,
+    RouterBuilder,
+)
 from protoformer.transformer.moe.router import TopKRouter
 from protoformer.transformer.norm import LayerNorm, LayerNormBuilder, RMSNorm
 
@@ -64,6 +68,10 @@ class LocalSpecProvider:
     def grouped_linear(self) -> GroupedLinearBuilder:
         """`GroupedLinear`: `torch._grouped_mm` on Hopper GPUs in bf16, a loop over experts elsewhere."""
         return GroupedLinear
+
+    def expert_activation(self) -> ExpertActivationBuilder:
+        """`ExpertActivation`: `config.activation_func` times the routing weight, plain PyTorch."""
+        return ExpertActivation
 
     def __repr__(self) -> str:
         return "LocalSpecProvider()"

@@ -38,7 +38,7 @@ def moe_spec(backend: BackendSpecProvider, config: TransformerConfig, *,
     if grouped:
         experts = functools.partial(GroupedMLP, submodules=GroupedMLPSubmodules(
             linear_fc1=backend.grouped_linear(), linear_fc2=backend.grouped_linear(),
-            activation=backend.activation()))
+            activation=backend.expert_activation()))
     else:
         experts = functools.partial(SequentialMLP, submodules=mlp_spec(backend, config))
     shared: SharedExpertsBuilder | None = None

@@ -10,6 +10,7 @@ from protoformer.transformer.moe.aux_loss import (
 )
 from protoformer.transformer.moe.dispatcher import MoELocalTokenDispatcher
 from protoformer.transformer.moe.experts import (
+    ExpertActivation,
     GroupedLinear,
     GroupedMLP,
     GroupedMLPSubmodules,
@@ -17,6 +18,8 @@ from protoformer.transformer.moe.experts import (
 )
 from protoformer.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from protoformer.transformer.moe.protocols import (
+    ExpertActivationBuilder,
+    ExpertActivationInterface,
     ExpertsBuilder,
     ExpertsInterface,
     GroupedLinearBuilder,
@@ -35,6 +38,9 @@ from protoformer.transformer.moe.shared_experts import SharedExpertMLP
 
 __all__ = [
     "AuxLossReporter",
+    "ExpertActivation",
+    "ExpertActivationBuilder",
+    "ExpertActivationInterface",
     "ExpertBiasOwner",
     "ExpertsBuilder",
     "ExpertsInterface",

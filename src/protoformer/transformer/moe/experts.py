@@ -19,10 +19,14 @@ from protoformer.initialization import init_method_normal, scaled_init_method_no
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.protocols import InitMethod
 from protoformer.spec import Submodules, apply_module
-from protoformer.transformer.mlp import MLP, ActivationBuilder, MLPSubmodules
-from protoformer.transformer.moe.protocols import GroupedLinearFc1Builder, GroupedLinearFc2Builder
+from protoformer.transformer.mlp import MLP, Activation, MLPSubmodules
+from protoformer.transformer.moe.protocols import (
+    ExpertActivationBuilder,
+    GroupedLinearFc1Builder,
+    GroupedLinearFc2Builder,
+)
 
-__all__ = ["GroupedLinear", "GroupedMLP", "GroupedMLPSubmodules", "SequentialMLP", "grouped_mm_available"]
+__all__ = ["ExpertActivation", "GroupedLinear", "GroupedMLP", "GroupedMLPSubmodules", "SequentialMLP", "grouped_mm_available"]
 
 
 # torch's grouped GEMM (CUDA, Hopper+; private in the torch releases we support).
@@ -96,13 +100,25 @@ class GroupedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+class ExpertActivation(nn.Module):
+    """`config.activation_func` (gated or plain) times each row's routing weight, in plain
+    PyTorch: `[N, 2f]` or `[N, f]`, `[N]` -> `[N, f]`."""
+
+    def __init__(self, config: TransformerConfig, /, *, gated: bool) -> None:
+        super().__init__()
+        self.activation = Activation(config, gated=gated)
+
+    def forward(self, x: Tensor, probs: Tensor, /) -> Tensor:
+        return apply_module(self.activation)(x) * probs.unsqueeze(-1).to(x.dtype)  # [N, f]
+
+
 @dataclass
 class GroupedMLPSubmodules(Submodules):
-    """The slots of `GroupedMLP`: the grouped linears and the (shared) activation kind."""
+    """The slots of `GroupedMLP`: the grouped linears and the prob-weighted activation."""
 
     linear_fc1: GroupedLinearFc1Builder
     linear_fc2: GroupedLinearFc2Builder
-    activation: ActivationBuilder
+    activation: ExpertActivationBuilder
 
 
 class GroupedMLP(nn.Module):
@@ -137,11 +153,10 @@ class GroupedMLP(nn.Module):
                 permuted_probs: Tensor, /) -> tuple[Tensor, Tensor | None]:
         """`[N, h]`, `[E]`, `[N]` -> (`[N, h]` prob-weighted, None)."""
         intermediate, _ = apply_module(self.linear_fc1)(dispatched_input, tokens_per_expert)  # [N, 2f]
-        intermediate = apply_module(self.activation_func)(intermediate)  # [N, f]
-        weights = permuted_probs.unsqueeze(-1).to(intermediate.dtype)  # [N, 1]
-        output, bias = apply_module(self.linear_fc2)(intermediate * weights, tokens_per_expert)
+        weighted = apply_module(self.activation_func)(intermediate, permuted_probs)  # [N, f]
+        output, bias = apply_module(self.linear_fc2)(weighted, tokens_per_expert)  # [N, h]
         if bias is not None:
-            output = output + bias * weights
+            output = output + bias * permuted_probs.unsqueeze(-1).to(bias.dtype)
         return output, None
 
 

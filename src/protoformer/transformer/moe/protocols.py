@@ -17,6 +17,8 @@ from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.protocols import InitMethod
 
 __all__ = [
+    "ExpertActivationBuilder",
+    "ExpertActivationInterface",
     "ExpertsBuilder",
     "ExpertsInterface",
     "GroupedLinearBuilder",
@@ -121,6 +123,22 @@ GroupedLinearFc1Builder = GroupedLinearBuilder
 GroupedLinearFc2Builder = GroupedLinearBuilder
 """The experts' second linear: *the same* grouped linear kind (experts are not split over
 tensor-parallel ranks, so fc1 and fc2 need no different splitting keyword)."""
+
+
+class ExpertActivationInterface(Protocol):
+    """The experts' nonlinearity times each row's routing weight.
+
+    `[N, 2f]` (gate then up) or `[N, f]`, `probs [N]` -> `[N, f]`: `act(gate) * up * prob`
+    (gated) or `act(x) * prob`. One kind so a backend can fuse the three passes into one.
+    """
+
+    def forward(self, x: Tensor, probs: Tensor, /) -> Tensor: ...
+
+
+class ExpertActivationBuilder(Protocol):
+    """Builds the experts' activation from the config (`activation_func`, `gated`)."""
+
+    def __call__(self, config: TransformerConfig, /, *, gated: bool) -> ExpertActivationInterface: ...
 
 
 class TokenDispatcherInterface(Protocol):
