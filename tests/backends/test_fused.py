@@ -132,7 +132,8 @@ def test_fused_config_switches_on_the_model_level_fusions() -> None:
 def test_kernel_report_lists_every_fused_path() -> None:
     report = FusedSpecProvider().kernel_report()
     assert set(report) == {"cuda", "triton_rope", "liger_rms_norm", "liger_swiglu",
-                           "liger_fused_linear_cross_entropy", "fused_sdpa"}
+                           "liger_fused_linear_cross_entropy", "fused_sdpa",
+                           "compiled_expert_activation"}
     if not torch.cuda.is_available():
         assert not any(report.values())
 
