@@ -154,8 +154,8 @@ def main() -> None:
     results["protoformer MoELayer local"] = time_ms(fwd_bwd(ours_local, x, grad, seq_first=True),
                                                     args.repeats)
     results["protoformer MoELayer"] = time_ms(fwd_bwd(ours, x, grad, seq_first=True), args.repeats)
-    fused_out = fwd_bwd(ours, x, grad, seq_first=True)().float()
-    local_out = fwd_bwd(ours_local, x, grad, seq_first=True)().float()
+    fused_out = fwd_bwd(ours, x, grad, seq_first=True)().detach().float()
+    local_out = fwd_bwd(ours_local, x, grad, seq_first=True)().detach().float()
     grads = {name: p.grad for name, p in ours.named_parameters()}
     worst = max(float((grads[name] - p.grad).norm() / p.grad.norm())
                 for name, p in ours_local.named_parameters() if p.grad is not None)
