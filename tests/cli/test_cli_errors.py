@@ -83,3 +83,26 @@ def test_errors_are_one_line_from_the_console_entry_point(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert result.stderr.startswith("protoformer: error: unknown preset 'nope'")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_misspelt_preset_lists_both_kinds_and_the_closest(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "t5-bas"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 't5-base'?" in err
+    assert all(name in err for name in ("tiny", "llama3-8b", "t5-small", "t5-v1_1-xl"))
+
+
+@pytest.mark.parametrize(("source", "needle"), [
+    ("def spec(backend, config)\n    return 1\n", "recipe.py:1: syntax error"),
+    ("from protoformer.transformer.layer import TransformerLayerSubmodules\n"
+     "def spec(backend, config):\n    return TransformerLayerSubmodules()\n",
+     "raised TypeError: TransformerLayerSubmodules.__init__() missing 4 required"),
+    ("import no_such_module_xyz\n", "raised ModuleNotFoundError"),
+    ("def spec(backend, config):\n    return undefined\n", "recipe.py:3)"),
+])
+def test_a_broken_recipe_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                     source: str, needle: str) -> None:
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(source.replace("return undefined", "x = 1\n    return undefined"))
+    _one_line_error(capsys, ["check", f"{recipe}:spec"], needle)

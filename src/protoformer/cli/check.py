@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import inspect
 import sys
+import traceback
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -76,9 +77,24 @@ def _import_file(path: Path) -> ModuleType:
     sys.path.insert(0, directory)  # so the recipe can import its neighbours
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ValueError(f"{path}:{error.lineno}: syntax error: {error.msg}; fix the recipe "
+                         "file") from error
+    except SpecError:
+        raise
+    except Exception as error:  # the user's file: report it in one line, not a traceback
+        raise _recipe_error(f"importing {path}", path, error) from error
     finally:
         sys.path.remove(directory)
     return module
+
+
+def _recipe_error(what: str, path: Path, error: Exception) -> ValueError:
+    """`error` raised by the user's recipe as one line, with the recipe's line that raised it."""
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if Path(frame.filename).resolve() == path.resolve()]
+    where = f" (at {path}:{frames[-1].lineno})" if frames else ""
+    return ValueError(f"{what} raised {type(error).__name__}: {error}{where}")
 
 
 def _returns_submodules(function: Callable[..., object]) -> bool:
@@ -135,13 +151,14 @@ def check_recipe(target: str, *, preset: str = "tiny", backend: str = "local") -
         return CheckResult(f"{path} (import)", _problems_of(error), 0)
     function = _find_function(module, path, wanted)
     label = f"{path}:{getattr(function, '__name__', wanted)}"
+    arguments = ((get_backend(backend), get_preset(preset).config_factory())
+                 if _takes_arguments(function) else ())
     try:
-        if _takes_arguments(function):
-            result = function(get_backend(backend), get_preset(preset).config_factory())
-        else:
-            result = function()
+        result = function(*arguments)
     except SpecError as error:
         return CheckResult(label, _problems_of(error), 0)
+    except Exception as error:  # e.g. a Submodules record missing a slot: a TypeError
+        raise _recipe_error(f"{label}", path, error) from error
     problems: list[str] = []
     slots_checked = 0
     for prefix, spec in _specs_of(result, label):

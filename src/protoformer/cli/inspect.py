@@ -7,6 +7,7 @@ even the 70B preset is inspected in about a second without allocating its weight
 from __future__ import annotations
 
 import argparse
+import difflib
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -254,7 +255,19 @@ def format_report(report: PresetReport) -> list[str]:
     return lines
 
 
+def _unknown_preset(name: str) -> ValueError:
+    """The known presets of both kinds, and the closest names to a misspelt one."""
+    known = [*list_presets(), *list_t5_presets()]
+    close = difflib.get_close_matches(name, known, n=2)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return ValueError(f"unknown preset {name!r}; {hint}decoder-only presets: "
+                      f"{', '.join(list_presets())}; encoder-decoder presets: "
+                      f"{', '.join(list_t5_presets())}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if str(args.preset) not in (*list_presets(), *list_t5_presets()):
+        raise _unknown_preset(str(args.preset))
     if str(args.preset) in list_t5_presets():
         if args.spec is not None or args.overrides:
             raise ValueError(f"--spec and --set apply to the decoder-only presets; "
