@@ -6,14 +6,14 @@ tokens greedily after a random `--prompt`-token prompt, at each `--batch`:
 
 - `hf-generate`: `model.generate(do_sample=False, min_new_tokens=max_new_tokens=n)` with its
   default dynamic KV cache;
-- `protoformer-eager`: `protoformer.kernels.graph_decode.greedy_generate` (preallocated
-  `InferenceContext` cache, one eager forward per token);
-- `protoformer-graph`: `GraphDecoder`: the same cache, each token one CUDA graph replay.
+- `protoformer-eager`: `protoformer.generation.greedy_generate` (the static-shape step of
+  `GraphDecoder`, run eagerly: one model forward per token);
+- `protoformer-graph`: `GraphDecoder`: the same step, each token one CUDA graph replay.
 
 Tokens/s counts new tokens (batch * n) over the whole call, prompt prefill included; the
 median of `--repeats` calls after one warm-up call. The outputs are compared by the length of
 the prefix they share (bf16 greedy paths part at the first near-tie of the logits; token
-identity with the eager path is tested in float32 by tests/kernels/test_graph_decode.py).
+identity with the eager path is tested in float32 by tests/generation/test_graph_decoder.py).
 
     python benchmarks/decode.py --batch 1 8 --prompt 128 --new-tokens 128
 """
@@ -31,7 +31,7 @@ from torch import Tensor
 from train_step import build_hf, build_protoformer, copy_weights, llama_1b_config
 
 import protoformer.backends.fused  # noqa: F401  (registers the fused backend)
-from protoformer.kernels.graph_decode import GraphDecoder, greedy_generate
+from protoformer.generation import GraphDecoder, greedy_generate
 
 
 def timed(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:

@@ -111,6 +111,26 @@ def test_generate_hf_streams_the_greedy_text_and_stops_after_eos(
     assert capsys.readouterr().out == PROMPT + tokenizer.decode(stopped) + "\n"
 
 
+def test_generate_hf_decodes_several_prompts_as_one_batch(
+        hf_checkpoint: tuple[Path, Any, Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source, model, tokenizer = hf_checkpoint
+    directory = tmp_path / "hf"
+    shutil.copytree(source, directory)
+    prompts = [PROMPT, "class Point:\n    x", "hello"]  # different token lengths
+    free = [_greedy_reference(model, tokenizer.encode(p).ids, 6) for p in prompts]
+    eos = free[1][2]  # the second prompt stops early; the others run on (unless they meet it)
+    _set_eos(directory, eos)
+    argv = ["generate", "--hf", str(directory), "--max-new-tokens", "6", "--greedy",
+            "--device", "cpu"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    expected = [p + tokenizer.decode(ids[:ids.index(eos) + 1] if eos in ids else ids) + "\n"
+                for p, ids in zip(prompts, free, strict=True)]
+    assert capsys.readouterr().out == "\n".join(expected)
+
+
 def test_generate_hf_without_tokenizer_is_a_one_line_error(
         hf_checkpoint: tuple[Path, Any, Any], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,10 +17,10 @@ from typing import Protocol
 import torch
 
 from protoformer.backends import get_backend
-from protoformer.generation import generate, generate_seq2seq
+from protoformer.generation import generate, generate_batch, generate_seq2seq
 from protoformer.interop import load_hf_for_cli, model_from_hf_config
 from protoformer.interop.hf_cli import is_t5_checkpoint, load_t5_for_cli
-from protoformer.interop.hf_tokenizer import TOKENIZER_FILE, StreamDecoder
+from protoformer.interop.hf_tokenizer import TOKENIZER_FILE, StreamDecoder, TextTokenizer
 from protoformer.models import GPTModel
 from protoformer.recipes import get_preset
 from protoformer.recipes.spec_data import stored_layer_spec
@@ -60,7 +60,9 @@ def add_parser(commands: _Subparsers) -> None:
     source.add_argument("--hf", type=Path, metavar="PATH",
                         help="a Hugging Face checkpoint directory (config.json, safetensors "
                              "weights and tokenizer.json)")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--prompt", required=True, action="append",
+                        help="the text to continue; repeat it to continue several prompts as "
+                             "one batch (printed one after another when all are done)")
     parser.add_argument("--max-new-tokens", type=int, default=200,
                         help="tokens (bytes, for --checkpoint) to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8,
@@ -165,15 +167,31 @@ def _stream_generation(model: GPTModel, prompt_ids: Sequence[int], args: argpars
     sys.stdout.write(finish() + "\n")
 
 
+def _batch_generation(model: GPTModel, prompts_ids: Sequence[Sequence[int]],
+                      args: argparse.Namespace, *, echoes: Sequence[str],
+                      text: Callable[[list[int]], str],
+                      stop_token_ids: Collection[int] = ()) -> None:
+    """Several prompts decoded as one batch; print each prompt and its continuation, one
+    blank line between them."""
+    rows = generate_batch(model, prompts_ids, int(args.max_new_tokens),
+                          temperature=float(args.temperature), top_k=args.top_k,
+                          top_p=args.top_p, greedy=bool(args.greedy), seed=args.seed,
+                          stop_token_ids=stop_token_ids,
+                          cuda_graph=_CUDA_GRAPH_CHOICES[str(args.cuda_graph)])
+    sys.stdout.write("\n".join(echo + text(row) + "\n" for echo, row in
+                                zip(echoes, rows, strict=True)))
+    sys.stdout.flush()
+
+
 def _no_tokenizer(directory: Path) -> ValueError:
     return ValueError(f"{directory}: no {TOKENIZER_FILE}; generate --hf encodes the prompt with "
                       f"the checkpoint's own tokenizer, so copy {TOKENIZER_FILE} from the model's "
                       "repository into that directory")
 
 
-def _run_hf_seq2seq(args: argparse.Namespace, prompt: str, directory: Path,
+def _run_hf_seq2seq(args: argparse.Namespace, prompts: Sequence[str], directory: Path,
                     device: torch.device) -> None:
-    """A T5 checkpoint: the prompt is the encoder's input; print the decoder's text."""
+    """A T5 checkpoint: each prompt is the encoder's input; print the decoder's text."""
     if _CUDA_GRAPH_CHOICES[str(args.cuda_graph)]:
         raise ValueError("--cuda-graph on: CUDA-graph decoding is for decoder-only models; "
                          "use --cuda-graph auto or off with a T5 checkpoint")
@@ -181,13 +199,13 @@ def _run_hf_seq2seq(args: argparse.Namespace, prompt: str, directory: Path,
     tokenizer = checkpoint.tokenizer
     if tokenizer is None:
         raise _no_tokenizer(directory)
-    decoder = StreamDecoder(tokenizer)
+    decoders = [StreamDecoder(tokenizer)]
 
     def stream(token: int) -> None:
-        sys.stdout.write(decoder.push(token))
+        sys.stdout.write(decoders[-1].push(token))
         sys.stdout.flush()
 
-    def run_generation(max_new_tokens: int) -> list[int]:
+    def run_generation(prompt: str, max_new_tokens: int) -> list[int]:
         return generate_seq2seq(
             checkpoint.model, tokenizer.encode(prompt), max_new_tokens,
             decoder_start_token_id=checkpoint.decoder_start_token_id,
@@ -195,38 +213,61 @@ def _run_hf_seq2seq(args: argparse.Namespace, prompt: str, directory: Path,
             greedy=bool(args.greedy), seed=args.seed, stream=stream,
             stop_token_ids=checkpoint.eos_token_ids)
 
-    run_generation(0)  # validates the input and sampling options first
-    run_generation(int(args.max_new_tokens))
-    sys.stdout.write(decoder.flush() + "\n")
+    for prompt in prompts:
+        run_generation(prompt, 0)  # validates every input and the sampling options first
+    for index, prompt in enumerate(prompts):  # one after another: T5 decodes one input a call
+        if index:
+            sys.stdout.write("\n")
+            decoders.append(StreamDecoder(tokenizer))
+        run_generation(prompt, int(args.max_new_tokens))
+        sys.stdout.write(decoders[-1].flush() + "\n")
 
 
-def _run_hf(args: argparse.Namespace, prompt: str) -> None:
+def _run_hf(args: argparse.Namespace, prompts: Sequence[str]) -> None:
     directory = Path(args.hf)
     device = resolve_device(str(args.device))
     if directory.is_dir() and not (directory / TOKENIZER_FILE).is_file():
         raise _no_tokenizer(directory)  # before the (slower) weight loading
     if is_t5_checkpoint(directory):
-        _run_hf_seq2seq(args, prompt, directory, device)
+        _run_hf_seq2seq(args, prompts, directory, device)
         return
     checkpoint = load_hf_for_cli(directory, device=device)
     if checkpoint.tokenizer is None:
         raise _no_tokenizer(directory)
-    decoder = StreamDecoder(checkpoint.tokenizer)
-    _stream_generation(checkpoint.model, checkpoint.tokenizer.encode(prompt), args, echo=prompt,
+    tokenizer = checkpoint.tokenizer
+    if len(prompts) > 1:
+        _batch_generation(checkpoint.model, [tokenizer.encode(p) for p in prompts], args,
+                          echoes=prompts, text=lambda ids: _decode_stream(tokenizer, ids),
+                          stop_token_ids=checkpoint.eos_token_ids)
+        return
+    decoder = StreamDecoder(tokenizer)
+    _stream_generation(checkpoint.model, tokenizer.encode(prompts[0]), args, echo=prompts[0],
                        piece=decoder.push, finish=decoder.flush,
                        stop_token_ids=checkpoint.eos_token_ids)
 
 
-def _run_checkpoint(args: argparse.Namespace, prompt: str) -> None:
-    prompt_bytes = prompt.encode("utf-8")
+def _decode_stream(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
+    """The text the streaming decoder would print for `ids` (the same pieces, joined)."""
+    decoder = StreamDecoder(tokenizer)
+    return "".join(decoder.push(token) for token in ids) + decoder.flush()
+
+
+def _run_checkpoint(args: argparse.Namespace, prompts: Sequence[str]) -> None:
+    prompt_bytes = [prompt.encode("utf-8") for prompt in prompts]
     step_dir = resolve_checkpoint(Path(args.checkpoint))
     state = read_state(step_dir)
     vocab_size = _saved_vocab_size(state)
     if vocab_size is not None:  # before the (slower) model build
-        check_prompt_bytes(prompt_bytes, vocab_size)
+        for encoded in prompt_bytes:
+            check_prompt_bytes(encoded, vocab_size)
     model = _load_from(step_dir, state, str(args.device), [str(a) for a in args.allow])
+    if len(prompts) > 1:
+        _batch_generation(model, [list(encoded) for encoded in prompt_bytes], args,
+                          echoes=prompts, text=lambda ids: b"".join(
+                              token_bytes(token) for token in ids).decode("utf-8", "replace"))
+        return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    _stream_generation(model, list(prompt_bytes), args, echo=prompt,
+    _stream_generation(model, list(prompt_bytes[0]), args, echo=prompts[0],
                        piece=lambda token: decoder.decode(token_bytes(token)),
                        finish=lambda: decoder.decode(b"", final=True))
 
@@ -234,11 +275,11 @@ def _run_checkpoint(args: argparse.Namespace, prompt: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
-    prompt: str = args.prompt
-    if not prompt:
+    prompts: list[str] = list(args.prompt)
+    if not all(prompts):
         raise ValueError("--prompt is empty; give at least one character to continue")
     if args.hf is not None:
-        _run_hf(args, prompt)
+        _run_hf(args, prompts)
     else:
-        _run_checkpoint(args, prompt)
+        _run_checkpoint(args, prompts)
     return 0

@@ -136,7 +136,12 @@ class GPTModel(nn.Module):
         self._check_ids("input_ids", input_ids)
         seq_len = input_ids.shape[1]
         offset = 0
-        if inference_context is not None:
+        # Static-shape decoding: each row at its own device-held positions (see InferenceContext).
+        static_positions = inference_context.positions if inference_context is not None else None
+        if inference_context is not None and static_positions is not None:
+            self._check_static_decoding(inference_context, input_ids, labels)
+            inference_context.start_step()
+        elif inference_context is not None:
             offset = inference_context.sequence_len_offset
             inference_context.check_room(seq_len)
         if offset + seq_len > self.max_sequence_length:
@@ -158,6 +163,8 @@ class GPTModel(nn.Module):
             if self.embedding.reduce_scatter_embeddings:
                 start += self.pg.tp_rank * local_len
             positions = torch.arange(start, start + local_len, device=input_ids.device)  # [s]
+            if inference_context is not None and static_positions is not None:
+                positions = inference_context.decode_positions(seq_len).T  # [b, s]
             embeddings = embeddings + self.position_embeddings(positions)  # [b, s, h]
         hidden_states = embeddings.transpose(0, 1).contiguous()  # [s, b, h]
         if self.training and self.config.hidden_dropout > 0.0:
@@ -170,7 +177,9 @@ class GPTModel(nn.Module):
                                           training=True)
         rotary_pos_emb = None
         if self.rotary_pos_emb is not None:
-            rotary_pos_emb = self.rotary_pos_emb(offset + seq_len)  # [offset + s, 1, 1, rot_dim]
+            table_len = offset + seq_len if inference_context is None or static_positions is None \
+                else inference_context.max_sequence_length
+            rotary_pos_emb = self.rotary_pos_emb(table_len)  # [offset + s, 1, 1, rot_dim]
 
         hidden_states = apply_module(self.decoder)(
             hidden_states, attention_mask, rotary_pos_emb=rotary_pos_emb,
@@ -202,7 +211,9 @@ class GPTModel(nn.Module):
             loss = vocab_parallel_cross_entropy(
                 logits, labels.transpose(0, 1), self.pg.tp if split else None)  # [s, b]
             result = loss.transpose(0, 1).contiguous()  # [b, s]
-        if inference_context is not None:
+        if static_positions is not None:
+            static_positions.add_(seq_len)  # in place: a captured graph advances it on replay
+        elif inference_context is not None:
             inference_context.increment(seq_len)
         return result
 
@@ -221,6 +232,21 @@ class GPTModel(nn.Module):
         (no sequence-parallel gather), and the output weight's gradient is not deferred."""
         return (self.config.cross_entropy_loss_fusion and self.pg.tp_size == 1
                 and not self.config.delay_wgrad_compute and self.output_layer.bias is None)
+
+    def _check_static_decoding(self, context: InferenceContext, input_ids: Tensor,
+                               labels: Tensor | None) -> None:
+        positions = context.positions
+        assert positions is not None
+        if labels is not None or self.pg.tp_size != 1 or self.config.sequence_parallel:
+            raise ValueError("GPTModel: static-shape decoding (InferenceContext.positions) runs "
+                             "without labels on one tensor-parallel rank")
+        if positions.shape != (input_ids.shape[0],):
+            raise ValueError(f"GPTModel: InferenceContext.positions has shape "
+                             f"{tuple(positions.shape)}; expected one position per row "
+                             f"({input_ids.shape[0]},)")
+        if context.max_sequence_length > self.max_sequence_length:
+            raise ValueError(f"GPTModel: the InferenceContext holds {context.max_sequence_length} "
+                             f"positions, more than max_sequence_length={self.max_sequence_length}")
 
     def _check_ids(self, name: str, ids: Tensor) -> None:
         check_token_ids("GPTModel", name, ids, self.vocab_size)

@@ -40,7 +40,12 @@ from protoformer.transformer.attention_base import Attention
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.interfaces import CoreAttentionBuilder, CoreAttentionInterface
-from protoformer.transformer.kv_cache import append_to_kv_cache, cached_memory, store_memory
+from protoformer.transformer.kv_cache import (
+    append_to_kv_cache,
+    cached_memory,
+    store_memory,
+    write_kv_cache_at_positions,
+)
 from protoformer.transformer.norm import LayerNormBuilder
 from protoformer.transformer.rope import apply_rotary_pos_emb
 
@@ -175,14 +180,26 @@ class SelfAttention(Attention):
         query, key, value = self.get_query_key_value_tensors(hidden_states)
         s = query.shape[0]  # the full sequence, also under sequence parallelism
         offset = inference_context.sequence_len_offset if inference_context is not None else 0
+        static = inference_context is not None and inference_context.positions is not None
+        if static and attention_mask is not None:
+            raise ValueError("static-shape decoding (InferenceContext.positions) builds its own "
+                             "mask from the positions; pass attention_mask=None")
         if rotary_pos_emb is not None:
-            freqs = _rotary_positions(rotary_pos_emb, offset, s, self.hidden_size_per_attention_head)
-            interleaved = self.config.rotary_interleaved
-            # `apply_rope_fusion`: one Triton kernel per tensor on CUDA (same math elsewhere).
-            rotate = fused_apply_rotary_pos_emb if self.config.apply_rope_fusion \
-                else apply_rotary_pos_emb
-            query = rotate(query, freqs, rotary_interleaved=interleaved)  # [s, b, np, hn]
-            key = rotate(key, freqs, rotary_interleaved=interleaved)  # [s, b, ng, hn]
+            hn = self.hidden_size_per_attention_head
+            freqs = _rotary_positions(rotary_pos_emb, offset, s, hn)  # [s, 1, 1, rot]
+            if inference_context is not None and static:
+                # Each row at its own position: angles [s, b, 1, rot].
+                freqs = inference_context.rotary_rows(rotary_pos_emb, s)
+            query, key = self._rotate(query, key, freqs)
+        if inference_context is not None and static:
+            # Static shapes: the whole cache, later positions blocked (the mask replaces the
+            # causal rule, which would align to the cache's end).
+            key, value = write_kv_cache_at_positions(
+                inference_context, self.layer_number, key, value,
+                num_query_groups=self.num_query_groups_per_partition,
+                head_dim=self.hidden_size_per_attention_head)  # [max_s, b, ng, hn]
+            blocked = inference_context.decode_mask(s)  # [b, 1, s, max_s]
+            return self._attend(query, key, value, blocked, AttnMaskType.arbitrary)
         if inference_context is not None:
             # The core's causal mask is bottom-right aligned, so the s new queries at
             # [offset, offset + s) see exactly the keys at or before their own positions.
@@ -191,6 +208,26 @@ class SelfAttention(Attention):
                 num_query_groups=self.num_query_groups_per_partition,
                 head_dim=self.hidden_size_per_attention_head)  # [offset + s, b, ng, hn]
         return self._attend(query, key, value, attention_mask, self.attn_mask_type)
+
+    def _rotate(self, query: Tensor, key: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotary embedding of query `[s, b, np, hn]` and key `[s, b, ng, hn]` by `freqs`
+        `[s, 1 | b, 1, rot]`; `config.apply_rope_fusion` uses one Triton kernel per tensor
+        on CUDA (same math elsewhere), which takes one angle row per position."""
+        interleaved = self.config.rotary_interleaved
+        rotate = fused_apply_rotary_pos_emb if self.config.apply_rope_fusion \
+            else apply_rotary_pos_emb
+        if freqs.shape[1] != 1 and freqs.shape[0] == 1:
+            # One token per row at its own position (static decoding): swap the unit sequence
+            # dim with the batch, so each row is a position of its own (views, no copies).
+            angles = freqs.transpose(0, 1)  # [b, 1, 1, rot]
+            return (rotate(query.transpose(0, 1), angles,
+                           rotary_interleaved=interleaved).transpose(0, 1),
+                    rotate(key.transpose(0, 1), angles,
+                           rotary_interleaved=interleaved).transpose(0, 1))
+        if freqs.shape[1] != 1:
+            rotate = apply_rotary_pos_emb  # per-row angles of several positions: plain math
+        return (rotate(query, freqs, rotary_interleaved=interleaved),  # [s, b, np, hn]
+                rotate(key, freqs, rotary_interleaved=interleaved))  # [s, b, ng, hn]
 
     def backward_dw(self) -> None:
         """Compute the deferred weight gradients of both projections."""
@@ -308,4 +345,5 @@ def _rotary_positions(table: Tensor, offset: int, s: int, head_dim: int) -> Tens
                          f"needs positions [{offset}, {needed}); build the rotary table with "
                          f"max_seq_len >= {needed}")
     return table[offset:needed]  # [s, 1, 1, rot_dim]
+
 

@@ -8,11 +8,12 @@ self-attention cache of the same layer.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from protoformer.transformer.inference import InferenceContext
 
-__all__ = ["append_to_kv_cache", "cached_memory", "store_memory"]
+__all__ = ["append_to_kv_cache", "cached_memory", "store_memory", "write_kv_cache_at_positions"]
 
 
 def append_to_kv_cache(context: InferenceContext, layer_number: int, key: Tensor, value: Tensor,
@@ -24,15 +25,8 @@ def append_to_kv_cache(context: InferenceContext, layer_number: int, key: Tensor
     if batch > context.max_batch_size:
         raise ValueError(f"a batch of {batch} exceeds the InferenceContext's max_batch_size="
                          f"{context.max_batch_size}")
-    cache = context.key_value_memory_dict.get(layer_number)
-    if cache is None:
-        shape = (context.max_sequence_length, context.max_batch_size, num_query_groups, head_dim)
-        cache = (key.new_zeros(shape), value.new_zeros(shape))  # [max_s, max_b, ng, hn] each
-        context.key_value_memory_dict[layer_number] = cache
-    if len(cache) != 2:
-        raise ValueError(f"InferenceContext entry {layer_number} holds {len(cache)} "
-                         "tensors, not a key/value pair: two layers share a layer_number")
-    key_cache, value_cache = cache
+    key_cache, value_cache = _self_attention_cache(context, layer_number, key, value,
+                                                   num_query_groups, head_dim)
     start, end = context.sequence_len_offset, context.sequence_len_offset + s
     key_cache[start:end, :batch] = key
     value_cache[start:end, :batch] = value
@@ -51,3 +45,40 @@ def cached_memory(context: InferenceContext | None,
 def store_memory(context: InferenceContext, layer_number: int, key: Tensor, value: Tensor) -> None:
     """Keep cross-attention layer `layer_number`'s projected memory for the next steps."""
     context.key_value_memory_dict[-layer_number] = (key, value)
+
+
+def write_kv_cache_at_positions(context: InferenceContext, layer_number: int, key: Tensor,
+                                value: Tensor, *, num_query_groups: int,
+                                head_dim: int) -> tuple[Tensor, Tensor]:
+    """Static decoding: write keys/values `[s, b, ng, hn]` at each row's `context.positions`;
+    return the whole cache `[max_s, b, ng, hn]` (shapes and addresses fixed, for CUDA graphs).
+
+    Mask the result with `context.decode_mask(s)`. Positions are not range-checked here
+    (that would synchronise with the device): the decoder bounds them on the host.
+    """
+    batch = key.shape[1]
+    if batch > context.max_batch_size:
+        raise ValueError(f"a batch of {batch} exceeds the InferenceContext's max_batch_size="
+                         f"{context.max_batch_size}")
+    key_cache, value_cache = _self_attention_cache(context, layer_number, key, value,
+                                                   num_query_groups, head_dim)
+    rows = context.decode_positions(key.shape[0])  # [s, b]
+    columns = torch.arange(batch, device=rows.device).expand_as(rows)  # [s, b]
+    key_cache.index_put_((rows, columns), key.to(key_cache.dtype))
+    value_cache.index_put_((rows, columns), value.to(value_cache.dtype))
+    return key_cache[:, :batch], value_cache[:, :batch]  # [max_s, b, ng, hn]
+
+
+def _self_attention_cache(context: InferenceContext, layer_number: int, key: Tensor,
+                          value: Tensor, num_query_groups: int,
+                          head_dim: int) -> tuple[Tensor, Tensor]:
+    """Layer `layer_number`'s key and value caches `[max_s, max_b, ng, hn]`, allocated on first use."""
+    cache = context.key_value_memory_dict.get(layer_number)
+    if cache is None:
+        shape = (context.max_sequence_length, context.max_batch_size, num_query_groups, head_dim)
+        cache = (key.new_zeros(shape), value.new_zeros(shape))  # [max_s, max_b, ng, hn] each
+        context.key_value_memory_dict[layer_number] = cache
+    if len(cache) != 2:
+        raise ValueError(f"InferenceContext entry {layer_number} holds {len(cache)} "
+                         "tensors, not a key/value pair: two layers share a layer_number")
+    return cache[0], cache[1]

@@ -231,6 +231,9 @@ class MultiLatentAttention(nn.Module):
         sq = hidden_states.shape[0] * (self.pg.tp_size if self.config.sequence_parallel else 1)
         offset = 0
         if inference_context is not None:
+            if inference_context.positions is not None:
+                raise ValueError("MultiLatentAttention does not support static-shape decoding "
+                                 "(InferenceContext.positions); decode with the KV-cache loop")
             inference_context.check_room(sq)
             offset = inference_context.sequence_len_offset
         positions = torch.arange(offset, offset + sq, device=hidden_states.device)  # [sq]

@@ -2,97 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Collection, Generator, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
 
-from protoformer.kernels.graph_decode import GraphDecoder
+from protoformer.generation.graph_decoder import GraphDecoder, pad_prompts
+from protoformer.generation.sampling import (
+    check_sampling,
+    inference,
+    prompt_tensor,
+    sample_next_token,
+    seeded_generator,
+    token_list,
+)
 from protoformer.models import GPTModel, T5Model
 from protoformer.spec import apply_module
 from protoformer.transformer.inference import InferenceContext
 
-__all__ = ["generate", "generate_seq2seq", "sample_next_token"]
-
-
-def _prompt_tensor(prompt_ids: Sequence[int] | Tensor, vocab_size: int) -> Tensor:
-    prompt = prompt_ids.detach().cpu() if isinstance(prompt_ids, Tensor) \
-        else torch.tensor(list(prompt_ids), dtype=torch.long)
-    if prompt.dim() != 1:
-        raise ValueError(f"prompt_ids must be one sequence (1-D), got shape {tuple(prompt.shape)}")
-    if prompt.numel() == 0:
-        raise ValueError("the prompt is empty; generation needs at least one prompt token")
-    if prompt.is_floating_point() or prompt.is_complex():
-        raise ValueError(f"prompt_ids must be integer token ids, got dtype {prompt.dtype}")
-    prompt = prompt.long()  # [p]
-    outside = prompt[(prompt < 0) | (prompt >= vocab_size)]
-    if outside.numel() > 0:
-        shown = ", ".join(str(int(t)) for t in outside[:5])
-        raise ValueError(f"prompt token id(s) {shown} are outside the model's vocabulary "
-                         f"[0, {vocab_size}); encode the prompt with the model's tokenizer")
-    return prompt
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k}: must be >= 1 (or None for no limit)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1] (or None for no limit)")
-
-
-def sample_next_token(
-    logits: Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Choose a token from one position's logits `[v]`: argmax, or a sample after filtering.
-
-    `top_k` keeps the k highest-scoring tokens; `top_p` keeps the smallest set of tokens whose
-    probabilities sum to at least p (always at least one). `temperature=0` is greedy.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    if greedy or temperature == 0.0:
-        return int(torch.argmax(logits))
-    scores = logits.detach().float().cpu() / temperature  # [v]
-    if top_k is not None and top_k < scores.numel():
-        kth_best = torch.topk(scores, top_k).values[-1]
-        scores = scores.masked_fill(scores < kth_best, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)  # [v], [v]
-        probabilities = torch.softmax(sorted_scores, dim=-1)
-        mass_before = torch.cumsum(probabilities, dim=-1) - probabilities  # [v]
-        sorted_scores = sorted_scores.masked_fill(mass_before >= top_p, float("-inf"))
-        scores = torch.empty_like(scores).scatter_(0, order, sorted_scores)  # [v]
-    probabilities = torch.softmax(scores, dim=-1)  # [v]
-    return int(torch.multinomial(probabilities, 1, generator=generator))
-
-
-def _seeded_generator(seed: int | None) -> torch.Generator:
-    generator = torch.Generator()
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
-@contextlib.contextmanager
-def _inference(model: torch.nn.Module) -> Generator[None, None, None]:
-    """Eval mode and `torch.inference_mode` for the block; the model's mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
+__all__ = ["generate", "generate_batch", "generate_seq2seq"]
 
 
 def _sampling_loop(first_logits: Callable[[], Tensor], next_logits: Callable[[int], Tensor],
@@ -137,16 +65,16 @@ def generate(
     (not the prompt).
 
     `cuda_graph`: run each decode step as one CUDA graph replay
-    (`protoformer.kernels.graph_decode.GraphDecoder`), which removes the per-kernel launch cost
+    (`protoformer.generation.GraphDecoder`), which removes the per-kernel launch cost
     that dominates small-batch decoding. None (default) uses it when the model is on a GPU and
     its layers are supported (self-attention `TransformerLayer`s on one rank); True requires
     it (on the CPU the same static-shape step runs eagerly); False never uses it.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     stop = frozenset(int(token) for token in stop_token_ids)
-    prompt = _prompt_tensor(prompt_ids, model.vocab_size)  # [p]
+    prompt = prompt_tensor(prompt_ids, model.vocab_size)  # [p]
     limit = model.max_sequence_length
     if prompt.numel() > limit:
         raise ValueError(f"the prompt has {prompt.numel()} tokens, more than the model's "
@@ -156,18 +84,90 @@ def generate(
     if num_new == 0:
         return []
     device = next(model.parameters()).device
-    generator = _seeded_generator(seed)
+    generator = seeded_generator(seed)
     decoder: GraphDecoder | _EagerDecoder = (
-        _graph_decoder(model, total, cuda_graph, device) or _EagerDecoder(model, total))
+        _graph_decoder(model, 1, total, cuda_graph, device) or _EagerDecoder(model, total))
 
     def step(token: int) -> Tensor:
         return decoder.step(torch.tensor([token], dtype=torch.long, device=device))[0]  # [v]
 
-    with _inference(model):
+    with inference(model):
         return _sampling_loop(
             lambda: decoder.prefill(prompt[None].to(device), num_new)[0], step, num_new,
             stop=stop, stream=stream, temperature=temperature, top_k=top_k, top_p=top_p,
             greedy=greedy, generator=generator)
+
+
+def generate_batch(
+    model: GPTModel,
+    prompts: Sequence[Sequence[int] | Tensor],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    stop_token_ids: Collection[int] = (),
+    cuda_graph: bool | None = None,
+) -> list[list[int]]:
+    """Continue several prompts of any lengths together: one list of new tokens per prompt.
+
+    The prompts decode as one batch (right-padded for the prefill, then each row at its own
+    position: `GraphDecoder`'s static step, one CUDA graph replay a token on a GPU with
+    `cuda_graph` None or True, the same step eagerly otherwise). Each row stops after its own
+    token of `stop_token_ids`; every row gets at most `max_new_tokens`, and no more than the
+    longest prompt leaves room for under `max_sequence_length`. Greedy rows equal `generate`
+    of each prompt alone; sampling draws the rows in order from one `seed`ed generator.
+    Models the static step does not support (e.g. multi-latent attention) decode prompt by
+    prompt with the KV-cache loop (each from `seed`), unless `cuda_graph=True`, which raises.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    check_sampling(temperature, top_k, top_p)
+    rows = [prompt_tensor(prompt, model.vocab_size) for prompt in prompts]  # [p_i] each
+    if not rows:
+        return []
+    longest = max(row.numel() for row in rows)
+    limit = model.max_sequence_length
+    if longest > limit:
+        raise ValueError(f"a prompt has {longest} tokens, more than the model's "
+                         f"max_sequence_length={limit}; shorten it")
+    num_new = min(longest + max_new_tokens, limit) - longest
+    if num_new == 0:
+        return [[] for _ in rows]
+    device = next(model.parameters()).device
+    try:
+        decoder = GraphDecoder(model, batch_size=len(rows), max_sequence_length=longest + num_new,
+                               use_cuda_graph=device.type == "cuda" if cuda_graph is None
+                               else cuda_graph)
+    except (TypeError, ValueError):
+        if cuda_graph:
+            raise
+        return [generate(model, row, num_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                         greedy=greedy, seed=seed, stop_token_ids=stop_token_ids,
+                         cuda_graph=False) for row in rows]
+    ids, lengths = pad_prompts([token_list(row) for row in rows],
+                               device=device)  # [b, p], [b]
+    stop = frozenset(int(token) for token in stop_token_ids)
+    generator = seeded_generator(seed)
+    chosen: list[list[int]] = [[] for _ in rows]
+    with inference(model):
+        logits = decoder.prefill(ids, num_new, prompt_lengths=lengths)  # [b, v]
+        for _ in range(num_new):
+            if greedy or temperature == 0.0:
+                tokens = token_list(logits.argmax(dim=-1))  # [b]
+            else:
+                tokens = [sample_next_token(row_logits, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, generator=generator)
+                          for row_logits in logits.unbind(0)]
+            for row, token in zip(chosen, tokens, strict=True):
+                if not row or row[-1] not in stop:
+                    row.append(token)
+            if all(len(row) == num_new or row[-1] in stop for row in chosen):
+                break
+            logits = decoder.step(torch.tensor(tokens, dtype=torch.long, device=device))
+    return chosen
 
 
 def generate_seq2seq(
@@ -195,9 +195,9 @@ def generate_seq2seq(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    _check_sampling(temperature, top_k, top_p)
-    source = _prompt_tensor(input_ids, model.vocab_size)  # [se]
-    start = _prompt_tensor([decoder_start_token_id], model.vocab_size)  # [1]
+    check_sampling(temperature, top_k, top_p)
+    source = prompt_tensor(input_ids, model.vocab_size)  # [se]
+    start = prompt_tensor([decoder_start_token_id], model.vocab_size)  # [1]
     limit = model.max_sequence_length
     if source.numel() > limit:
         raise ValueError(f"the input has {source.numel()} tokens, more than the model's "
@@ -207,9 +207,9 @@ def generate_seq2seq(
         return []
     stop = frozenset(int(token) for token in stop_token_ids)
     device = next(model.parameters()).device
-    generator = _seeded_generator(seed)
+    generator = seeded_generator(seed)
     context = InferenceContext(max_batch_size=1, max_sequence_length=num_new + 1)
-    with _inference(model):
+    with inference(model):
         memory = model.encode(source[None].to(device))  # [se, 1, h]
 
         def decode(token_ids: Tensor) -> Tensor:
@@ -237,13 +237,13 @@ class _EagerDecoder:
         return self.forward(tokens.view(-1, 1), inference_context=self.context)[:, -1]  # [b, v]
 
 
-def _graph_decoder(model: GPTModel, total: int, cuda_graph: bool | None,
+def _graph_decoder(model: GPTModel, batch_size: int, total: int, cuda_graph: bool | None,
                    device: torch.device) -> GraphDecoder | None:
     """The CUDA-graph decoder `generate` should use, or None for the eager loop."""
     if cuda_graph is False or (cuda_graph is None and device.type != "cuda"):
         return None
     try:
-        return GraphDecoder(model, batch_size=1, max_sequence_length=total)
+        return GraphDecoder(model, batch_size=batch_size, max_sequence_length=total)
     except (TypeError, ValueError):
         if cuda_graph:
             raise
