@@ -1,24 +1,29 @@
-"""Training-step throughput: protoformer (fused backend) against Hugging Face Llama, same weights.
+"""Training-step throughput: protoformer (fused backend) against the practical Hugging Face peers.
 
-One process builds a Llama-style model twice, protoformer's `GPTModel` from `gpt_layer_spec`
-with the fused backend (`FusedSpecProvider` + `fused_config`: Triton RoPE, liger RMSNorm and
-SwiGLU, SDPA limited to cuDNN / flash / efficient kernels in `--attention-kernels` order, fused
-linear + cross-entropy) and `transformers.LlamaForCausalLM` with
-`attn_implementation="sdpa"`, from the same config, copies protoformer's weights into the
-Hugging Face model (checking that the logits agree), and times full training steps of each:
-forward with the loss, backward, `torch.optim.AdamW(fused=True)` step, all in bfloat16
-weights. It reports tokens/s, model TFLOP/s (`protoformer.flops.flops_per_token`), MFU
-against a peak (989 TFLOP/s: dense bf16 of an H100 SXM, also an H200's), the peak allocated
-memory, and the ratio. Each model is timed alone (the other waits on the CPU); the step time
-is the median of `--steps` steps after `--warmup` steps, with `torch.cuda.synchronize()`.
+Every model runs in this one process with the same weights (protoformer's, copied with
+`protoformer.interop.hf.to_hf`), the same random tokens, bf16 weights and a fused AdamW step:
 
-    python benchmarks/train_step.py --seq 2048 4096 --batch 8 4 --ours-extra-batch 16 8
-    python benchmarks/train_step.py --seq 4096 --batch 4 --profile prof.txt
+- `protoformer`: `GPTModel` with `FusedSpecProvider` and `fused_config` (Triton RoPE,
+  liger-kernel RMSNorm / SwiGLU, fused SDPA, fused linear + cross-entropy);
+- `protoformer-compiled`: the same with each `TransformerLayer` `.compile()`d (`--compile-ours`);
+- `hf-sdpa`: `transformers.LlamaForCausalLM`, `attn_implementation="sdpa"`;
+- `hf-compiled`: the same with each decoder layer `.compile()`d;
+- `hf-liger`: the same after `liger_kernel.transformers.apply_liger_kernel_to_llama` (RoPE,
+  RMSNorm, SwiGLU and fused linear cross-entropy), applied last (it patches the class).
 
-If Hugging Face runs out of memory at `--batch`, it is retried at half the batch (and
-protoformer timed there too), so the ratio is always taken at a batch both fit.
+Each model is timed at every `--batch` (larger batches are skipped after an out-of-memory;
+`--compiled-batch` limits the compiled ones, which recompile for each new batch);
+a step is forward with the loss, backward, AdamW, zero grads; `--steps` steps run back to
+back after `--warmup` and are timed with CUDA events around them (one synchronisation, as a
+training loop that never waits on the host would run). MFU is given under both FLOP
+conventions: the PaLM / torchtitan count (`6 N + 12 L h s`, `flops_per_token`) and the
+causal count (attention halved), against 989 TFLOP/s (dense bf16, H100 SXM and H200).
 
-Needs a CUDA GPU and transformers.
+    python benchmarks/train_step.py --shape tinyllama --seq 4096 --batch 2 8
+    python benchmarks/train_step.py --shape llama3.2-1b --seq 4096 --batch 2 4 8 --profile prof.txt
+
+Needs a CUDA GPU and transformers (and liger-kernel for `hf-liger`); `--device cpu` with a
+tiny `--layers/--hidden/...` shape only smoke-tests the script.
 """
 
 from __future__ import annotations
@@ -26,9 +31,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
-import time
-from collections.abc import Callable, Iterable
+import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,6 +48,14 @@ from protoformer.recipes import gpt_layer_spec
 
 PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 (H200: the same chip, same peak)
 DEVICE = torch.device("cuda")  # `--device cpu` (tiny shapes) only smoke-tests this script
+
+# name -> (vocab, layers, hidden, heads, groups, ffn, rope base)
+SHAPES: dict[str, tuple[int, int, int, int, int, int, float]] = {
+    "llama3.2-1b": (128256, 16, 2048, 32, 8, 8192, 500000.0),  # untied output layer here
+    "tinyllama": (32000, 22, 2048, 32, 4, 5632, 10000.0),
+    "llama3-8b-layers": (128256, 4, 4096, 32, 8, 14336, 500000.0),  # 4 of 32 layers
+}
+MODELS = ("protoformer", "protoformer-compiled", "hf-sdpa", "hf-compiled", "hf-liger")
 
 
 def synchronize() -> None:
@@ -62,32 +74,33 @@ class Result:
     model: str
     seq: int
     batch: int
-    step_ms: float
-    tokens_per_s: float
-    tflops: float
-    mfu: float
-    peak_mem_gib: float
+    step_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    mfu_palm: float = 0.0
+    mfu_causal: float = 0.0
+    peak_mem_gib: float = 0.0
     status: str = "ok"
 
 
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model-shape flags `llama_1b_config` reads (defaults: Llama-3.2-1B)."""
-    parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--ffn", type=int, default=8192)
+    """`--shape` and per-field overrides (`--layers`, `--hidden`, ...) read by `llama_1b_config`."""
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
+    for name in ("vocab", "layers", "hidden", "heads", "groups", "ffn"):
+        parser.add_argument(f"--{name}", type=int, default=None,
+                            help=f"override the --shape's {name}")
 
 
 def llama_1b_config(args: argparse.Namespace) -> TransformerConfig:
-    """Llama-3.2-1B shapes (untied output layer): 16 layers, hidden 2048, GQA 32/8, SwiGLU 8192."""
+    """The `--shape` (default Llama-3.2-1B) as a bf16 Llama config; sets `args.vocab`."""
+    vocab, layers, hidden, heads, groups, ffn, base = SHAPES[args.shape]
+    args.vocab = args.vocab or vocab
     return TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        num_query_groups=args.groups, ffn_hidden_size=args.ffn, normalization="RMSNorm",
-        layernorm_epsilon=1e-5, add_bias_linear=False, gated_linear_unit=True,
-        activation_func=F.silu, attention_dropout=0.0, hidden_dropout=0.0,
-        rotary_base=500000.0, params_dtype=torch.bfloat16, bf16=True,
+        num_layers=args.layers or layers, hidden_size=args.hidden or hidden,
+        num_attention_heads=args.heads or heads, num_query_groups=args.groups or groups,
+        ffn_hidden_size=args.ffn or ffn, normalization="RMSNorm", layernorm_epsilon=1e-5,
+        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+        attention_dropout=0.0, hidden_dropout=0.0, rotary_base=base,
+        params_dtype=torch.bfloat16, bf16=True,
     )
 
 
@@ -119,43 +132,34 @@ def build_hf(config: TransformerConfig, vocab: int, max_len: int) -> nn.Module:
 
 
 def copy_weights(ours: GPTModel, hf: nn.Module) -> str:
-    state = to_hf(ours)
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()},
-                                             strict=False)
-    missing = [m for m in missing if "rotary_emb" not in m]
-    if missing or unexpected:
-        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
+    load_hf_state(hf, {k: v.detach().clone() for k, v in to_hf(ours).items()})
     return "protoformer.interop.hf.to_hf"
 
 
+def load_hf_state(hf: nn.Module, state: dict[str, Tensor]) -> None:
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary_emb" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
+
+
 @torch.no_grad()
-def logits_agreement(ours: GPTModel, hf: nn.Module, vocab: int) -> float:
-    ids = torch.randint(0, vocab, (2, min(256, ours.max_sequence_length)), device=DEVICE)
+def logits_agreement(ours: nn.Module, hf: nn.Module, ids: Tensor) -> float:
     a = ours(ids).float()
     b = hf(input_ids=ids).logits.float()
     return float((a - b).norm() / b.norm())
 
 
-def time_steps(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    synchronize()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def make_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], vocab: int,
               seq: int, batch: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
-    """One training step on fixed random tokens: loss, backward, fused AdamW, zero grads."""
+    """One training step on fixed random tokens: loss, backward, fused AdamW, zero grads.
+
+    Nothing in it waits on the host (the loss stays on the device)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=DEVICE.type == "cuda")
-    ids = torch.randint(0, vocab, (batch, seq), device=DEVICE)
-    labels = torch.randint(0, vocab, (batch, seq), device=DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), device=DEVICE, generator=generator)
+    labels = torch.randint(0, vocab, (batch, seq), device=DEVICE, generator=generator)
 
     def step() -> None:
         loss = loss_fn(ids, labels)
@@ -164,6 +168,26 @@ def make_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], voc
         optimizer.zero_grad(set_to_none=True)
 
     return step, optimizer
+
+
+def timed_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Seconds per step over `steps` back-to-back steps (after `warmup`)."""
+    for _ in range(warmup):
+        step()
+    synchronize()
+    if DEVICE.type != "cuda":
+        import time
+        start_s = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start_s) / steps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps
 
 
 def release(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -182,173 +206,255 @@ def bench(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
     optimizer: torch.optim.Optimizer | None = None
     try:
         step, optimizer = make_step(model, loss_fn, vocab, seq, batch)
-        times = time_steps(step, args.warmup, args.steps)
+        step_s = timed_steps(step, args.warmup, args.steps)
     except torch.OutOfMemoryError:
         release(model, optimizer)
-        return Result(name, seq, batch, 0.0, 0.0, 0.0, 0.0, 0.0, status="OOM")
+        return Result(name, seq, batch, status="OOM")
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
     release(model, optimizer)
-    step_s = statistics.median(times)
     tokens_per_s = batch * seq / step_s
-    tflops = tokens_per_s * flops_per_token(config, vocab, seq) / 1e12
-    return Result(name, seq, batch, step_s * 1e3, tokens_per_s, tflops, tflops / PEAK_BF16_TFLOPS,
-                  peak)
+    palm = tokens_per_s * flops_per_token(config, vocab, seq) / 1e12 / PEAK_BF16_TFLOPS
+    causal = tokens_per_s * flops_per_token(config, vocab, seq, causal=True) / 1e12 \
+        / PEAK_BF16_TFLOPS
+    return Result(name, seq, batch, step_s * 1e3, tokens_per_s, palm, causal, peak)
 
 
-def profile_summary(loss_fn: Callable[[Tensor, Tensor], Tensor], model: nn.Module, vocab: int,
-                    seq: int, batch: int, rows: int) -> str:
+def profile_summary(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                    vocab: int, seq: int, batch: int, rows: int) -> str:
+    """Top kernels by device time over two steps, and the GPU's idle share of their wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     step, optimizer = make_step(model, loss_fn, vocab, seq, batch)
     step()
     synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start.record()
         for _ in range(2):
             step()
+        end.record()
         synchronize()
     release(model, optimizer)
+    wall_us = start.elapsed_time(end) * 1e3
+    busy_us = 0.0
+    intervals: list[tuple[float, float]] = []
+    for event in prof.events():
+        if str(getattr(event, "device_type", "")).endswith("CUDA") and event.time_range:
+            intervals.append((event.time_range.start, event.time_range.end))
+    for begin, finish in _merge(intervals):
+        busy_us += finish - begin
     averages = prof.key_averages()
+    table = ""
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
-            return str(averages.table(sort_by=key, row_limit=rows))
+            table = str(averages.table(sort_by=key, row_limit=rows))
+            break
         except (AttributeError, KeyError, ValueError):
             continue
-    return str(averages.table(row_limit=rows))
+    idle = max(0.0, 1.0 - busy_us / wall_us) if wall_us > 0 else 0.0
+    return (f"## {name} seq {seq} batch {batch}: 2 steps {wall_us / 1e3:.1f} ms, GPU busy "
+            f"{busy_us / 1e3:.1f} ms, idle {idle:.1%}\n\n{table}\n")
 
 
-def markdown(results: Iterable[Result]) -> str:
-    lines = ["| model | seq | batch | step ms | tokens/s | TFLOP/s | MFU | peak GiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for begin, finish in sorted(intervals):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], finish))
+        else:
+            merged.append((begin, finish))
+    return merged
+
+
+def markdown(results: list[Result]) -> str:
+    lines = ["| model | seq | batch | step ms | tokens/s | MFU (PaLM 6N+12Lhs) | MFU (causal) "
+             "| peak GiB |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         if r.status != "ok":
             lines.append(f"| {r.model} | {r.seq} | {r.batch} | {r.status} | | | | |")
             continue
         lines.append(f"| {r.model} | {r.seq} | {r.batch} | {r.step_ms:.1f} | "
-                     f"{r.tokens_per_s:,.0f} | {r.tflops:.1f} | {r.mfu:.1%} | {r.peak_mem_gib:.1f} |")
+                     f"{r.tokens_per_s:,.0f} | {r.mfu_palm:.1%} | {r.mfu_causal:.1%} | "
+                     f"{r.peak_mem_gib:.1f} |")
     return "\n".join(lines)
 
 
-def run_seq(config: TransformerConfig, seq: int, batch: int, extra: int,
-            kernels: tuple[str, ...], profile_to: str | None,
-            args: argparse.Namespace) -> list[Result]:
-    """Both models at one sequence length (and protoformer alone at `extra` if nonzero)."""
+def ratios(results: list[Result]) -> list[str]:
+    """protoformer's tokens/s over each peer's, at equal batch and best against best."""
+    ours = {r.batch: r for r in results if r.model == "protoformer" and r.status == "ok"}
+    lines: list[str] = []
+    if not ours:
+        return lines
+    best_ours = max(ours.values(), key=lambda r: r.tokens_per_s)
+    for peer in sorted({r.model for r in results} - {"protoformer"}):
+        theirs = {r.batch: r for r in results if r.model == peer and r.status == "ok"}
+        if not theirs:
+            continue
+        same = ", ".join(f"batch {b}: {ours[b].tokens_per_s / t.tokens_per_s:.2f}x"
+                         for b, t in sorted(theirs.items()) if b in ours)
+        best = max(theirs.values(), key=lambda r: r.tokens_per_s)
+        lines.append(f"protoformer / {peer}: {same}; best (batch {best_ours.batch}) / best "
+                     f"(batch {best.batch}): {best_ours.tokens_per_s / best.tokens_per_s:.2f}x")
+    return lines
+
+
+def run_model(name: str, make: Callable[[], tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]],
+              config: TransformerConfig, seq: int, args: argparse.Namespace,
+              results: list[Result], profiles: list[str]) -> None:
+    """Build one model, time it at every batch (until an out-of-memory), maybe profile it."""
+    try:
+        model, loss_fn = make()
+    except Exception as error:  # a peer that cannot be built (missing package) is reported
+        traceback.print_exc()
+        results.append(Result(name, seq, 0, status=f"unavailable: {error!r}"[:120]))
+        return
+    batches = args.batch
+    if name.endswith("compiled") and args.compiled_batch:
+        # Each new batch size recompiles (a minute or more): time compiled models at fewer.
+        batches = [b for b in args.batch if b in args.compiled_batch]
+    for batch in batches:
+        try:
+            results.append(bench(name, model, loss_fn, config, args.vocab, seq, batch, args))
+        except Exception as error:  # a compile or kernel failure is reported, the run goes on
+            traceback.print_exc()
+            results.append(Result(name, seq, batch, status=f"failed: {error!r}"[:120]))
+        print(markdown(results[-1:]), flush=True)
+        if results[-1].status != "ok":
+            break
+    if args.profile and name in args.profile_models and DEVICE.type == "cuda":
+        batch = args.profile_batch or args.batch[0]
+        try:
+            profiles.append(profile_summary(name, model, loss_fn, args.vocab, seq, batch,
+                                            args.profile_rows))
+            print(profiles[-1].splitlines()[0], flush=True)
+        except torch.OutOfMemoryError:
+            release(model, None)
+    del model
+    empty_cache()
+
+
+def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
+            profiles: list[str]) -> list[Result]:
     results: list[Result] = []
+    kernels = tuple(args.attention_kernels.split(","))
     torch.manual_seed(0)
     ours = build_protoformer(config, args.vocab, seq, kernels)
-    print(f"seq {seq}: fused kernels available: {FusedSpecProvider().kernel_report()}", flush=True)
-    hf: nn.Module | None = None
-    if not args.skip_hf:
-        hf = build_hf(config, args.vocab, seq)
-        how = copy_weights(ours, hf)
-        print(f"seq {seq}: weights copied by {how}; relative logits difference "
-              f"{logits_agreement(ours, hf, args.vocab):.2e} (bf16)", flush=True)
-        hf.to("cpu")
+    print(f"seq {seq}: fused kernels: {FusedSpecProvider().kernel_report()}", flush=True)
+    hf_state = {k: v.detach().to("cpu", copy=True) for k, v in to_hf(ours).items()}
+    check_ids = torch.randint(0, args.vocab, (2, min(256, seq)), device=DEVICE)
+    with torch.no_grad():
+        ours.eval()
+        reference = ours(check_ids).float()
+    ours_holder: list[GPTModel] = [ours]  # the first protoformer run takes this one
+    del ours
 
-    def ours_loss(ids: Tensor, labels: Tensor) -> Tensor:
-        return ours(ids, labels).mean()
+    def ours_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda ids, labels: model(ids, labels).mean()
 
-    for size in (batch, extra) if extra else (batch,):
-        results.append(bench("protoformer", ours, ours_loss, config, args.vocab, seq, size, args))
-        print(markdown(results[-1:]), flush=True)
-    if hf is None:
-        return results
-    hf_model = hf
+    def make_ours(compiled: bool) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
+        if ours_holder:
+            model = ours_holder.pop()
+        else:
+            torch.manual_seed(0)  # the same weights again
+            model = build_protoformer(config, args.vocab, seq, kernels)
+        if compiled:
+            for layer in model.decoder.layers:
+                layer.compile()
+        return model, ours_loss(model)
 
-    def hf_loss(ids: Tensor, labels: Tensor) -> Tensor:
-        return hf_model(input_ids=ids, labels=labels).loss
+    def hf_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda ids, labels: model(input_ids=ids, labels=labels).loss
 
-    ours.to("cpu")
-    hf.to(DEVICE)
-    hf_batch = batch
-    results.append(bench("hf-llama-sdpa", hf, hf_loss, config, args.vocab, seq, hf_batch, args))
-    print(markdown(results[-1:]), flush=True)
-    while results[-1].status == "OOM" and hf_batch > 1:
-        # Compare at the largest batch Hugging Face fits; time protoformer there too.
-        hf_batch //= 2
-        results.append(bench("hf-llama-sdpa", hf, hf_loss, config, args.vocab, seq, hf_batch,
-                             args))
-        print(markdown(results[-1:]), flush=True)
-    if hf_batch != batch and results[-1].status == "ok":
-        hf.to("cpu")
-        ours.to(DEVICE)
-        results.append(bench("protoformer", ours, ours_loss, config, args.vocab, seq, hf_batch,
-                             args))
-        print(markdown(results[-1:]), flush=True)
-        ours.to("cpu")
-        hf.to(DEVICE)
-    if profile_to:
-        tables = [f"## protoformer seq {seq} batch {batch}\n"]
-        hf.to("cpu")
-        ours.to(DEVICE)
-        tables.append(profile_summary(ours_loss, ours, args.vocab, seq, batch, args.profile_rows))
-        ours.to("cpu")
-        hf.to(DEVICE)
-        tables.append(f"\n## hf-llama-sdpa seq {seq} batch {batch}\n")
-        tables.append(profile_summary(hf_loss, hf, args.vocab, seq, batch, args.profile_rows))
-        with open(profile_to, "w") as handle:
-            handle.write("\n".join(tables))
-        print(f"profiler tables written to {profile_to}", flush=True)
-    hf.to("cpu")
+    def make_hf(kind: str) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
+        model = build_hf(config, args.vocab, seq)
+        load_hf_state(model, {k: v.to(DEVICE) for k, v in hf_state.items()})
+        model.eval()
+        with torch.no_grad():
+            got = model(input_ids=check_ids).logits.float()
+        print(f"seq {seq}: {kind}: logits vs protoformer, relative difference "
+              f"{float((got - reference).norm() / reference.norm()):.2e} (bf16)", flush=True)
+        if kind == "hf-compiled":
+            for layer in model.model.layers:
+                layer.compile()
+        elif kind == "hf-liger":
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=True,
+                                        model=model)
+        return model, hf_loss(model)
+
+    for name in args.models:
+        if name in ("protoformer", "protoformer-compiled"):
+            compiled = name == "protoformer-compiled"
+            run_model(name, lambda compiled=compiled: make_ours(compiled), config, seq, args,
+                      results, profiles)
+        else:
+            ours_holder.clear()
+            run_model(name, lambda name=name: make_hf(name), config, seq, args, results,
+                      profiles)
+        empty_cache()
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--batch", type=int, nargs="+", default=[8, 4],
-                        help="batch per --seq entry (both models use it)")
-    parser.add_argument("--ours-extra-batch", type=int, nargs="*", default=[],
-                        help="also time protoformer alone at these batches (per --seq entry)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096])
+    parser.add_argument("--batch", type=int, nargs="+", default=[2, 8],
+                        help="every model is timed at each batch (ascending)")
+    parser.add_argument("--models", default="protoformer,hf-sdpa,hf-compiled,hf-liger",
+                        help=f"comma-separated, from {', '.join(MODELS)}, in this order")
+    parser.add_argument("--compiled-batch", type=int, nargs="*", default=None,
+                        help="time the compiled models only at these of the --batch values "
+                             "(each new batch recompiles); default all")
     add_shape_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--attention-kernels", default="cudnn,flash,efficient",
                         help="FusedSpecProvider(attention_kernels=...), in order of preference")
-    parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", default=None,
-                        help="write torch.profiler top-kernel tables (last --seq) to this file")
+                        help="write torch.profiler tables (and GPU idle share) to this file")
+    parser.add_argument("--profile-models", default="protoformer,hf-liger")
+    parser.add_argument("--profile-batch", type=int, default=None)
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--json", default=None, help="append results as JSON lines here")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     args = parser.parse_args()
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {', '.join(MODELS)}")
+    args.profile_models = args.profile_models.split(",")
+    args.batch = sorted(args.batch)
     global DEVICE
     DEVICE = torch.device(args.device)
-    if len(args.batch) != len(args.seq):
-        parser.error("give one --batch per --seq")
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_step.py needs a CUDA GPU (or --device cpu for a smoke test)")
+    import transformers
 
     card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    print(f"card: {card}; torch {torch.__version__}; peak for MFU {PEAK_BF16_TFLOPS} TFLOP/s",
-          flush=True)
     config = llama_1b_config(args)
-    kernels = tuple(args.attention_kernels.split(","))
+    print(f"card: {card}; torch {torch.__version__}; transformers {transformers.__version__}; "
+          f"shape {args.shape} ({config.num_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_attention_heads}/{config.query_groups} heads, ffn {config.ffn_size}, "
+          f"vocab {args.vocab}); peak for MFU {PEAK_BF16_TFLOPS} TFLOP/s", flush=True)
     results: list[Result] = []
-    for index, (seq, batch) in enumerate(zip(args.seq, args.batch, strict=True)):
-        extra = args.ours_extra_batch[index] if index < len(args.ours_extra_batch) else 0
-        profile_to = args.profile if index == len(args.seq) - 1 else None
-        results.extend(run_seq(config, seq, batch, extra, kernels, profile_to, args))
-        empty_cache()
-
-    print(f"\n## {card}, bf16, vocab {args.vocab}\n")
+    profiles: list[str] = []
+    for seq in args.seq:
+        results.extend(run_seq(config, seq, args, profiles))
+    print(f"\n## {card}, {args.shape}, bf16, vocab {args.vocab}\n")
     print(markdown(results))
     for seq in args.seq:
-        same = [r for r in results if r.seq == seq and r.status == "ok"]
-        ours_best = [r for r in same if r.model == "protoformer"]
-        theirs = [r for r in same if r.model == "hf-llama-sdpa"]
-        if ours_best and theirs:
-            hf_best = max(theirs, key=lambda r: r.tokens_per_s)
-            same_batch = [r for r in ours_best if r.batch == hf_best.batch]
-            if same_batch:
-                print(f"seq {seq}: protoformer / HF tokens/s at batch {hf_best.batch}: "
-                      f"{same_batch[0].tokens_per_s / hf_best.tokens_per_s:.2f}x")
-            best = max(ours_best, key=lambda r: r.tokens_per_s)
-            print(f"seq {seq}: best protoformer (batch {best.batch}) / best HF (batch "
-                  f"{hf_best.batch}): {best.tokens_per_s / hf_best.tokens_per_s:.2f}x")
+        for line in ratios([r for r in results if r.seq == seq]):
+            print(f"seq {seq}: {line}")
+    if args.profile and profiles:
+        with open(args.profile, "w") as handle:
+            handle.write("\n".join(profiles))
+        print(f"profiler tables written to {args.profile}")
     if args.json:
         with open(args.json, "a") as handle:
             for r in results:
-                handle.write(json.dumps({"card": card, **asdict(r)}) + "\n")
+                handle.write(json.dumps({"card": card, "shape": args.shape, **asdict(r)}) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,17 @@ def test_flops_per_token_of_small_gqa_swiglu_model_matches_hand_count() -> None:
     matmul_params = 2 * (q + kv + proj + mlp) + output
     attention = 2 * 3 * (2 * 32 * 64 + 2 * 32 * 64)  # layers * (fwd+bwd) * (QK^T + PV)
     assert flops_per_token(config, 100, 32) == 6 * matmul_params + attention
+    # The causal count credits half of the attention matmuls.
+    assert flops_per_token(config, 100, 32, causal=True) == 6 * matmul_params + attention // 2
+
+
+def test_palm_count_is_6n_plus_12_l_h_s() -> None:
+    # PaLM / torchtitan: 6 N + 12 L h s when head_dim * heads == hidden (here 22 x 2048 x 4096).
+    config = TransformerConfig(num_layers=22, hidden_size=2048, num_attention_heads=32,
+                               num_query_groups=4, ffn_hidden_size=5632, gated_linear_unit=True)
+    n = 22 * (2048 * 2048 * 2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 2048 * 32000
+    assert flops_per_token(config, 32000, 4096) == 6 * n + 12 * 22 * 2048 * 4096
+    assert flops_per_token(config, 32000, 4096, causal=True) == 6 * n + 6 * 22 * 2048 * 4096
 
 
 def test_flops_per_token_of_plain_gelu_mlp_counts_two_linears() -> None:

@@ -25,6 +25,7 @@ MLARopeType = Literal["rope", "yarn"]
 RouterScoreFunction = Literal["softmax", "sigmoid"]
 RouterDtype = Literal["fp32", "fp64"]
 TokenDropPolicy = Literal["probs", "position"]
+Fp8Recipe = Literal["tensorwise", "rowwise"]
 
 _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
@@ -131,6 +132,12 @@ class TransformerConfig:
     # are calls inside attention and the model, so they are switched here, as in Megatron-Core).
     apply_rope_fusion: bool = False
     cross_entropy_loss_fusion: bool = False
+    # FP8 training of the layers' linears with torchao's float8 recipe of this name (one
+    # scale per tensor, or per row); None computes them in the compute dtype. Taken by the
+    # fused backend's linears on GPUs with float8 matmuls (`pip install protoformer[fp8]`).
+    # Megatron-Core splits this into `fp8` (the format) and `fp8_recipe`; here the format
+    # is torchao's (e4m3 forward, e5m2 gradients) and the field names the scaling recipe.
+    fp8: Fp8Recipe | None = None
 
     # Mixture of experts (None experts = a dense model; see `moe_layer_pattern`).
     num_moe_experts: int | None = None
@@ -209,6 +216,9 @@ class TransformerConfig:
                         f"must be greater than rope_low_freq_factor={self.rope_low_freq_factor}")
         _require_int("rope_original_max_position_embeddings",
                      self.rope_original_max_position_embeddings, minimum=1)
+        if self.fp8 not in (None, "tensorwise", "rowwise"):
+            raise _fail("fp8", self.fp8, "must be None, 'tensorwise' or 'rowwise' (torchao's "
+                        "float8 training recipes)")
         if self.recompute_granularity not in (None, "selective", "full"):
             raise _fail("recompute_granularity", self.recompute_granularity,
                         "must be None, 'selective' or 'full'")

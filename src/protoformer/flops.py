@@ -11,8 +11,11 @@
   with respect to inputs and weights), hence 2 * 3 = 6 per weight.
 * The attention term is the score (`q k^T`: 2 * s * d_qk per head) and context
   (`p v`: 2 * s * d_v per head) matmuls of one token against `s` positions, times 3 for
-  forward and backward. As in the PaLM and Megatron-LM reports, the causal mask is *not*
-  credited (half of the scores are masked but are usually still computed).
+  forward and backward. As in the PaLM and Megatron-LM reports (and torchtitan's MFU), the
+  causal mask is *not* credited (half of the scores are masked but are usually still
+  computed): `6 N + 12 L h s` for `d_qk = d_v = h / n_heads`. With `causal=True` the
+  attention term is halved (the "causal count": only the unmasked half is credited, as
+  FlashAttention's kernels skip the masked blocks).
 """
 
 from __future__ import annotations
@@ -54,20 +57,26 @@ def matmul_params(config: TransformerConfig, vocab_size: int) -> int:
     return config.num_layers * per_layer + config.hidden_size * vocab_size
 
 
-def attention_flops_per_token(config: TransformerConfig, seq_len: int) -> int:
-    """Forward+backward FLOPs of the attention score and context matmuls for one token."""
+def attention_flops_per_token(config: TransformerConfig, seq_len: int, *,
+                              causal: bool = False) -> int:
+    """Forward+backward FLOPs of the attention score and context matmuls for one token
+    (halved with `causal`: only the unmasked half of a causal mask's scores)."""
     heads = config.num_attention_heads
     if isinstance(config, MLATransformerConfig):
         d_qk, d_v = config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim
     else:
         d_qk = d_v = config.head_dim
-    return 6 * config.num_layers * seq_len * heads * (d_qk + d_v)
+    full = 6 * config.num_layers * seq_len * heads * (d_qk + d_v)
+    return full // 2 if causal else full
 
 
-def flops_per_token(config: TransformerConfig, vocab_size: int, seq_len: int) -> int:
-    """Training (forward + backward) FLOPs per token at sequence length `seq_len`."""
+def flops_per_token(config: TransformerConfig, vocab_size: int, seq_len: int, *,
+                    causal: bool = False) -> int:
+    """Training (forward + backward) FLOPs per token at sequence length `seq_len`: the
+    PaLM / torchtitan count, or with `causal` the count that credits half the attention."""
     check_sizes("flops_per_token", vocab_size=vocab_size, seq_len=seq_len)
-    return 6 * matmul_params(config, vocab_size) + attention_flops_per_token(config, seq_len)
+    return 6 * matmul_params(config, vocab_size) + attention_flops_per_token(
+        config, seq_len, causal=causal)
 
 
 def encoder_decoder_flops_per_token(config: TransformerConfig, encoder_config: TransformerConfig,

@@ -133,7 +133,7 @@ def test_kernel_report_lists_every_fused_path() -> None:
     report = FusedSpecProvider().kernel_report()
     assert set(report) == {"cuda", "triton_rope", "liger_rms_norm", "liger_swiglu",
                            "liger_fused_linear_cross_entropy", "fused_sdpa",
-                           "compiled_expert_activation"}
+                           "compiled_expert_activation", "torchao_fp8"}
     if not torch.cuda.is_available():
         assert not any(report.values())
 

@@ -11,7 +11,7 @@ the same Builder protocol, checked statically by the return types below and at r
 | core attention | SDPA restricted to the flash / cuDNN / memory-efficient kernels | `SDPAttention` |
 | gated SiLU (SwiGLU) | liger-kernel's fused gate-up SwiGLU | `Activation` |
 | MoE experts' activation x routing weight | one `torch.compile`d (Inductor/Triton) pass, forward and backward | `ExpertActivation` |
-| linears | the local tensor-parallel linears (cuBLAS already runs them) | the same |
+| linears | the local tensor-parallel linears; with `config.fp8`, float8 matmuls (torchao) | the same, in the compute dtype |
 
 Two fusions are not slots of a layer spec, because the layer itself calls them: the rotary
 embedding (`config.apply_rope_fusion`: `protoformer.kernels.fused_apply_rotary_pos_emb`, a
@@ -42,7 +42,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from protoformer.backends.local import LocalSpecProvider
 from protoformer.config import TransformerConfig
 from protoformer.kernels import fused_rms_norm, fused_swiglu, liger_available, triton_available
+from protoformer.kernels.fp8 import fp8_linear, fp8_training_available
 from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from protoformer.parallel.protocols import ColumnParallelLinearBuilder, RowParallelLinearBuilder
 from protoformer.transformer.core_attention import SDPAttention
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.interfaces import AttentionTypeName, CoreAttentionBuilder
@@ -53,6 +56,8 @@ from protoformer.transformer.norm import LayerNorm, LayerNormBuilder, RMSNorm
 
 __all__ = [
     "AttentionKernel",
+    "Fp8ColumnParallelLinear",
+    "Fp8RowParallelLinear",
     "FusedActivation",
     "FusedExpertActivation",
     "FusedLayerNorm",
@@ -76,6 +81,33 @@ DEFAULT_ATTENTION_KERNELS: tuple[AttentionKernel, ...] = ("flash", "cudnn", "eff
 # torch 2.4; without it the dispatcher's own order among the allowed kernels applies.
 _SDPA_HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Fp8ColumnParallelLinear(ColumnParallelLinear):
+    """`ColumnParallelLinear` whose matmuls run in float8 when `config.fp8` names a recipe.
+
+    Float8 applies on GPUs with float8 matmuls and torchao installed
+    (`protoformer.kernels.fp8.fp8_linear`); elsewhere, and with `config.fp8=None`, this is
+    `ColumnParallelLinear` exactly. Deferred weight gradients (`delay_wgrad_compute`) keep
+    the compute-dtype path.
+    """
+
+    def _linear(self, input_: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        recipe = self.config.fp8
+        if recipe is None or self.config.delay_wgrad_compute or not input_.is_cuda:
+            return super()._linear(input_, weight, bias)
+        return fp8_linear(input_, weight, bias, recipe)
+
+
+class Fp8RowParallelLinear(RowParallelLinear):
+    """`RowParallelLinear` whose matmuls run in float8 when `config.fp8` names a recipe
+    (the same rules as `Fp8ColumnParallelLinear`)."""
+
+    def _linear(self, input_: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        recipe = self.config.fp8
+        if recipe is None or self.config.delay_wgrad_compute or not input_.is_cuda:
+            return super()._linear(input_, weight, bias)
+        return fp8_linear(input_, weight, bias, recipe)
 
 
 class FusedRMSNorm(RMSNorm):
@@ -247,14 +279,22 @@ class FusedSpecProvider(LocalSpecProvider):
 
     `attention_kernels` orders the fused SDPA kernels core attention may use. The backend
     needs no GPU: on CPU (or without liger-kernel) each builder falls back to the local
-    implementation. The linears are the local backend's (a cuBLAS matmul already; nothing to
-    fuse at that layer). `kernel_report()` says which fused paths are live in this process.
+    implementation. The linears are the local backend's (a cuBLAS matmul already), taking
+    float8 matmuls with `config.fp8`. `kernel_report()` says which fused paths are live in this process.
     """
 
     name: str = "fused"
 
     def __init__(self, *, attention_kernels: Sequence[AttentionKernel] = DEFAULT_ATTENTION_KERNELS) -> None:
         self.attention_kernels = _check_kernels(attention_kernels)
+
+    def column_parallel_linear(self) -> ColumnParallelLinearBuilder:
+        """`Fp8ColumnParallelLinear`: the local linear, in float8 with `config.fp8` on a GPU."""
+        return Fp8ColumnParallelLinear
+
+    def row_parallel_linear(self) -> RowParallelLinearBuilder:
+        """`Fp8RowParallelLinear`: the local linear, in float8 with `config.fp8` on a GPU."""
+        return Fp8RowParallelLinear
 
     def layer_norm(self, *, rms_norm: bool = False, for_qk: bool = False) -> LayerNormBuilder:
         """`FusedRMSNorm` with `rms_norm`, else `FusedLayerNorm`; both also normalize per head."""
@@ -287,6 +327,7 @@ class FusedSpecProvider(LocalSpecProvider):
             "liger_fused_linear_cross_entropy": liger,
             "fused_sdpa": cuda,
             "compiled_expert_activation": cuda and not FusedExpertActivation.compile_failed,
+            "torchao_fp8": fp8_training_available(),
         }
 
     def __repr__(self) -> str:
