@@ -27,6 +27,15 @@ def test_unknown_preset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
                     "unknown preset 'gpt-17'")
 
 
+def test_batch_size_flags_that_disagree(capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    _one_line_error(capsys, ["train", "--batch-size", "8", "--global-batch-size", "16",
+                             "--out", str(tmp_path)], "name the same thing")
+    _one_line_error(capsys, ["train", "--global-batch-size", "8", "--micro-batch-size", "3",
+                             "--steps", "1", "--seq-len", "16",
+                             "--out", str(tmp_path)], "--micro-batch-size 3 must divide")
+
+
 def test_unreadable_data_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     missing = tmp_path / "no-such-corpus.txt"
     _one_line_error(capsys, ["train", "--data", str(missing), "--out", str(tmp_path)],

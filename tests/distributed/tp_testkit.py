@@ -22,6 +22,7 @@ from protoformer.backends import get_backend
 from protoformer.models import GPTModel
 from protoformer.parallel import ProcessGroups
 from protoformer.parallel.groups import ProcessGroup
+from protoformer.parallel.parameters import parallel_metadata
 from protoformer.recipes import gpt_layer_spec, mla_layer_spec
 from tests.parallel.dist_utils import run_distributed
 
@@ -111,9 +112,9 @@ def expected_shard(name: str, full: Tensor, local: Tensor, config: TransformerCo
     `num_query_groups < tp` the query heads of its rank plus a copy of their group's key and
     value heads.
     """
-    if not getattr(local, "tensor_model_parallel", False) or tp == 1:
+    dim = parallel_metadata(local).partition_dim
+    if dim is None or tp == 1:
         return full
-    dim = int(local.partition_dim)  # type: ignore[attr-defined]
     leaf = name.rsplit(".", 2)[-2]  # the owning module's attribute name
     if leaf == "linear_fc1" and config.gated_linear_unit:
         gate, up = full.chunk(2, dim=0)

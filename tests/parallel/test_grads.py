@@ -20,6 +20,7 @@ from protoformer.parallel.grads import (
     mark_partial_grad_over_tp,
     needs_tensor_parallel_grad_sum,
 )
+from protoformer.parallel.parameters import ParallelMetadata, set_parallel_metadata
 
 
 def two_layer(**config: object) -> nn.Sequential:
@@ -57,7 +58,7 @@ def test_clipping_equals_torch_on_one_process(max_norm: float) -> None:
 def test_duplicate_rows_are_left_out_of_the_norm() -> None:
     param = nn.Parameter(torch.zeros(4, 2))
     param.grad = torch.ones(4, 2)
-    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    set_parallel_metadata(param, ParallelMetadata(partition_dim=0))
     mark_duplicate_rows(param, 1)
     torch.testing.assert_close(grad_norm([param]), torch.tensor(2.0 ** 0.5))  # rows 1: skipped
     with pytest.raises(ValueError, match="first_row=5"):

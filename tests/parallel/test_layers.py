@@ -24,6 +24,7 @@ from protoformer.parallel import (
     RowParallelLinearBuilder,
     VocabParallelEmbedding,
 )
+from protoformer.parallel.parameters import ParallelMetadata, parallel_metadata
 from protoformer.spec import SpecError, check_builder
 
 IN, OUT = 6, 10
@@ -215,11 +216,14 @@ def test_layers_can_be_built_on_the_meta_device() -> None:
 def test_parameters_say_how_they_are_split() -> None:
     config = make_config()
     col, rw, lin = column(config), row(config), replicated(config)
-    assert (col.weight.tensor_model_parallel, col.weight.partition_dim) == (True, 0)  # type: ignore[union-attr]
-    assert (rw.weight.tensor_model_parallel, rw.weight.partition_dim) == (True, 1)  # type: ignore[attr-defined]
-    assert rw.bias.tensor_model_parallel is False  # type: ignore[union-attr]
-    assert lin.weight.tensor_model_parallel is False  # type: ignore[attr-defined]
-    assert lin.weight.sequence_parallel is False  # type: ignore[attr-defined]
+    assert col.weight is not None and rw.bias is not None
+    assert parallel_metadata(col.weight) == ParallelMetadata(partition_dim=0)
+    assert parallel_metadata(rw.weight) == ParallelMetadata(partition_dim=1)
+    assert not parallel_metadata(rw.bias).tensor_model_parallel
+    assert not parallel_metadata(lin.weight).tensor_model_parallel
+    assert not parallel_metadata(lin.weight).sequence_parallel
+    sp = replicated(make_config(sequence_parallel=True))
+    assert parallel_metadata(sp.weight) == ParallelMetadata(sequence_parallel=True)
 
 
 # -- deferred weight gradients ---------------------------------------------------------------

@@ -36,7 +36,7 @@ _FLAGS = {
     "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every",
     "seed": "seed", "backend": "backend", "device": "device", "tp": "tp",
     "sequence_parallel": "sequence_parallel", "dist_timeout": "dist_timeout",
-    "init_from_hf": "init_from_hf", "spec": "spec",
+    "init_from_hf": "init_from_hf", "spec": "spec", "micro_batch_size": "micro_batch_size",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -67,7 +67,16 @@ def add_parser(commands: _Subparsers) -> None:
     parser.add_argument("--data", type=Path,
                         help="a text file or a directory of text files (default: the Python "
                              "standard library's source)")
-    parser.add_argument("--batch-size", type=int, help=f"sequences per step (default {d.batch_size})")
+    parser.add_argument("--batch-size", type=int,
+                        help="sequences per optimizer step over all data-parallel replicas "
+                             f"(default {d.batch_size}); the same as --global-batch-size")
+    parser.add_argument("--global-batch-size", type=int, metavar="N",
+                        help="Megatron's name for --batch-size: sequences per optimizer step "
+                             "over all data-parallel replicas")
+    parser.add_argument("--micro-batch-size", type=int, metavar="N",
+                        help="sequences per forward/backward on one replica; the step "
+                             "accumulates global / (micro x data-parallel size) micro-batches "
+                             "(default: the whole replica share, no accumulation)")
     parser.add_argument("--seq-len", type=int, help=f"bytes per sequence (default {d.seq_len})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
     parser.add_argument("--warmup-steps", type=int,
@@ -125,6 +134,12 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         items: list[str] = getattr(args, flag)
         if items:
             values[name] = tuple(items)
+    if args.global_batch_size is not None:
+        if args.batch_size is not None and args.batch_size != args.global_batch_size:
+            raise ValueError(f"--batch-size {args.batch_size} and --global-batch-size "
+                             f"{args.global_batch_size} name the same thing (sequences per "
+                             "optimizer step); give one of them")
+        values["batch_size"] = args.global_batch_size
     if args.init_from_hf is not None and args.preset is not None:
         raise ValueError("--preset and --init-from-hf both choose the model; give one of them")
     data = values.get("data")

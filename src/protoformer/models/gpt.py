@@ -22,6 +22,7 @@ from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import VocabParallelEmbedding
+from protoformer.parallel.parameters import mark_sequence_parallel
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
 from protoformer.transformer.block import LayerSpecs, TransformerBlock
@@ -97,7 +98,7 @@ class GPTModel(nn.Module):
                 init_method(self.position_embeddings.weight)
             # Under sequence parallelism each rank adds the rows of its own slice of the
             # sequence: its gradient is partial and summed over the tensor-parallel group.
-            self.position_embeddings.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]  # a documented tag, read by finalize_model_grads
+            mark_sequence_parallel([self.position_embeddings.weight], config.sequence_parallel)
         # Multi-latent attention applies its own (decoupled, possibly YaRN) rotary embedding.
         self.rotary_pos_emb: RotaryEmbedding | None = None
         if position_embedding_type == "rope" and not config.multi_latent_attention:

@@ -6,20 +6,22 @@ replicated activations gets the full gradient on every rank. Two kinds of replic
 parameters are the exception; each rank holds only a *partial* gradient that must be summed
 over the tensor-parallel group (`finalize_model_grads` does it, in one coalesced all-reduce):
 
-- parameters tagged `sequence_parallel = True` (norms, replicated `Linear`s and learned
-  position embeddings under `config.sequence_parallel`: each rank sees only its slice of the
-  sequence), and
-- parameters tagged `tensor_parallel_partial_grad = True` (`mark_partial_grad_over_tp`):
-  per-head q/k norms, applied on each rank to that rank's heads only.
+- parameters whose `ParallelMetadata` says `sequence_parallel` (norms, replicated `Linear`s
+  and learned position embeddings under `config.sequence_parallel`: each rank sees only its
+  slice of the sequence), and
+- parameters whose metadata says `partial_grad` (`mark_partial_grad_over_tp`): per-head q/k
+  norms, applied on each rank to that rank's heads only.
 
 Gradient clipping needs the norm of the *whole* model's gradient: `clip_grad_norm_` sums the
 squares of split parameters over the tensor-parallel group, counts replicated ones once, and
 skips rows that a rank holds only as a copy of another rank's (replicated key/value heads when
-`num_query_groups < tp`, tagged `tensor_parallel_duplicate_rows_from`).
+`num_query_groups < tp`, metadata `duplicate_rows_from`). The metadata is the one record of
+`protoformer.parallel.parameters.parallel_metadata`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -27,10 +29,9 @@ from torch import Tensor, nn
 
 from protoformer.parallel.groups import ProcessGroup, ProcessGroups, group_size
 from protoformer.parallel.mappings import all_reduce_in_place
+from protoformer.parallel.parameters import parallel_metadata, set_parallel_metadata
 
 __all__ = [
-    "DUPLICATE_ROWS_ATTRIBUTE",
-    "PARTIAL_GRAD_ATTRIBUTE",
     "all_reduce_data_parallel_grads",
     "clip_grad_norm_",
     "compute_deferred_weight_grads",
@@ -41,13 +42,6 @@ __all__ = [
     "needs_tensor_parallel_grad_sum",
 ]
 
-PARTIAL_GRAD_ATTRIBUTE = "tensor_parallel_partial_grad"
-"""A replicated parameter whose gradient each tensor-parallel rank holds only in part."""
-
-DUPLICATE_ROWS_ATTRIBUTE = "tensor_parallel_duplicate_rows_from"
-"""On a split parameter, the first row this rank holds only as a copy of another rank's rows."""
-
-
 def mark_partial_grad_over_tp(module: nn.Module) -> None:
     """Tag every parameter of `module`: its gradient is summed over the tensor-parallel group.
 
@@ -55,7 +49,8 @@ def mark_partial_grad_over_tp(module: nn.Module) -> None:
     the rank's gradient is a partial sum. `finalize_model_grads` completes it.
     """
     for param in module.parameters():
-        setattr(param, PARTIAL_GRAD_ATTRIBUTE, True)
+        set_parallel_metadata(param, dataclasses.replace(parallel_metadata(param),
+                                                         partial_grad=True))
 
 
 def mark_duplicate_rows(param: nn.Parameter, first_row: int) -> None:
@@ -67,13 +62,13 @@ def mark_duplicate_rows(param: nn.Parameter, first_row: int) -> None:
     if first_row < 0 or first_row > param.shape[0]:
         raise ValueError(f"mark_duplicate_rows: first_row={first_row} outside the parameter's "
                          f"{param.shape[0]} rows")
-    setattr(param, DUPLICATE_ROWS_ATTRIBUTE, first_row)
+    set_parallel_metadata(param, dataclasses.replace(parallel_metadata(param),
+                                                     duplicate_rows_from=first_row))
 
 
 def needs_tensor_parallel_grad_sum(param: Tensor) -> bool:
     """Whether `param`'s gradient must be summed over the tensor-parallel group after backward."""
-    return bool(getattr(param, "sequence_parallel", False)) \
-        or bool(getattr(param, PARTIAL_GRAD_ATTRIBUTE, False))
+    return parallel_metadata(param).needs_tensor_parallel_grad_sum
 
 
 def compute_deferred_weight_grads(model: nn.Module) -> int:
@@ -95,10 +90,6 @@ def compute_deferred_weight_grads(model: nn.Module) -> int:
             continue
         pending.extend(reversed(list(module.children())))
     return called
-
-
-def _is_split(param: Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
 
 
 def _all_reduce_coalesced(tensors: list[Tensor], group: ProcessGroup, *,
@@ -170,7 +161,7 @@ def _require(group: ProcessGroup | None) -> ProcessGroup:
 def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> Tensor:
     """The 2-norm of the whole model's gradient (float32 scalar), as one process would compute it.
 
-    Split parameters (`tensor_model_parallel`) contribute their squares summed over `pg.tp`;
+    Split parameters (metadata `tensor_model_parallel`) contribute their squares summed over `pg.tp`;
     replicated ones count once (their gradients must be complete: call
     `finalize_model_grads` first); rows tagged as duplicates of another rank's are skipped.
     Gradients are assumed equal across `pg.dp` (already averaged).
@@ -181,8 +172,9 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
     split_sq = torch.zeros((), dtype=torch.float32, device=device)
     replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
     for param, grad in pairs:
-        if _is_split(param):
-            first_duplicate: int | None = getattr(param, DUPLICATE_ROWS_ATTRIBUTE, None)
+        record = parallel_metadata(param)
+        if record.tensor_model_parallel:
+            first_duplicate = record.duplicate_rows_from
             if first_duplicate is not None:
                 grad = grad[:first_duplicate]
             split_sq += grad.float().pow(2).sum().to(device)

@@ -35,10 +35,10 @@ from protoformer.parallel.mappings import (
 )
 from protoformer.parallel.parameters import (
     divide,
+    mark_sequence_parallel,
     new_bias,
     new_weight,
     require_size,
-    set_parameter_attribute,
 )
 from protoformer.parallel.protocols import InitMethod
 from protoformer.parallel.wgrad import (
@@ -275,8 +275,7 @@ class Linear(_LinearBase):
         self.weight = new_weight((output_size, input_size), partition_dim=None, tp_group=None,
                                  config=config, init_method=init_method)
         self._create_bias(bias, output_size, partition_dim=None)
-        for parameter in self.parameters():
-            set_parameter_attribute(parameter, "sequence_parallel", config.sequence_parallel)
+        mark_sequence_parallel(self.parameters(), config.sequence_parallel)
 
     def forward(self, input_: Tensor) -> tuple[Tensor, Tensor | None]:
         """`[..., input_size]` -> (`[..., output_size]`, bias or None)."""

@@ -8,20 +8,106 @@ each rank briefly holds one full-size weight while it initialises). Parameters a
 on the default device (`torch.set_default_device` or a `with torch.device(...)` block; on the
 `meta` device nothing is initialised).
 
-Each parameter carries Megatron-Core's attributes (`tensor_model_parallel`, `partition_dim`,
-`partition_stride`) telling checkpoint, conversion and gradient code how it is split.
+Each parameter carries one frozen `ParallelMetadata` record (Megatron-Core's
+`tensor_model_parallel`, `partition_dim`, `partition_stride`, plus how its gradient is reduced)
+telling checkpoint, conversion and gradient code how it is split; read it with
+`parallel_metadata(param)`, change it with `set_parallel_metadata`. FSDP2 (`fully_shard`)
+replaces parameters with DTensors: `named_parallel_metadata` keeps the records by parameter
+name before, `restore_parallel_metadata` puts them on the new parameters after.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
 from protoformer.parallel.groups import ProcessGroup, group_rank, group_size
 from protoformer.parallel.protocols import InitMethod
 
-__all__ = ["divide", "new_bias", "new_weight", "require_size", "set_parameter_attribute"]
+__all__ = [
+    "ParallelMetadata",
+    "divide",
+    "mark_sequence_parallel",
+    "named_parallel_metadata",
+    "new_bias",
+    "new_weight",
+    "parallel_metadata",
+    "require_size",
+    "restore_parallel_metadata",
+    "set_parallel_metadata",
+]
+
+_ATTRIBUTE = "_protoformer_parallel"  # the one attribute a parameter carries
+
+
+@dataclass(frozen=True)
+class ParallelMetadata:
+    """How a parameter is split over the tensor-parallel group and how its gradient is reduced."""
+
+    partition_dim: int | None = None
+    """The dimension split over the tensor-parallel ranks; None: every rank holds all of it."""
+    partition_stride: int = 1
+    """Megatron-Core's stride of the split (1: contiguous chunks)."""
+    sequence_parallel: bool = False
+    """A replicated parameter applied to a slice of the sequence on each rank: its gradient is
+    summed over the tensor-parallel group."""
+    partial_grad: bool = False
+    """A replicated parameter applied to this rank's heads only: its gradient is summed over the
+    tensor-parallel group."""
+    duplicate_rows_from: int | None = None
+    """On a split parameter, the first row this rank holds only as a copy of another rank's
+    (replicated key/value heads): a global gradient norm skips them here."""
+
+    @property
+    def tensor_model_parallel(self) -> bool:
+        """Whether the parameter is split over the tensor-parallel group (Megatron's name)."""
+        return self.partition_dim is not None
+
+    @property
+    def needs_tensor_parallel_grad_sum(self) -> bool:
+        """Whether its gradient must be summed over the tensor-parallel group after backward."""
+        return self.sequence_parallel or self.partial_grad
+
+
+_REPLICATED = ParallelMetadata()
+
+
+def parallel_metadata(param: Tensor) -> ParallelMetadata:
+    """`param`'s record; a replicated one for a parameter no layer tagged."""
+    record: object = getattr(param, _ATTRIBUTE, None)
+    return record if isinstance(record, ParallelMetadata) else _REPLICATED
+
+
+def set_parallel_metadata(param: Tensor, record: ParallelMetadata) -> None:
+    """Give `param` its record (replacing the one it had)."""
+    setattr(param, _ATTRIBUTE, record)
+
+
+def mark_sequence_parallel(params: Iterable[Tensor], enabled: bool) -> None:
+    """Record on replicated `params` whether each rank applies them to its slice of the sequence
+    (their gradients are then summed over the tensor-parallel group)."""
+    for param in params:
+        set_parallel_metadata(param, dataclasses.replace(parallel_metadata(param),
+                                                         sequence_parallel=enabled))
+
+
+def named_parallel_metadata(model: nn.Module) -> dict[str, ParallelMetadata]:
+    """Every parameter's record by its qualified name (`decoder.layers.0.mlp.linear_fc1.weight`)."""
+    return {name: parallel_metadata(param) for name, param in model.named_parameters()}
+
+
+def restore_parallel_metadata(model: nn.Module, records: Mapping[str, ParallelMetadata]) -> None:
+    """Put `records` (from `named_parallel_metadata`) back on the parameters of the same names,
+    after a wrapper such as `fully_shard` replaced the parameter objects."""
+    for name, param in model.named_parameters():
+        record = records.get(name)
+        if record is not None:
+            set_parallel_metadata(param, record)
 
 
 def require_size(layer: str, name: str, value: object) -> int:
@@ -73,16 +159,6 @@ def new_bias(size: int, *, partition_dim: int | None, config: TransformerConfig)
 
 
 def _mark_parameter(parameter: nn.Parameter, *, partition_dim: int | None) -> None:
-    """Megatron-Core's attributes telling checkpoint and conversion code how a parameter is split."""
-    attributes: dict[str, object] = {
-        "tensor_model_parallel": partition_dim is not None,
-        "partition_dim": -1 if partition_dim is None else partition_dim,
-        "partition_stride": 1,
-    }
-    for name, value in attributes.items():
-        set_parameter_attribute(parameter, name, value)
-
-
-def set_parameter_attribute(parameter: nn.Parameter, name: str, value: object) -> None:
-    """Tag `parameter` with `name = value` (how it is split, or how its gradient is reduced)."""
-    setattr(parameter, name, value)
+    """The record of a new parameter: split along `partition_dim`, or replicated (None)."""
+    set_parallel_metadata(parameter, dataclasses.replace(parallel_metadata(parameter),
+                                                         partition_dim=partition_dim))

@@ -3,7 +3,7 @@
 A torchrun job with `--tp N` saves one weight file per tensor-parallel rank
 (`protoformer.train.checkpoint_dist`). To generate from it, export it or inspect it on one
 process, the shards are put back together, parameter by parameter, from the split each
-parameter's layer records (`tensor_model_parallel`, `partition_dim`) on the single-process
+parameter's `ParallelMetadata` (`partition_dim`) on the single-process
 model:
 
 - replicated parameters (norms, MLA's down-projections): rank 0's copy;
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
+from protoformer.parallel.parameters import parallel_metadata
 from protoformer.train.checkpoint_files import (
     CheckpointError,
     JSONValue,
@@ -73,9 +74,9 @@ def merge_shards(name: str, shards: Sequence[Tensor], param: Tensor,
     `param` is the single-process model's parameter (its split attributes say how to join);
     `config` the config of the layer owning it (needed for the fused attention layouts).
     """
-    if not getattr(param, "tensor_model_parallel", False) or len(shards) == 1:
+    dim = parallel_metadata(param).partition_dim
+    if dim is None or len(shards) == 1:
         return shards[0]
-    dim = int(getattr(param, "partition_dim", 0))
     leaf = name.rsplit(".", 2)[-2]  # the owning module's attribute name
     if leaf == "linear_fc1" and config is not None and config.gated_linear_unit:
         halves = [shard.chunk(2, dim=0) for shard in shards]

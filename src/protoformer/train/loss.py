@@ -16,7 +16,7 @@ from protoformer.models import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.mappings import all_reduce_in_place
 
-__all__ = ["evaluate", "mean_loss", "replica_mean", "replica_rows"]
+__all__ = ["evaluate", "mean_loss", "replica_mean", "replica_mean_tensor", "replica_rows"]
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
@@ -42,6 +42,14 @@ def replica_rows(batch: Tensor, pg: ProcessGroups) -> Tensor:
     """This data-parallel replica's share of a global batch `[B, ...]` (`[B / dp, ...]`)."""
     share = batch.shape[0] // pg.dp_size
     return batch[pg.dp_rank * share:(pg.dp_rank + 1) * share]
+
+
+def replica_mean_tensor(value: Tensor, pg: ProcessGroups) -> Tensor:
+    """The mean of a scalar over the data-parallel replicas, left on the device (no host sync)."""
+    if pg.dp_size == 1:
+        return value.detach()
+    total = all_reduce_in_place(value.detach().float().clone(), pg.dp)
+    return total / pg.dp_size
 
 
 def replica_mean(value: Tensor, pg: ProcessGroups) -> float:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from protoformer.distributed import DEFAULT_TIMEOUT_S
 from protoformer.train.checkpoint_files import CheckpointError, JSONValue
@@ -33,6 +34,8 @@ class TrainOptions:
     out_dir: Path = Path("runs/tiny")
     data: Path | None = None
     batch_size: int = 16
+    """The global batch: sequences per optimizer step over all data-parallel replicas
+    (Megatron's `--global-batch-size`)."""
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -65,6 +68,10 @@ class TrainOptions:
     """`PATH=VALUE` edits of the layer spec (of `spec`, else of the preset's recipe)."""
     allow: tuple[str, ...] = ()
     """Module prefixes, besides protoformer's, that the spec's builders may be imported from."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one replica; the step accumulates the gradients of
+    `batch_size / (micro_batch_size * data-parallel size)` micro-batches. None: the whole
+    replica share at once (no accumulation)."""
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -85,6 +92,10 @@ class TrainOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        micro = cast("object", self.micro_batch_size)  # from a CLI or a checkpoint: checked
+        if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int)
+                                  or micro < 1):
+            raise ValueError(f"micro_batch_size={self.micro_batch_size!r}: must be an integer >= 1")
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
         if not (self.lr > 0.0 and math.isfinite(self.lr)):

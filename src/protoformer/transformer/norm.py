@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
+from protoformer.parallel.parameters import mark_sequence_parallel
 
 __all__ = ["LayerNorm", "LayerNormBuilder", "LayerNormInterface", "RMSNorm", "norm_class"]
 
@@ -104,6 +105,5 @@ def _check_last_dim(name: str, x: Tensor, hidden_size: int) -> None:
 def _mark_sequence_parallel(config: TransformerConfig, *params: nn.Parameter) -> None:
     # With sequence parallelism each rank normalizes its own slice of the sequence, so the
     # gradients of these replicated parameters must be summed over the tensor-parallel group;
-    # the attribute tells the optimizer wrapper which ones (Megatron-Core's convention).
-    for param in params:
-        param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]  # pyright: ignore[reportAttributeAccessIssue]  # a documented tag, not a Parameter field
+    # their parallel metadata tells `finalize_model_grads` which ones.
+    mark_sequence_parallel(params, config.sequence_parallel)

@@ -1,0 +1,93 @@
+"""How data-parallel replicas share the gradients of a global batch: the `DataParallel` protocol.
+
+A training step calls the model through `DataParallel.module`, runs backward once per
+micro-batch (all but the last inside `accumulating()`, so no gradient communication happens
+until the last), then `finish_grads()` completes the gradients: summed over the
+tensor-parallel group where a rank holds a partial gradient, averaged over the data-parallel
+group. The training loop knows nothing else about the wrapper, so adding one (FSDP2, a
+pipeline stage) adds a class here, not branches to the loop.
+
+`ReplicatedDataParallel` is the default: `DistributedDataParallel` over `pg.dp` (every replica
+holds the whole tensor-parallel shard and its optimizer state), or no wrapper with one
+replica. Deferred weight gradients (`config.delay_wgrad_compute`) fill `.grad` after
+backward, where DDP's hooks cannot see them; with those the model is left unwrapped and
+`finish_grads` averages over the replicas in one coalesced all-reduce instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from protoformer.parallel.grads import compute_deferred_weight_grads, finalize_model_grads
+from protoformer.parallel.groups import ProcessGroups
+
+__all__ = ["DataParallel", "ReplicatedDataParallel"]
+
+
+@runtime_checkable
+class DataParallel(Protocol):
+    """A model prepared for data parallelism over `pg.dp`, as a training step drives it."""
+
+    @property
+    def name(self) -> str:
+        """How the run's messages call it (`DDP`, `FSDP2`, ...)."""
+        ...
+
+    @property
+    def module(self) -> nn.Module:
+        """What the forward is called on (the wrapper, or the model itself)."""
+        ...
+
+    def accumulating(self) -> contextlib.AbstractContextManager[None]:
+        """Context for the backward of a micro-batch that is not the step's last: gradients
+        accumulate locally, without data-parallel communication."""
+        ...
+
+    def finish_grads(self) -> None:
+        """After the step's last backward: complete every gradient (deferred weight
+        gradients, tensor-parallel partial sums, the data-parallel average)."""
+        ...
+
+
+class ReplicatedDataParallel:
+    """`DistributedDataParallel` over `pg.dp` (no wrapper with one replica or deferred wgrads)."""
+
+    def __init__(self, model: nn.Module, pg: ProcessGroups, device: torch.device, *,
+                 delay_wgrad_compute: bool = False) -> None:
+        self._model = model
+        self._pg = pg
+        self._deferred = delay_wgrad_compute
+        self._ddp: DistributedDataParallel | None = None
+        if pg.dp_size > 1 and not delay_wgrad_compute:
+            device_ids = [device.index] if device.type == "cuda" else None
+            # Buffers are derived tables, equal everywhere: not broadcast each step. The
+            # parameters are broadcast once from the group's first rank when wrapping.
+            self._ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                                process_group=pg.dp, broadcast_buffers=False)
+
+    @property
+    def name(self) -> str:
+        return "DDP" if self._ddp is not None else "replicated"
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ddp if self._ddp is not None else self._model
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Generator[None, None, None]:
+        if self._ddp is None:
+            yield
+            return
+        with self._ddp.no_sync():
+            yield
+
+    def finish_grads(self) -> None:
+        if self._deferred:
+            compute_deferred_weight_grads(self._model)
+        finalize_model_grads(self._model, self._pg, reduce_data_parallel=self._ddp is None)

@@ -1,0 +1,193 @@
+"""What a training run does around its steps: fault injection, evaluation, logging, checkpoints.
+
+Each is a small object the loop calls in a fixed order after a step (`FaultInjection` before
+it): `LossLog` reads the step's loss and gradient norm back to the host, checks the loss is
+finite, keeps the history and the throughput; `Evaluation` computes the validation loss every
+`eval_every` steps; `ProgressLog` shows them; `Checkpointing` saves every `save_every` steps
+and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from protoformer.distributed import LaunchEnvironment
+from protoformer.train.checkpoint import save_checkpoint
+from protoformer.train.checkpoint_dist import save_distributed_checkpoint
+from protoformer.train.loss import evaluate
+from protoformer.train.progress import TrainProgress
+from protoformer.train.run_state import rng_state, run_state
+from protoformer.train.setup import TrainRun
+from protoformer.train.step import StepOutput
+
+__all__ = [
+    "FAULT_INJECTION_VARIABLE",
+    "Checkpointing",
+    "Evaluation",
+    "FaultInjection",
+    "LossLog",
+    "ProgressLog",
+    "StepReport",
+    "Throughput",
+]
+
+FAULT_INJECTION_VARIABLE = "PROTOFORMER_FAULT_INJECT"
+"""`rank=R,step=S`: rank R raises at step S (to test that one rank's failure ends the job)."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """A completed step as the hooks see it (host values)."""
+
+    step: int  # steps completed, counting this one
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_second: float  # over the recent steps
+    validation_loss: float | None = None
+
+
+class FaultInjection:
+    """Raise on this rank at the step `PROTOFORMER_FAULT_INJECT` names (tests a failing rank)."""
+
+    def __init__(self, launch: LaunchEnvironment) -> None:
+        self._launch = launch
+        self.step = self._parse(launch)
+
+    @staticmethod
+    def _parse(launch: LaunchEnvironment) -> int | None:
+        text = os.environ.get(FAULT_INJECTION_VARIABLE, "").strip()
+        if not text:
+            return None
+        fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+        try:
+            rank, step = int(fields["rank"]), int(fields["step"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{FAULT_INJECTION_VARIABLE}={text!r}: expected rank=R,step=S") \
+                from None
+        return step if rank == launch.rank else None
+
+    def before_step(self, step: int) -> None:
+        """`step` counts the steps completed before this one."""
+        if self.step is not None and step + 1 == self.step:
+            raise RuntimeError(f"fault injected on rank {self._launch.rank} at step {self.step} "
+                               f"({FAULT_INJECTION_VARIABLE})")
+
+
+class Throughput:
+    """Tokens per second: over the recent steps, since the last report, and overall."""
+
+    def __init__(self) -> None:
+        self.recent: deque[tuple[int, float]] = deque(maxlen=20)
+        self.tokens = 0
+        self.seconds = 0.0
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.recent.append((tokens, seconds))
+        self.tokens += tokens
+        self.seconds += seconds
+        self.total_tokens += tokens
+        self.total_seconds += seconds
+
+    def recent_rate(self) -> float:
+        seconds = sum(s for _, s in self.recent)
+        return sum(t for t, _ in self.recent) / seconds if seconds > 0 else 0.0
+
+    def take(self) -> float:
+        """The rate since the previous `take`."""
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        self.tokens, self.seconds = 0, 0.0
+        return rate
+
+    def mean_rate(self) -> float:
+        return self.total_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+
+class LossLog:
+    """Reads a step's results to the host, refuses a non-finite loss, keeps the history."""
+
+    def __init__(self, run: TrainRun) -> None:
+        self._run = run
+        self.throughput = Throughput()
+        self._tokens_per_step = run.options.batch_size * run.options.seq_len
+
+    def record(self, step: int, output: StepOutput, lr: float, started: float) -> StepReport:
+        """`step` counts the steps completed with this one; `started` is its perf_counter."""
+        loss = float(output.loss)  # the step's one host synchronisation
+        grad_norm = float(output.grad_norm)
+        self.throughput.add(self._tokens_per_step, time.perf_counter() - started)
+        if not math.isfinite(loss):
+            raise ValueError(f"the training loss became {loss} at step {step}; lower the "
+                             f"learning rate (--lr, now {self._run.options.lr})")
+        self._run.train_losses.append((step, loss))
+        return StepReport(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                          tokens_per_second=self.throughput.recent_rate())
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+class Evaluation:
+    """The validation loss every `eval_every` steps and at the last (on every rank)."""
+
+    def __init__(self, run: TrainRun) -> None:
+        self._run = run
+
+    def after_step(self, report: StepReport) -> StepReport:
+        run = self._run
+        if not _is_due(report.step, run.options.eval_every, run.options.steps):
+            return report
+        loss = evaluate(run.model, run.validation, run.device, run.pg)
+        run.validation_losses.append((report.step, loss))
+        return replace(report, validation_loss=loss)
+
+
+class ProgressLog:
+    """Shows each step on the progress bar, and a log line every `log_every` steps."""
+
+    def __init__(self, run: TrainRun, progress: TrainProgress, throughput: Throughput) -> None:
+        self._options = run.options
+        self._progress = progress
+        self._throughput = throughput
+
+    def after_step(self, report: StepReport) -> None:
+        options, progress = self._options, self._progress
+        logged = _is_due(report.step, options.log_every, options.steps)
+        if logged:
+            progress.report(report.step, report.loss, report.lr, self._throughput.take(),
+                            report.validation_loss)
+        else:
+            progress.advance(report.step, report.loss, report.lr, report.tokens_per_second)
+        if report.validation_loss is not None and not logged:
+            progress.note(f"step {report.step}: validation loss {report.validation_loss:.4f}")
+
+
+class Checkpointing:
+    """Saves the run every `save_every` steps and at the last (collective under torchrun)."""
+
+    def __init__(self, run: TrainRun) -> None:
+        self._run = run
+
+    def after_step(self, report: StepReport) -> None:
+        run = self._run
+        if _is_due(report.step, run.options.save_every, run.options.steps):
+            run.checkpoint = self.save(report.step)
+
+    def save(self, step: int) -> Path:
+        run = self._run
+        document = run_state(run.built, run.options, run.sampler, run.train_losses,
+                             run.validation_losses, run.corpus)
+        if run.launch.is_distributed:
+            return save_distributed_checkpoint(run.options.out_dir, step, run.model,
+                                               run.optimizer, document, pg=run.pg,
+                                               rng_state=rng_state())
+        return save_checkpoint(run.options.out_dir, step, run.model, run.optimizer,
+                               {**document, "rng": rng_state()})

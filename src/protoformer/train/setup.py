@@ -1,0 +1,217 @@
+"""Setting up a training run: processes, data, model, optimizer, data parallelism, resume.
+
+`setup_run` does everything before the first step and returns it as a `TrainRun`: the launch
+and process groups, the corpus and its sampler, the model (built, seeded, possibly loaded from
+the latest checkpoint), the optimizer, the learning-rate schedule and the `DataParallel`
+wrapper the step drives, with the messages the run prints first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.optim import AdamW
+
+from protoformer.backends import get_backend
+from protoformer.distributed import LaunchEnvironment, init_distributed
+from protoformer.models import GPTModel
+from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.parameters import parallel_metadata
+from protoformer.parallel.random import model_parallel_manual_seed
+from protoformer.recipes import get_preset
+from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
+from protoformer.train.data import (
+    BYTE_VOCAB_SIZE,
+    BatchSampler,
+    Corpus,
+    load_corpus,
+    validation_batches,
+)
+from protoformer.train.options import TrainOptions, check_resumable
+from protoformer.train.run_model import RunModel, build_hf_model, build_preset_model, check_sizes
+from protoformer.train.run_state import check_same_corpus, resume_run
+from protoformer.train.schedule import WarmupCosineSchedule
+from protoformer.train.step import micro_batch_count
+
+__all__ = ["TrainRun", "build_optimizer", "model_parameter_count", "setup_run"]
+
+_DATA_PARALLEL_SEED_STRIDE = 1_000_003  # data-parallel replicas draw different dropout masks
+
+
+@dataclass
+class TrainRun:
+    """Everything a run's steps and hooks share, set up by `setup_run`."""
+
+    options: TrainOptions
+    launch: LaunchEnvironment
+    device: torch.device
+    pg: ProcessGroups
+    corpus: Corpus
+    sampler: BatchSampler
+    validation: list[Tensor]  # the fixed validation batches, [batch_size, seq_len + 1] each
+    built: RunModel
+    optimizer: AdamW
+    schedule: WarmupCosineSchedule
+    data_parallel: DataParallel
+    micro_batches: int  # per replica per step (gradient accumulation)
+    start_step: int = 0
+    checkpoint: Path | None = None  # the one resumed from, then the latest saved
+    train_losses: list[tuple[int, float]] = field(default_factory=list[tuple[int, float]])
+    validation_losses: list[tuple[int, float]] = field(default_factory=list[tuple[int, float]])
+    messages: list[str] = field(default_factory=list[str])
+
+    @property
+    def model(self) -> GPTModel:
+        return self.built.model
+
+
+def build_optimizer(model: torch.nn.Module, options: TrainOptions) -> AdamW:
+    """AdamW with weight decay on matrices (2-D and up) only, not on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": options.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return AdamW(groups, lr=options.lr, betas=options.betas, eps=1e-8)
+
+
+def model_parameter_count(model: torch.nn.Module, tp_size: int) -> int:
+    """The whole model's parameter count from one tensor-parallel rank's shard: a split
+    parameter's shard is 1 / tp of it (a replicated key/value head counts once per copy)."""
+    return sum(p.numel() * (tp_size if parallel_metadata(p).tensor_model_parallel else 1)
+               for p in model.parameters())
+
+
+def _process_groups(launch: LaunchEnvironment, options: TrainOptions) -> ProcessGroups:
+    """Tensor- and data-parallel groups for this launch (none for a single process)."""
+    tp = options.tp
+    if not launch.is_distributed:
+        if tp > 1:
+            raise ValueError(
+                f"--tp {tp} splits the model over {tp} processes, but this is a single process; "
+                f"launch with: torchrun --nproc-per-node {tp} -m protoformer.cli train --tp {tp} "
+                "...")
+        return ProcessGroups()
+    if launch.world_size % tp != 0:
+        raise ValueError(f"--tp {tp} must divide the number of processes {launch.world_size} "
+                         "(the rest are data-parallel replicas)")
+    return ProcessGroups.from_torchrun(tp=tp)
+
+
+def _saved_run(options: TrainOptions) -> tuple[Path | None, dict[str, JSONValue] | None]:
+    """With `options.resume`, the latest checkpoint and its state (checked resumable)."""
+    if not options.resume:
+        return None, None
+    checkpoint = latest_checkpoint(options.out_dir)
+    if checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint in {options.out_dir / 'checkpoints'}; "
+                         "train without --resume to start a new run")
+    saved = read_state(checkpoint)
+    check_resumable(saved.get("train_options"), options, checkpoint)
+    return checkpoint, saved
+
+
+def _describe(run: TrainRun, corpus: Corpus) -> list[str]:
+    """The messages a run prints before its first step."""
+    options, model, pg = run.options, run.model, run.pg
+    skipped = corpus.skipped_files
+    messages = [f"data: {corpus.source}: {corpus.num_bytes:,} bytes from {corpus.num_files} "
+                f"file(s), {corpus.validation.numel():,} held out for validation"
+                + (f"; skipped {len(skipped)} binary file(s): "
+                   f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
+                   if skipped else ""),
+                f"model: {run.built.name}, {model_parameter_count(model, pg.tp_size):,} "
+                f"parameters, on {run.device}; {options.steps} steps of {options.batch_size} x "
+                f"{options.seq_len} bytes"
+                + (f" ({run.micro_batches} micro-batches of {options.micro_batch_size} per "
+                   "replica)" if run.micro_batches > 1 else "")]
+    if run.built.preset is None:
+        messages.append(
+            f"note: the corpus is fed as bytes (token ids 0-{BYTE_VOCAB_SIZE - 1}), which mean "
+            f"nothing to the model's {model.vocab_size}-token (BPE) vocabulary: this fine-tunes "
+            "it on a byte-level language, not on more text in its tokenizer's tokens")
+    if run.launch.is_distributed:
+        local_params = sum(p.numel() for p in model.parameters())
+        messages.append(
+            f"distributed: {run.launch.world_size} processes = tensor-parallel {pg.tp_size} x "
+            f"data-parallel {pg.dp_size} ({run.data_parallel.name})"
+            f"{', sequence-parallel' if model.config.sequence_parallel else ''}"
+            f" ({local_params:,} parameters per tensor-parallel rank)")
+    if not options.resume and latest_checkpoint(options.out_dir) is not None:
+        messages.append(f"note: {options.out_dir / 'checkpoints'} already holds a run; its "
+                        "checkpoints are replaced as this run saves (--resume continues it)")
+    return messages
+
+
+def setup_run(options: TrainOptions) -> TrainRun:
+    """Everything before the first step (collective under torchrun: call on every rank)."""
+    launch, device = init_distributed(options.device, timeout=options.dist_timeout)
+    pg = _process_groups(launch, options)
+    micro_batches = micro_batch_count(options.batch_size, options.micro_batch_size, pg.dp_size)
+    preset = get_preset(options.preset) if options.init_from_hf is None else None
+    if preset is not None:  # before building: a big preset's build is slow
+        check_sizes(f"preset {preset.name!r}", preset.vocab_size, preset.max_sequence_length,
+                    options)
+    checkpoint, saved = _saved_run(options)
+    corpus = load_corpus(options.data, sequence_length=options.seq_len,
+                         max_bytes=options.max_corpus_bytes)
+    if saved is not None and checkpoint is not None:
+        check_same_corpus(saved, corpus, checkpoint)
+    sampler = BatchSampler(corpus.train, options.batch_size, options.seq_len, seed=options.seed)
+    validation = validation_batches(corpus.validation, options.batch_size, options.seq_len,
+                                    options.eval_batches)
+
+    # The same seed on every rank: every tensor-parallel rank initialises the same full weights
+    # and keeps its slice (and the per-rank dropout streams are seeded from it).
+    model_parallel_manual_seed(options.seed, pg.tp_rank)
+    if options.init_from_hf is not None:
+        built = build_hf_model(options.init_from_hf, device, pg, options, saved)
+    else:
+        assert preset is not None
+        built = build_preset_model(preset, get_backend(options.backend), device, pg, options,
+                                   saved, checkpoint)
+    model = built.model
+    model.train()
+    if pg.dp_rank > 0:  # replicas start equal but draw their own dropout masks
+        model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
+                                   pg.tp_rank)
+    optimizer = build_optimizer(model, options)
+    schedule = WarmupCosineSchedule(max_lr=options.lr, min_lr=options.lr * options.min_lr_ratio,
+                                    warmup_steps=min(options.warmup_steps, options.steps),
+                                    total_steps=options.steps)
+    resumed = _resume(checkpoint, built, optimizer, sampler, pg, launch, options)
+    # Wrapped after loading: DDP broadcasts the (loaded) weights from the first replica.
+    data_parallel = ReplicatedDataParallel(
+        model, pg, device, delay_wgrad_compute=model.config.delay_wgrad_compute)
+    run = TrainRun(options=options, launch=launch, device=device, pg=pg, corpus=corpus,
+                   sampler=sampler, validation=validation, built=built, optimizer=optimizer,
+                   schedule=schedule, data_parallel=data_parallel, micro_batches=micro_batches,
+                   checkpoint=checkpoint)
+    run.messages = _describe(run, corpus)
+    if resumed is not None:
+        run.start_step, run.train_losses, run.validation_losses = resumed
+        run.messages.append(f"resumed from {checkpoint} at step {run.start_step}")
+        if run.start_step >= options.steps:  # the loop runs no step
+            run.messages.append(f"note: the checkpoint is already at step {run.start_step}, at "
+                                f"or past --steps {options.steps}: nothing left to train; raise "
+                                "--steps to train further")
+    return run
+
+
+def _resume(checkpoint: Path | None, built: RunModel, optimizer: AdamW, sampler: BatchSampler,
+            pg: ProcessGroups, launch: LaunchEnvironment, options: TrainOptions,
+            ) -> tuple[int, list[tuple[int, float]], list[tuple[int, float]]] | None:
+    """Load the checkpoint (if resuming): weights, optimizer, RNG, sampler; returns the step and
+    the loss history."""
+    if checkpoint is None:
+        return None
+    resumed = resume_run(checkpoint, built.model, optimizer, sampler, pg=pg, launch=launch)
+    # The loaded optimizer state carries the saved run's weight decay and betas; this run's
+    # options apply (as its learning rate and clipping do) and are what its checkpoints record.
+    for group, decay in zip(optimizer.param_groups, (options.weight_decay, 0.0), strict=True):
+        group["weight_decay"] = decay
+        group["betas"] = options.betas
+    return resumed

@@ -1,0 +1,74 @@
+"""One optimizer step: forward and backward over micro-batches, gradients completed, clipped, applied.
+
+`train_step` takes this replica's rows of the global batch, splits them into micro-batches
+(gradient accumulation: `rows / micro_batch_size` forward/backward passes, each scaled so that
+the accumulated gradient is the gradient of the mean loss over all the rows), lets the
+`DataParallel` wrapper complete the gradients, clips them to the global norm and steps the
+optimizer. It reads nothing back to the host: the loss (the mean over the data-parallel
+replicas, i.e. the global batch's loss) and the gradient norm come back as device scalars,
+read when they are logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from protoformer.parallel.data_parallel import DataParallel
+from protoformer.parallel.grads import clip_grad_norm_
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.train.loss import mean_loss, replica_mean_tensor
+
+__all__ = ["StepOutput", "micro_batch_count", "train_step"]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a step computed, still on the device (reading it synchronises)."""
+
+    loss: Tensor  # [] float32: the global batch's mean loss (mean over the replicas)
+    grad_norm: Tensor  # [] float32: the global gradient norm before clipping
+
+
+def micro_batch_count(global_batch_size: int, micro_batch_size: int | None, dp_size: int) -> int:
+    """Micro-batches per replica per step: `global / (micro * dp)`; a ValueError if uneven."""
+    if global_batch_size % dp_size != 0:
+        raise ValueError(f"--global-batch-size (--batch-size) {global_batch_size} must be "
+                         f"divisible by the data-parallel size {dp_size}: each replica takes an "
+                         "equal share of every batch")
+    share = global_batch_size // dp_size
+    micro = share if micro_batch_size is None else micro_batch_size
+    if share % micro != 0:
+        raise ValueError(f"--micro-batch-size {micro} must divide each replica's share of the "
+                         f"global batch ({global_batch_size} / data-parallel size {dp_size} = "
+                         f"{share}); choose --global-batch-size = micro x data-parallel x "
+                         "accumulation steps")
+    return share // micro
+
+
+def train_step(data_parallel: DataParallel, optimizer: Optimizer, rows: Tensor, *,
+               micro_batches: int, parameters: Sequence[Tensor], grad_clip: float,
+               pg: ProcessGroups, device: torch.device) -> StepOutput:
+    """One optimizer step on this replica's `rows` `[b, s + 1]` (token windows; the last
+    column is only a label). The learning rate is set on `optimizer` beforehand."""
+    optimizer.zero_grad(set_to_none=True)
+    chunks = rows.chunk(micro_batches) if micro_batches > 1 else (rows,)  # [b / m, s + 1] each
+    total: Tensor | None = None
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        with contextlib.nullcontext() if last else data_parallel.accumulating():
+            loss = mean_loss(data_parallel.module, chunk, device)  # []
+            torch.autograd.backward(loss if micro_batches == 1 else loss / micro_batches)
+        detached = loss.detach()
+        total = detached if total is None else total + detached
+    assert total is not None
+    data_parallel.finish_grads()
+    norm = clip_grad_norm_(parameters, grad_clip, pg)
+    optimizer.step()  # pyright: ignore[reportUnknownMemberType]  # torch leaves `closure` unannotated
+    mean = total if micro_batches == 1 else total / micro_batches
+    return StepOutput(loss=replica_mean_tensor(mean, pg), grad_norm=norm)
