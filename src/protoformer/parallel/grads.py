@@ -37,9 +37,12 @@ __all__ = [
     "compute_deferred_weight_grads",
     "finalize_model_grads",
     "grad_norm",
+    "is_expert_parallel",
     "mark_duplicate_rows",
+    "mark_expert_parallel",
     "mark_partial_grad_over_tp",
     "needs_tensor_parallel_grad_sum",
+    "reduce_expert_grads",
 ]
 
 def mark_partial_grad_over_tp(module: nn.Module) -> None:
@@ -64,6 +67,21 @@ def mark_duplicate_rows(param: nn.Parameter, first_row: int) -> None:
                          f"{param.shape[0]} rows")
     set_parallel_metadata(param, dataclasses.replace(parallel_metadata(param),
                                                      duplicate_rows_from=first_row))
+
+
+def mark_expert_parallel(module: nn.Module) -> None:
+    """Tag every parameter of `module` as a routed expert's, split over the expert-parallel
+    group: under expert parallelism its gradient is averaged over `pg.expt_dp` (the ranks
+    holding the same experts), not the whole data-parallel group, and `grad_norm` sums its
+    squares over `pg.ep`."""
+    for param in module.parameters():
+        set_parallel_metadata(param, dataclasses.replace(parallel_metadata(param),
+                                                         expert_parallel=True))
+
+
+def is_expert_parallel(param: Tensor) -> bool:
+    """Whether `param` belongs to routed experts (`mark_expert_parallel`)."""
+    return parallel_metadata(param).expert_parallel
 
 
 def needs_tensor_parallel_grad_sum(param: Tensor) -> bool:
@@ -144,12 +162,32 @@ def finalize_model_grads(model: nn.Module, pg: ProcessGroups | None = None, *,
 
 @torch.no_grad()
 def all_reduce_data_parallel_grads(model: nn.Module, pg: ProcessGroups) -> None:
-    """Average every gradient of `model` over the data-parallel group `pg.dp` (coalesced)."""
+    """Average every gradient of `model` over the data-parallel group `pg.dp` (coalesced).
+
+    Under expert parallelism (`pg.ep_size > 1`) the routed experts' gradients
+    (`is_expert_parallel`) already hold the contributions of every token of their EP group
+    (the all-to-all's backward brings them), so they are summed over `pg.expt_dp` only and
+    divided by the data-parallel size: the average over all data-parallel ranks' losses.
+    """
     if pg.dp_size == 1:
         return
-    grads = [grad for _, grad in _grads(model.parameters())]
+    pairs = _grads(model.parameters())
+    split_experts = pg.ep_size > 1
+    grads = [grad for param, grad in pairs if not (split_experts and is_expert_parallel(param))]
     if grads:
         _all_reduce_coalesced(grads, _require(pg.dp), scale=1.0 / pg.dp_size)
+    if split_experts:
+        reduce_expert_grads([grad for param, grad in pairs if is_expert_parallel(param)], pg)
+
+
+def reduce_expert_grads(grads: list[Tensor], pg: ProcessGroups) -> None:
+    """Routed experts' gradients under expert parallelism: summed over `pg.expt_dp`, divided
+    by the data-parallel size (see `all_reduce_data_parallel_grads`)."""
+    if grads and pg.expt_dp_size > 1:
+        _all_reduce_coalesced(grads, _require(pg.expt_dp), scale=1.0 / pg.dp_size)
+    else:
+        for grad in grads:
+            grad.mul_(1.0 / pg.dp_size)
 
 
 def _require(group: ProcessGroup | None) -> ProcessGroup:
@@ -163,7 +201,8 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
 
     Split parameters (metadata `tensor_model_parallel`) contribute their squares summed over `pg.tp`;
     replicated ones count once (their gradients must be complete: call
-    `finalize_model_grads` first); rows tagged as duplicates of another rank's are skipped.
+    `finalize_model_grads` first); rows tagged as duplicates of another rank's are skipped;
+    routed experts under expert parallelism contribute their squares summed over `pg.ep`.
     Gradients are assumed equal across `pg.dp` (already averaged).
     """
     pg = pg if pg is not None else ProcessGroups()
@@ -171,9 +210,12 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
     device = pairs[0][1].device if pairs else torch.device("cpu")
     split_sq = torch.zeros((), dtype=torch.float32, device=device)
     replicated_sq = torch.zeros((), dtype=torch.float32, device=device)
+    expert_sq = torch.zeros((), dtype=torch.float32, device=device)
     for param, grad in pairs:
         record = parallel_metadata(param)
-        if record.tensor_model_parallel:
+        if pg.ep_size > 1 and record.expert_parallel:  # each EP rank holds other experts
+            expert_sq += grad.float().pow(2).sum().to(device)
+        elif record.tensor_model_parallel:
             first_duplicate = record.duplicate_rows_from
             if first_duplicate is not None:
                 grad = grad[:first_duplicate]
@@ -182,7 +224,9 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
             replicated_sq += grad.float().pow(2).sum().to(device)
     if pg.tp_size > 1:
         all_reduce_in_place(split_sq, pg.tp)
-    return (split_sq + replicated_sq).sqrt()
+    if pg.ep_size > 1:
+        all_reduce_in_place(expert_sq, pg.ep)
+    return (split_sq + replicated_sq + expert_sq).sqrt()
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Process groups for tensor and data parallelism, passed down explicitly.
+"""Process groups for tensor, data and expert parallelism, passed down explicitly.
 
 `None` stands for "this process alone": the default `ProcessGroups()` needs no
 `torch.distributed` initialisation, so single-device users never touch process groups.
@@ -27,10 +27,28 @@ def group_rank(group: ProcessGroup | None) -> int:
 
 @dataclass(frozen=True)
 class ProcessGroups:
-    """The groups a model is split over: tensor-parallel (`tp`) and data-parallel (`dp`)."""
+    """The groups a model is split over: tensor-parallel (`tp`) and data-parallel (`dp`), and
+    for mixture-of-experts layers expert-parallel (`ep`: the ranks that split the experts and
+    exchange tokens) and expert-data-parallel (`expt_dp`: the ranks holding the same experts,
+    over which expert gradients are averaged). Without expert parallelism `ep` is None and
+    `expt_dp` is None too (the experts are data-parallel over `dp` like everything else)."""
 
     tp: ProcessGroup | None = None
     dp: ProcessGroup | None = None
+    ep: ProcessGroup | None = None
+    expt_dp: ProcessGroup | None = None
+
+    @property
+    def ep_size(self) -> int:
+        return group_size(self.ep)
+
+    @property
+    def ep_rank(self) -> int:
+        return group_rank(self.ep)
+
+    @property
+    def expt_dp_size(self) -> int:
+        return group_size(self.expt_dp)
 
     @property
     def tp_size(self) -> int:
@@ -49,11 +67,16 @@ class ProcessGroups:
         return group_rank(self.dp)
 
     @classmethod
-    def from_torchrun(cls, *, tp: int = 1) -> ProcessGroups:
-        """Build TP and DP groups from an initialised `torch.distributed` world.
+    def from_torchrun(cls, *, tp: int = 1, ep: int = 1) -> ProcessGroups:
+        """Build TP, DP (and with `ep > 1` EP and expert-DP) groups from an initialised
+        `torch.distributed` world.
 
         Ranks are laid out tensor-parallel-first (ranks 0..tp-1 form the first TP group), as
-        Megatron-Core does, so a TP group stays within one node. Every rank must call this.
+        Megatron-Core does, so a TP group stays within one node. Expert parallelism splits the
+        data-parallel dimension (`dp = world / tp`, divisible by `ep`): rank
+        `t + tp * (e + ep * d)` is TP rank `t`, EP rank `e` and expert-DP rank `d`; each
+        EP group holds all experts once, each expert-DP group `dp / ep` copies of the same
+        experts. Every rank must call this.
         """
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -77,7 +100,35 @@ class ProcessGroups:
             group = _new_group(ranks, member=rank in ranks)
             if group is not None:
                 dp_group = group
-        return cls(tp=tp_group, dp=dp_group)
+        if ep == 1:
+            return cls(tp=tp_group, dp=dp_group)
+        dp = world // tp
+        if ep < 1 or dp % ep != 0:
+            raise ValueError(f"ep={ep} must be >= 1 and divide the data-parallel size {dp} "
+                             f"(world size {world} / tp {tp}); expert parallelism splits the "
+                             "data-parallel ranks")
+        ep_group, expt_dp_group = _expert_groups(rank, tp=tp, ep=ep, expt_dp=dp // ep)
+        return cls(tp=tp_group, dp=dp_group, ep=ep_group, expt_dp=expt_dp_group)
+
+
+def _expert_groups(rank: int, *, tp: int, ep: int,
+                   expt_dp: int) -> tuple[ProcessGroup | None, ProcessGroup | None]:
+    """This rank's EP and expert-DP groups in the layout `rank = t + tp * (e + ep * d)`."""
+    ep_group: ProcessGroup | None = None
+    expt_dp_group: ProcessGroup | None = None
+    for d in range(expt_dp):
+        for t in range(tp):
+            ranks = [t + tp * (e + ep * d) for e in range(ep)]
+            group = _new_group(ranks, member=rank in ranks)
+            if group is not None:
+                ep_group = group
+    for e in range(ep):
+        for t in range(tp):
+            ranks = [t + tp * (e + ep * d) for d in range(expt_dp)]
+            group = _new_group(ranks, member=rank in ranks)
+            if group is not None:
+                expt_dp_group = group
+    return ep_group, expt_dp_group
 
 
 def _new_group(ranks: list[int], *, member: bool) -> ProcessGroup | None:

@@ -62,6 +62,10 @@ class ParallelMetadata:
     duplicate_rows_from: int | None = None
     """On a split parameter, the first row this rank holds only as a copy of another rank's
     (replicated key/value heads): a global gradient norm skips them here."""
+    expert_parallel: bool = False
+    """A routed expert's parameter, split over the expert-parallel group by expert (dim 0):
+    its gradient is averaged over the expert-data-parallel group only (Megatron-Core tags
+    such parameters `allreduce = False`)."""
 
     @property
     def tensor_model_parallel(self) -> bool:

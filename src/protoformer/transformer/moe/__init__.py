@@ -2,6 +2,7 @@
 (`MoESubmodules`: router, experts, shared experts, token dispatcher), `TopKRouter`,
 `GroupedMLP` / `SequentialMLP` experts, `SharedExpertMLP`, and the auxiliary-loss channel."""
 
+from protoformer.transformer.moe.alltoall_dispatcher import MoEAlltoAllTokenDispatcher
 from protoformer.transformer.moe.aux_loss import (
     AuxLossReporter,
     ExpertBiasOwner,
@@ -51,6 +52,7 @@ __all__ = [
     "GroupedLinearInterface",
     "GroupedMLP",
     "GroupedMLPSubmodules",
+    "MoEAlltoAllTokenDispatcher",
     "MoEAuxLossTracker",
     "MoELayer",
     "MoELocalTokenDispatcher",

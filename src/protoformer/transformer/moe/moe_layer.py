@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
+from protoformer.parallel.grads import mark_expert_parallel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.spec import Submodules, apply_module
+from protoformer.transformer.moe.alltoall_dispatcher import MoEAlltoAllTokenDispatcher
 from protoformer.transformer.moe.dispatcher import MoELocalTokenDispatcher
 from protoformer.transformer.moe.protocols import (
     ExpertsBuilder,
@@ -22,7 +24,8 @@ __all__ = ["MoELayer", "MoESubmodules"]
 
 @dataclass
 class MoESubmodules(Submodules):
-    """The slots of `MoELayer`. `token_dispatcher=None` picks the local (one-rank) dispatcher."""
+    """The slots of `MoELayer`. `token_dispatcher=None` picks the local (one-rank) dispatcher,
+    or `MoEAlltoAllTokenDispatcher` under expert parallelism."""
 
     router: RouterBuilder
     experts: ExpertsBuilder
@@ -56,16 +59,26 @@ class MoELayer(nn.Module):
                 f"MoESubmodules.shared_experts is {'None' if submodules.shared_experts is None else 'set'}; "
                 "give both (shared experts) or neither")
         self.config = config
+        groups = pg if pg is not None else ProcessGroups()
         ep_size = config.expert_model_parallel_size
+        if groups.ep_size != ep_size:
+            raise ValueError(
+                f"MoELayer: config.expert_model_parallel_size={ep_size} but the expert-parallel "
+                f"group has {groups.ep_size} rank(s); build the groups with "
+                f"ProcessGroups.from_torchrun(ep={ep_size}) (or set the config to match)")
         self.num_local_experts = experts // ep_size
-        # Expert-parallel rank within the expert group; 0 until groups carry one.
-        local_offset = 0
+        # This rank holds experts local_offset .. local_offset + num_local_experts - 1.
+        self.local_expert_offset = groups.ep_rank * self.num_local_experts
         self.router = submodules.router(config=config, pg=pg)
         self.experts = submodules.experts(self.num_local_experts, config, pg=pg)
+        if isinstance(self.experts, nn.Module):  # the experts' parameters live here
+            mark_expert_parallel(self.experts)
         self.shared_experts = None if submodules.shared_experts is None else \
             submodules.shared_experts(config=config, pg=pg, gate=config.moe_shared_expert_gate)
-        dispatcher = submodules.token_dispatcher or MoELocalTokenDispatcher
-        self.token_dispatcher = dispatcher(self.num_local_experts, local_offset, config=config, pg=pg)
+        dispatcher = submodules.token_dispatcher or (
+            MoEAlltoAllTokenDispatcher if ep_size > 1 else MoELocalTokenDispatcher)
+        self.token_dispatcher = dispatcher(self.num_local_experts, self.local_expert_offset,
+                                           config=config, pg=pg)
 
     def forward(self, hidden_states: Tensor, /) -> tuple[Tensor, Tensor | None]:
         """`[s, b, h]` -> (`[s, b, h]`, None)."""
