@@ -331,28 +331,6 @@ def test_inconsistent_sizes_name_the_config_field() -> None:
         parse_hf_config(config)
 
 
-@pytest.mark.parametrize(("overrides", "layers"), [
-    ({"num_hidden_layers": 4, "first_k_dense_replace": 1}, "layer(s) 1-3 of 4"),
-    ({"num_hidden_layers": 5, "first_k_dense_replace": 1, "moe_layer_freq": 2},
-     "layer(s) 2, 4 of 5"),
-])
-def test_mixture_of_experts_layers_are_not_implemented(overrides: dict[str, Any],
-                                                       layers: str) -> None:
-    config = {**hf_config("deepseek_v3", q_lora_rank=24, rope_parameters=YARN).to_dict(),
-              **overrides}
-    with pytest.raises(NotImplementedError, match=re.escape(layers)):
-        parse_hf_config(config)
-
-
-def test_mixture_of_experts_instance_is_not_implemented() -> None:
-    from transformers import DeepseekV3ForCausalLM
-
-    config = hf_config("deepseek_v3", q_lora_rank=24, first_k_dense_replace=1,
-                       moe_intermediate_size=16, n_group=1, topk_group=1, num_experts_per_tok=2)
-    with pytest.raises(NotImplementedError, match="layer\\(s\\) 1 of 2"):
-        from_hf(DeepseekV3ForCausalLM(config))
-
-
 def test_sliding_window_caps_the_sequence_length() -> None:
     hf_model = build_hf("mistral")
     hf_model.config.sliding_window = 16

@@ -12,6 +12,9 @@ from protoformer.architectures import llama
 
 # isort: split
 from protoformer.architectures import deepseek_v3, t5
+
+# isort: split
+from protoformer.architectures import mixtral, qwen_moe
 from protoformer.architectures.registry import (
     SUPPORTED_ARCHITECTURES,
     CausalLMArchitecture,
@@ -32,6 +35,8 @@ __all__ = [
     "causal_lm_architecture",
     "deepseek_v3",
     "llama",
+    "mixtral",
+    "qwen_moe",
     "register_architecture",
     "register_seq2seq_architecture",
     "registered_model_types",

@@ -26,11 +26,13 @@ __all__ = [
     "HFConversionError",
     "HFModelInfo",
     "JSONDict",
+    "MLPLayerRules",
     "Seq2SeqModelInfo",
     "TensorRule",
     "UnsupportedHFModelError",
     "activation_for",
     "activation_name",
+    "dense_mlp_layer_rules",
     "format_layer_list",
     "gate_up_rule",
     "json_object",
@@ -48,7 +50,8 @@ JSONDict = dict[str, object]
 DESCRIBED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                     "normalization", "layernorm_epsilon", "qk_layernorm", "add_bias_linear",
                     "add_qkv_bias", "gated_linear_unit", "rotary_base", "rotary_percent",
-                    "rotary_interleaved", "softmax_scale", "activation_func")
+                    "rotary_interleaved", "softmax_scale", "activation_func",
+                    "num_moe_experts", "moe_layer_pattern")
 
 # Hugging Face `hidden_act` names and the functions that compute them exactly.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -92,7 +95,9 @@ class HFModelInfo:
     with a model's). `rope_interleave` (DeepSeek-V3 only) says whether the checkpoint stores the
     rotary rows of queries and keys as interleaved pairs (protoformer's MLA layout) or as
     halves. `extra_layers` counts DeepSeek's multi-token-prediction layers stored after the
-    decoder, which protoformer does not use.
+    decoder, which protoformer does not use. `fused_experts` says how the source stores routed
+    experts: transformers 5 models hold each layer's experts fused (`experts.gate_up_proj`,
+    `experts.down_proj`), checkpoint files one tensor per expert (see `moe_conversion`).
     """
 
     model_type: str
@@ -105,6 +110,7 @@ class HFModelInfo:
     described_fields: tuple[str, ...] = DESCRIBED_FIELDS
     rope_interleave: bool = True
     extra_layers: int = 0
+    fused_experts: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,9 +316,21 @@ def mlp_rules(config: TransformerConfig, ours: str, theirs: str) -> list[TensorR
     return rules
 
 
+# (info, layer index, our layer prefix, their layer prefix) -> the rules of that layer's MLP.
+MLPLayerRules = Callable[[HFModelInfo, int, str, str], list[TensorRule]]
+
+
+def dense_mlp_layer_rules(info: HFModelInfo, index: int, ours: str, theirs: str) -> list[TensorRule]:
+    """`mlp_rules` of layer `ours`'s `mlp` <-> `theirs`'s `mlp` (the default of `model_rules`)."""
+    del index  # every layer's MLP is the same kind
+    return mlp_rules(info.config, f"{ours}.mlp", f"{theirs}.mlp")
+
+
 def model_rules(info: HFModelInfo,
-                layer_rules: Callable[[HFModelInfo, str, str], list[TensorRule]]) -> list[TensorRule]:
-    """Every tensor of the model: embedding, each layer (via `layer_rules`), final norm, head."""
+                layer_rules: Callable[[HFModelInfo, str, str], list[TensorRule]],
+                mlp_layer_rules: MLPLayerRules = dense_mlp_layer_rules) -> list[TensorRule]:
+    """Every tensor of the model: embedding, each layer (attention via `layer_rules`, the MLP
+    via `mlp_layer_rules`, e.g. dense or mixture-of-experts per layer), final norm, head."""
     rules = [same("embedding.weight", "model.embed_tokens.weight")]
     for index in range(info.config.num_layers):
         ours, theirs = f"decoder.layers.{index}", f"model.layers.{index}"
@@ -320,7 +338,7 @@ def model_rules(info: HFModelInfo,
         rules.extend(layer_rules(info, f"{ours}.self_attention", f"{theirs}.self_attn"))
         rules.append(same(f"{ours}.pre_mlp_layernorm.weight",
                           f"{theirs}.post_attention_layernorm.weight"))
-        rules.extend(mlp_rules(info.config, f"{ours}.mlp", f"{theirs}.mlp"))
+        rules.extend(mlp_layer_rules(info, index, ours, theirs))
     rules.append(same("decoder.final_layernorm.weight", "model.norm.weight"))
     if not info.tie_word_embeddings:
         rules.append(same("output_layer.weight", "lm_head.weight"))

@@ -1,11 +1,11 @@
-"""DeepSeek-V3 attention (MLA) with dense MLPs <-> protoformer's `mla_layer_spec` model.
+"""DeepSeek-V3 (MLA attention, dense and mixture-of-experts MLPs) <-> protoformer's
+`mla_layer_spec` / `mla_moe_layer_specs` model.
 
 Config: `qk_nope_head_dim` -> `qk_head_dim`, `qk_rope_head_dim` -> `qk_pos_emb_head_dim`,
 `v_head_dim`, `q_lora_rank` (None: queries projected directly), `kv_lora_rank`; rotary
 `default` -> `rope_type="rope"`, `yarn` -> `"yarn"` with its factor, betas and mscales.
-Mixture-of-experts layers are not supported: a config with routed experts in any layer
-(`n_routed_experts` set, layer index >= `first_k_dense_replace` and a multiple of
-`moe_layer_freq`) raises `UnsupportedHFModelError` naming the layers.
+Layers from `first_k_dense_replace` on have routed and shared experts when
+`n_routed_experts` is set; their routing and weights are read by `deepseek_v3_moe`.
 
 Weights keep their shapes (DeepSeek's projections are protoformer's MLA slots under other
 names); only the rotary rows are reordered when the checkpoint says `rope_interleave=false`
@@ -31,24 +31,30 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
-    format_layer_list,
     model_rules,
     read_rope,
     same,
 )
+from protoformer.architectures.deepseek_v3_moe import (
+    DEEPSEEK_MOE_FIELDS,
+    deepseek_mlp_layer_rules,
+    deepseek_moe_config_values,
+    deepseek_moe_fields,
+)
+from protoformer.architectures.moe_conversion import with_moe
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
 from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.recipes.mla import mla_layer_spec
+from protoformer.recipes.moe import mla_moe_layer_specs
 from protoformer.recipes.presets import Preset, register_preset
-from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.block import LayerSpecs
 from protoformer.transformer.yarn import yarn_get_mscale
 
 __all__ = [
     "DeepseekV3Architecture",
     "export_deepseek_config",
     "mla_attention_rules",
-    "moe_layers",
     "parse_deepseek_config",
     "rope_rows_to_halves",
     "rope_rows_to_pairs",
@@ -118,17 +124,6 @@ def mla_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[Tenso
 
 
 # ------------------------------------------------------------------ config: HF -> protoformer
-def moe_layers(values: Mapping[str, object], num_layers: int) -> list[int]:
-    """The 0-based layers whose MLP is a mixture of experts, by DeepSeek's rule."""
-    reader = ConfigReader(values, _WHERE)
-    if not reader.get_optional_int("n_routed_experts"):
-        return []
-    first_dense = reader.get_optional_int("first_k_dense_replace") or 0
-    frequency = max(reader.get_int("moe_layer_freq", 1), 1)
-    return [layer for layer in range(num_layers)
-            if layer >= first_dense and layer % frequency == 0]
-
-
 def _solve_mscale(attention_factor: float, factor: float, mscale_all_dim: float) -> float:
     """The `mscale` for which protoformer's cos/sin magnitude equals `attention_factor`.
 
@@ -174,18 +169,10 @@ def _yarn_fields(rope: ConfigReader, max_positions: int) -> dict[str, float]:
 
 
 def parse_deepseek_config(values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
-    """A DeepSeek-V3 config.json mapping (dense MLPs only) -> `HFModelInfo`."""
+    """A DeepSeek-V3 config.json mapping -> `HFModelInfo`."""
     reader = ConfigReader(values, _WHERE)
     num_layers = reader.get_int("num_hidden_layers")
-    experts = moe_layers(values, num_layers)
-    if experts:
-        raise UnsupportedHFModelError(
-            f"{_WHERE}: layer(s) {format_layer_list(experts)} of {num_layers} have a routed "
-            f"mixture-of-experts MLP (n_routed_experts={values.get('n_routed_experts')}, "
-            f"first_k_dense_replace={values.get('first_k_dense_replace')}, "
-            f"moe_layer_freq={values.get('moe_layer_freq', 1)}); protoformer.interop loads "
-            "DeepSeek-V3 attention with dense MLP layers only (first_k_dense_replace >= "
-            f"num_hidden_layers={num_layers}, or n_routed_experts null)")
+    experts = deepseek_moe_fields(values, _WHERE)
     if reader.get_bool("attention_bias", False):
         raise UnsupportedHFModelError(
             f"{_WHERE}: attention_bias=true puts a bias on o_proj but not on the MLP, which "
@@ -240,11 +227,15 @@ def parse_deepseek_config(values: Mapping[str, object], dtype: torch.dtype) -> H
         raise  # already names the config key
     except ValueError as error:  # TransformerConfig's validation
         raise HFConversionError(f"{_WHERE}: {error}") from error
+    if experts is not None:
+        config = with_moe(config, experts, _WHERE)
     extra = reader.get_optional_int("num_nextn_predict_layers")
     if extra is None:
         extra = reader.get_int("num_mtp_layers", 0)
     names: tuple[str, ...] = (*DESCRIBED_FIELDS, "q_lora_rank", "kv_lora_rank", "qk_head_dim",
              "qk_pos_emb_head_dim", "v_head_dim", "rope_type")
+    if experts is not None:
+        names += DEEPSEEK_MOE_FIELDS
     if config.rope_type == "yarn":
         names += ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast",
                   "beta_slow", "mscale", "mscale_all_dim")
@@ -286,7 +277,7 @@ def _rope_parameters(config: MLATransformerConfig) -> JSONDict:
 
 def export_deepseek_config(config: TransformerConfig, *, vocab_size: int,
                            max_sequence_length: int, tie_word_embeddings: bool) -> JSONDict:
-    """A DeepSeek-V3 config.json mapping (every layer dense) for a protoformer MLA model."""
+    """A DeepSeek-V3 config.json mapping for a protoformer MLA model (dense or with experts)."""
     if not isinstance(config, MLATransformerConfig):
         raise UnsupportedHFModelError("only an MLATransformerConfig model exports as DeepSeek-V3")
     problems: list[str] = []
@@ -301,10 +292,11 @@ def export_deepseek_config(config: TransformerConfig, *, vocab_size: int,
     if problems:
         raise UnsupportedHFModelError("cannot export this model as DeepseekV3ForCausalLM: "
                                       + "; ".join(problems))
+    experts = None if config.num_moe_experts is None else deepseek_moe_config_values(config)
     rope = _rope_parameters(config)
     legacy = None if config.rope_type == "rope" else {k: v for k, v in rope.items()
                                                       if k != "rope_theta"}
-    return {
+    values: JSONDict = {
         "architectures": [_HF_CLASS],
         "model_type": "deepseek_v3",
         "vocab_size": vocab_size,
@@ -329,16 +321,19 @@ def export_deepseek_config(config: TransformerConfig, *, vocab_size: int,
         "rope_theta": config.rotary_base,
         "rope_scaling": legacy,
         "rope_interleave": True,
-        # Every layer dense: the routed-expert settings keep their defaults but no layer uses them.
+        # Every layer dense, unless the routed-expert keys below (`experts`) say otherwise.
         "first_k_dense_replace": config.num_layers,
         "num_nextn_predict_layers": 0,
         "use_cache": True,
     }
+    values.update(experts or {})
+    return values
 
 
 # ------------------------------------------------------------------ the registered architecture
 class DeepseekV3Architecture:
-    """DeepSeek-V3 (`CausalLMArchitecture`): multi-latent attention, dense MLPs, `mla_layer_spec`."""
+    """DeepSeek-V3 (`CausalLMArchitecture`): multi-latent attention, dense MLPs
+    (`mla_layer_spec`) or dense-then-MoE layers (`mla_moe_layer_specs`)."""
 
     model_type = "deepseek_v3"
     hf_class = _HF_CLASS
@@ -347,12 +342,13 @@ class DeepseekV3Architecture:
     def read_config(self, values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
         return parse_deepseek_config(values, dtype)
 
-    def layer_spec(self, backend: BackendSpecProvider,
-                   info: HFModelInfo) -> TransformerLayerSubmodules:
-        return mla_layer_spec(backend, info.config)
+    def layer_spec(self, backend: BackendSpecProvider, info: HFModelInfo) -> LayerSpecs:
+        if info.config.num_moe_experts is None:
+            return mla_layer_spec(backend, info.config)
+        return mla_moe_layer_specs(backend, info.config)
 
     def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
-        return model_rules(info, mla_attention_rules)
+        return model_rules(info, mla_attention_rules, deepseek_mlp_layer_rules)
 
     def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
         return export_deepseek_config(config, vocab_size=sizes.vocab_size,

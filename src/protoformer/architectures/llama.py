@@ -265,6 +265,10 @@ def _check_exportable(config: TransformerConfig, model_type: str) -> None:
     problems: list[str] = []
     if type(config) is not TransformerConfig:
         problems.append(f"a {type(config).__name__} (these models take a plain TransformerConfig)")
+    if config.num_moe_experts is not None:
+        problems.append(f"num_moe_experts={config.num_moe_experts} (these models are dense; "
+                        "mixture-of-experts models export as Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                        "OLMoE or DeepSeek-V3)")
     if config.normalization != "RMSNorm":
         problems.append(f"normalization={config.normalization!r} (these models use RMSNorm)")
     if not config.gated_linear_unit:

@@ -5,7 +5,8 @@
     save_hf(model, "out/")                            # loadable by AutoModelForCausalLM
 
 Supported: the architectures registered in `protoformer.architectures`, found by the config's
-`model_type` (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V3 with dense MLP layers, ...). Loading a directory reads config.json and the safetensors files
+`model_type` (Llama, Mistral, Qwen2, Qwen3, DeepSeek-V3, Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE, ...). Loading a directory reads config.json and the safetensors files
 directly, so it does not need transformers. Every tensor of the checkpoint must be used and
 every parameter filled: missing or unexpected tensors raise `HFConversionError` listing them.
 Exceptions: a tied model's `lm_head.weight` (checked equal to the embedding), and, with a
@@ -16,6 +17,7 @@ rotary tables (`rotary_emb.inv_freq`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +43,7 @@ from protoformer.architectures.conversion import (
     TensorRule,
     UnsupportedHFModelError,
 )
+from protoformer.architectures.moe_conversion import uses_fused_experts
 from protoformer.architectures.registry import default_export_architectures
 from protoformer.backends import get_backend
 from protoformer.config import TransformerConfig
@@ -287,6 +290,8 @@ def from_hf(source: HFSource, *, dtype: torch.dtype | None = None,
     if dtype is None and "model.embed_tokens.weight" in tensors.names():
         dtype = tensors.dtype("model.embed_tokens.weight")
     info = parse_hf_config(values, dtype=dtype if dtype is not None else torch.float32)
+    if uses_fused_experts(tensors.names()):  # a transformers 5 model's routed experts
+        info = dataclasses.replace(info, fused_experts=True)
     rules = tensor_rules(info)
     _check_names(info, rules, tensors)
     model = _build(info, device)
@@ -312,15 +317,22 @@ def model_from_hf_config(config: HFConfigLike, *, dtype: torch.dtype = torch.flo
     return model
 
 
-def to_hf(model: GPTModel, *, config: HFConfigLike | None = None) -> dict[str, Tensor]:
+def to_hf(model: GPTModel, *, config: HFConfigLike | None = None,
+          fused_experts: bool | None = None) -> dict[str, Tensor]:
     """`model`'s weights as a Hugging Face state dict (the names and layout of `*ForCausalLM`).
 
     The architecture comes from `config` if given, else from the checkpoint `from_hf` read,
     else from the model's config (see `hf_model_info`). As in a transformers model's
     `state_dict()`, a tied model lists `lm_head.weight` too (the embedding tensor itself).
     Tensors that are stored unchanged share memory with the model's parameters.
+    Mixture-of-experts models: `fused_experts=True` gives each layer's routed experts as
+    transformers 5 models hold them (`experts.gate_up_proj`, `experts.down_proj`), False one
+    tensor per expert as checkpoint files store them; None (default) the layout `from_hf`
+    read, else per expert.
     """
     info = hf_model_info(model, config)
+    if fused_experts is not None and fused_experts != info.fused_experts:
+        info = dataclasses.replace(info, fused_experts=fused_experts)
     state = model.state_dict()
     tensors: dict[str, Tensor] = {}
     for rule in tensor_rules(info):
@@ -342,7 +354,7 @@ def save_hf(model: GPTModel, directory: str | os.PathLike[str], *,
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     values = hf_config_dict(model, config)
-    tensors = to_hf(model, config=config)
+    tensors = to_hf(model, config=config, fused_experts=False)  # the layout every version reads
     if model.share_embeddings_and_output_weights:
         del tensors["lm_head.weight"]
     write_safetensors(path, tensors, max_shard_size=max_shard_size)
