@@ -7,6 +7,8 @@
   the key/value latent) and MLP linears (3 of them when gated), plus the output layer
   `hidden_size * vocab_size` (counted even when tied to the embedding: the multiply still
   happens). The embedding lookup, norms and biases do no matmul work and are left out.
+  An MoE layer counts its router (`hidden_size * num_moe_experts`), the `moe_router_topk`
+  routed experts a token goes through (not all of them) and its shared experts.
   A multiply-add is 2 FLOPs; the backward pass costs twice the forward pass (gradients
   with respect to inputs and weights), hence 2 * 3 = 6 per weight.
 * The attention term is the score (`q k^T`: 2 * s * d_qk per head) and context
@@ -24,7 +26,7 @@ from protoformer.config import MLATransformerConfig, TransformerConfig
 from protoformer.models.common import check_sizes
 
 __all__ = ["attention_flops_per_token", "encoder_decoder_flops_per_token", "flops_per_token",
-           "matmul_params"]
+           "inactive_expert_params", "matmul_params"]
 
 
 def _attention_params(config: TransformerConfig) -> int:
@@ -46,15 +48,41 @@ def _attention_params(config: TransformerConfig) -> int:
     return query + key_value + proj
 
 
-def _mlp_params(config: TransformerConfig) -> int:
+def _mlp_params(config: TransformerConfig, width: int | None = None) -> int:
     linears = 3 if config.gated_linear_unit else 2
-    return linears * config.hidden_size * config.ffn_size
+    return linears * config.hidden_size * (config.ffn_size if width is None else width)
+
+
+def _moe_active_params(config: TransformerConfig) -> int:
+    """Matmul weights one token uses in an MoE layer: router, top-k experts, shared experts."""
+    experts = config.num_moe_experts or 0
+    active = config.hidden_size * experts + config.moe_router_topk * _mlp_params(config, config.moe_ffn_size)
+    shared = config.moe_shared_expert_intermediate_size
+    if shared is not None:
+        active += _mlp_params(config, shared) + (config.hidden_size if config.moe_shared_expert_gate else 0)
+    return active
 
 
 def matmul_params(config: TransformerConfig, vocab_size: int) -> int:
     """Weights used in a matmul per token: all layers' linears plus the output layer."""
-    per_layer = _attention_params(config) + _mlp_params(config)
-    return config.num_layers * per_layer + config.hidden_size * vocab_size
+    attention = config.num_layers * _attention_params(config)
+    mlp = sum(_moe_active_params(config) if is_moe else _mlp_params(config)
+              for is_moe in config.moe_layer_pattern)
+    return attention + mlp + config.hidden_size * vocab_size
+
+
+def inactive_expert_params(config: TransformerConfig) -> int:
+    """Parameters of the routed experts a token does *not* use, over all MoE layers
+    (`(num_moe_experts - moe_router_topk)` experts per layer, biases included): total
+    parameters minus this is the active parameter count."""
+    experts = config.num_moe_experts
+    if experts is None:
+        return 0
+    per_expert = _mlp_params(config, config.moe_ffn_size)
+    if config.add_bias_linear:
+        fc1 = 2 * config.moe_ffn_size if config.gated_linear_unit else config.moe_ffn_size
+        per_expert += fc1 + config.hidden_size
+    return sum(config.moe_layer_pattern) * (experts - config.moe_router_topk) * per_expert
 
 
 def attention_flops_per_token(config: TransformerConfig, seq_len: int, *,

@@ -313,3 +313,52 @@ def test_expert_bias_moves_toward_balance_once_per_update() -> None:
     assert router.local_tokens_per_expert is not None
     assert float(router.local_tokens_per_expert.sum()) == 0.0  # counts reset per step
     assert "expert_bias" in router.state_dict() and "local_tokens_per_expert" not in router.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime check of the MoE slots (the static checks are in tests/typing/moe_slots.py).
+
+
+class UserExperts(torch.nn.Module):
+    """A user-written experts layer: every routed row through one shared linear."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, /, *,
+                 pg: object = None) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, dispatched_input: Tensor, tokens_per_expert: Tensor,
+                permuted_probs: Tensor, /) -> tuple[Tensor, Tensor | None]:
+        return self.linear(dispatched_input) * permuted_probs.unsqueeze(-1), None
+
+
+def test_runtime_check_rejects_miswired_moe_slots() -> None:
+    from protoformer.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"MoESubmodules\.experts.*TopKRouter"):
+        MoESubmodules(router=TopKRouter, experts=TopKRouter)  # type: ignore[arg-type]
+    grouped = functools.partial(GroupedMLP, submodules=GroupedMLPSubmodules(
+        linear_fc1=GroupedLinear, linear_fc2=GroupedLinear, activation=ExpertActivation))
+    with pytest.raises(SpecError, match=r"MoESubmodules\.shared_experts"):
+        MoESubmodules(router=TopKRouter, experts=grouped, shared_experts=grouped)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"GroupedMLPSubmodules\.linear_fc2.*ColumnParallelLinear"):
+        GroupedMLPSubmodules(linear_fc1=GroupedLinear, linear_fc2=ColumnParallelLinear,  # type: ignore[arg-type]
+                             activation=ExpertActivation)
+
+
+def test_user_experts_class_and_moe_layer_in_the_mlp_slot_build_and_run() -> None:
+    from protoformer.backends import get_backend
+    from protoformer.models import GPTModel
+    from protoformer.recipes import gpt_layer_spec
+    from protoformer.transformer.layer import TransformerLayerSubmodules
+
+    config = make_config(normalization="RMSNorm")
+    dense = gpt_layer_spec(get_backend("local"), config)
+    moe = functools.partial(MoELayer, submodules=MoESubmodules(router=TopKRouter, experts=UserExperts))
+    spec = TransformerLayerSubmodules(
+        input_layernorm=dense.input_layernorm, self_attention=dense.self_attention,
+        pre_mlp_layernorm=dense.pre_mlp_layernorm, mlp=moe)
+    model = GPTModel(config, [dense, spec], vocab_size=32, max_sequence_length=8)
+    ids = torch.randint(0, 32, (2, 8))
+    assert model(ids).shape == (2, 8, 32)
+    assert isinstance(model.decoder.layers[1].mlp, MoELayer)  # type: ignore[union-attr]

@@ -18,7 +18,11 @@ from torch import nn
 from protoformer.backends import get_backend
 from protoformer.cli.spec_args import add_spec_arguments, layer_spec_from_args
 from protoformer.cli.spec_tree import SlotEntry, walk_spec
-from protoformer.flops import encoder_decoder_flops_per_token, flops_per_token
+from protoformer.flops import (
+    encoder_decoder_flops_per_token,
+    flops_per_token,
+    inactive_expert_params,
+)
 from protoformer.recipes import get_preset, list_presets
 from protoformer.recipes.t5_presets import get_t5_preset, list_t5_presets
 from protoformer.spec import diff, spec_equal
@@ -76,6 +80,7 @@ class PresetReport:
     model: nn.Module
     build_seconds: float
     flops_per_source_token: int | None = None  # an encoder-decoder preset only
+    active_params: int | None = None  # MoE: the parameters one token uses (routed top-k)
     # Per-layer specs: the distinct specs' slots (kinds[0] is `slots`) and the layer groups;
     # empty when every layer has the same spec.
     kinds: list[list[SlotEntry]] = field(default_factory=list[list[SlotEntry]])
@@ -148,7 +153,8 @@ def inspect_preset(name: str, backend_name: str = "local", *, seq_len: int | Non
         slots=list(walk_spec(kinds[0])), module_params=rows, total_params=total, seq_len=length,
         flops_per_token=flops_per_token(config, preset.vocab_size, length), model=model,
         build_seconds=build_seconds, kinds=[list(walk_spec(k)) for k in kinds] if groups else [],
-        layer_groups=groups)
+        layer_groups=groups,
+        active_params=total - inactive_expert_params(config) if config.num_moe_experts else None)
 
 
 def inspect_t5_preset(name: str, backend_name: str = "local", *,
@@ -242,6 +248,10 @@ def format_report(report: PresetReport) -> list[str]:
         lines.append(f"  {name:<{name_width}}  {own:>16,}{note}")
     lines.append(f"  {'total':<{name_width}}  {report.total_params:>16,}  "
                  f"({_human(report.total_params, _PARAMETER_SCALES)})")
+    if report.active_params is not None:
+        lines.append(f"  {'active':<{name_width}}  {report.active_params:>16,}  "
+                     f"({_human(report.active_params, _PARAMETER_SCALES)}; per token: the "
+                     "routed top-k experts, not all of them)")
     if report.flops_per_source_token is None:
         lines += ["", f"training FLOPs per token at sequence length {report.seq_len:,}: "
                       f"{report.flops_per_token:,} ({_human(report.flops_per_token, _FLOP_SCALES)})"]

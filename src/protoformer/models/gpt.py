@@ -28,6 +28,11 @@ from protoformer.spec import apply_module
 from protoformer.transformer.block import LayerSpecs, TransformerBlock
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.mlp import init_method_normal
+from protoformer.transformer.moe.aux_loss import (
+    ExpertBiasOwner,
+    MoEAuxLossTracker,
+    bind_aux_loss_tracker,
+)
 from protoformer.transformer.rope import RotaryEmbedding, rotary_emb_from_config
 
 __all__ = ["GPTModel", "PositionEmbeddingType", "mixed_precision_context"]
@@ -108,6 +113,17 @@ class GPTModel(nn.Module):
         self.output_layer = output_layer(
             config, vocab_size, init_method=init_method, pg=self.pg,
             parallel_output=parallel_output, tied=share_embeddings_and_output_weights)
+        # The MoE routers' auxiliary losses of the latest forward (the training step adds
+        # `moe_aux_losses.total()` to the loss); empty for a dense model.
+        self.moe_aux_losses = MoEAuxLossTracker()
+        bind_aux_loss_tracker(self.decoder, self.moe_aux_losses)
+
+    def update_expert_bias(self, group: torch.distributed.ProcessGroup | None = None) -> None:
+        """Move every router's aux-loss-free expert bias by the token counts since the last
+        call (summed over `group`, the data-parallel ranks); call once per optimizer step."""
+        for module in self.modules():
+            if isinstance(module, ExpertBiasOwner):
+                module.update_expert_bias(group)
 
     def forward(
         self,
@@ -122,6 +138,7 @@ class GPTModel(nn.Module):
         With `config.bf16` and float32 parameters the model runs under bfloat16 autocast
         (`mixed_precision_context`); the norms, softmax and loss stay float32.
         """
+        self.moe_aux_losses.clear()
         with mixed_precision_context(self.config, input_ids.device):
             return self._forward(input_ids, labels, attention_mask=attention_mask,
                                  inference_context=inference_context)

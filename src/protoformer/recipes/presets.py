@@ -157,6 +157,7 @@ def register_preset(preset: Preset) -> None:
 def _load_family_presets() -> None:
     # The families (protoformer.architectures) register their published-size presets when
     # imported; they sit above the recipes in the layering, so they are imported on first use.
+    importlib.import_module("protoformer.recipes.moe_presets")
     importlib.import_module("protoformer.architectures")
 
 

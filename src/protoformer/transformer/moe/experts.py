@@ -78,7 +78,7 @@ class GroupedLinear(nn.Module):
                                                dtype=config.params_dtype))
         self.bias = nn.Parameter(torch.zeros(num_local_experts, output_size, dtype=config.params_dtype)) \
             if bias else None
-        if config.perform_initialization:
+        if config.perform_initialization and not self.weight.is_meta:  # meta: shapes only
             init_method(self.weight)
 
     def forward(self, input: Tensor, tokens_per_expert: Tensor, /) -> tuple[Tensor, Tensor | None]:

@@ -48,7 +48,7 @@ class TopKRouter(nn.Module):
         self.config = config
         self.num_experts = experts
         self.weight = nn.Parameter(torch.empty(experts, config.hidden_size, dtype=config.params_dtype))
-        if config.perform_initialization:
+        if config.perform_initialization and not self.weight.is_meta:  # meta: shapes only
             init_method_normal(config.init_method_std)(self.weight)
         self.router_dtype = _ROUTER_DTYPES.get(config.moe_router_dtype or "", None)
         if config.moe_router_enable_expert_bias:

@@ -30,7 +30,7 @@ class SharedExpertMLP(MLP):
         super().__init__(config, submodules, pg=pg, ffn_hidden_size=size)
         if gate:
             self.gate_weight = nn.Parameter(torch.empty(1, config.hidden_size, dtype=config.params_dtype))
-            if config.perform_initialization:
+            if config.perform_initialization and not self.gate_weight.is_meta:
                 init_method_normal(config.init_method_std)(self.gate_weight)
         else:
             self.gate_weight = None
