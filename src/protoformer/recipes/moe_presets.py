@@ -1,5 +1,4 @@
-"""Mixture-of-experts presets: `tiny-moe` (trains on a CPU) and the published shapes of
-Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3 (671B, multi-latent attention + MoE), for
+"""Mixture-of-experts presets of published shapes: Mixtral-8x7B, Qwen3-30B-A3B and DeepSeek-V3 (671B, multi-latent attention + MoE), for
 `inspect`, FLOP counts and weight loading. Layer specs come from `recipes.moe`: dense or MoE
 per `moe_layer_freq` (DeepSeek-V3's first three layers are dense)."""
 
@@ -13,16 +12,6 @@ from protoformer.recipes.moe import gpt_moe_layer_specs, mla_moe_layer_specs
 from protoformer.recipes.presets import Preset, register_preset
 
 __all__: list[str] = []
-
-
-def _tiny_moe() -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=384,
-        normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True,
-        activation_func=F.silu, attention_dropout=0.0, hidden_dropout=0.0,
-        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
-        moe_layer_freq=[0, 1, 1, 1], moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
-    )
 
 
 def _mixtral_8x7b() -> TransformerConfig:
@@ -65,10 +54,6 @@ def _deepseek_v3() -> TransformerConfig:
     )
 
 
-register_preset(Preset(
-    "tiny-moe", "tiny with mixture-of-experts MLPs in layers 1-3 (8 experts of 128, top-2, "
-    "aux and z losses) that trains on a laptop CPU", _tiny_moe, vocab_size=256,
-    max_sequence_length=256, layer_spec=gpt_moe_layer_specs, tie_embeddings=False))
 register_preset(Preset(
     "mixtral-8x7b", "Mixtral 8x7B shapes (32 layers, hidden 4096, GQA 32/8, 8 SwiGLU experts of "
     "14336, top-2, vocab 32000)", _mixtral_8x7b, vocab_size=32000, max_sequence_length=32768,

@@ -22,6 +22,7 @@ from protoformer.models.gpt import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.recipes.gpt import gpt_layer_spec
 from protoformer.recipes.mla import mla_layer_spec
+from protoformer.recipes.moe import gpt_moe_layer_specs
 from protoformer.transformer.block import LayerSpecs
 
 __all__ = ["Preset", "get_preset", "list_presets", "register_preset"]
@@ -129,6 +130,16 @@ def _tiny_mla() -> TransformerConfig:
     )
 
 
+def _tiny_moe() -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=384,
+        normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True,
+        activation_func=F.silu, attention_dropout=0.0, hidden_dropout=0.0,
+        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
+        moe_layer_freq=[0, 1, 1, 1], moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
+    )
+
+
 _PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
@@ -142,6 +153,10 @@ _PRESETS: dict[str, Preset] = {
         Preset("tiny-mla", "tiny with DeepSeek-style multi-latent attention (compressed "
                "query and key/value latents, decoupled rotary part)", _tiny_mla,
                vocab_size=256, max_sequence_length=256, layer_spec=mla_layer_spec,
+               tie_embeddings=False),
+        Preset("tiny-moe", "tiny with mixture-of-experts MLPs in layers 1-3 (8 experts of 128, "
+               "top-2, load-balancing and z losses) that trains on a laptop CPU", _tiny_moe,
+               vocab_size=256, max_sequence_length=256, layer_spec=gpt_moe_layer_specs,
                tie_embeddings=False),
     )
 }
@@ -157,8 +172,8 @@ def register_preset(preset: Preset) -> None:
 def _load_family_presets() -> None:
     # The families (protoformer.architectures) register their published-size presets when
     # imported; they sit above the recipes in the layering, so they are imported on first use.
-    importlib.import_module("protoformer.recipes.moe_presets")
     importlib.import_module("protoformer.architectures")
+    importlib.import_module("protoformer.recipes.moe_presets")
 
 
 def list_presets() -> list[str]:
