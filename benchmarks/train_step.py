@@ -4,7 +4,8 @@ Every model runs in this one process with the same weights (protoformer's, copie
 `protoformer.interop.hf.to_hf`), the same random tokens, bf16 weights and a fused AdamW step:
 
 - `protoformer`: `GPTModel` with `FusedSpecProvider` and `fused_config` (Triton RoPE,
-  liger-kernel RMSNorm / SwiGLU, fused SDPA, fused linear + cross-entropy);
+  liger-kernel RMSNorm / SwiGLU, fused SDPA, fused linear + cross-entropy), the mean loss
+  from `loss_reduction="mean"` (`--per-token-loss`: per-token losses averaged outside);
 - `protoformer-compiled`: the same with each `TransformerLayer` `.compile()`d (`--compile-ours`);
 - `hf-sdpa`: `transformers.LlamaForCausalLM`, `attn_implementation="sdpa"`;
 - `hf-compiled`: the same with each decoder layer `.compile()`d;
@@ -349,7 +350,9 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
     del ours
 
     def ours_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-        return lambda ids, labels: model(ids, labels).mean()
+        if args.per_token_loss:  # per-token losses, averaged outside (the logits recomputed)
+            return lambda ids, labels: model(ids, labels).mean()
+        return lambda ids, labels: model(ids, labels, loss_reduction="mean")
 
     def make_ours(compiled: bool) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
         if ours_holder:
@@ -404,6 +407,9 @@ def main() -> None:
                         help="every model is timed at each batch (ascending)")
     parser.add_argument("--models", default="protoformer,hf-sdpa,hf-compiled,hf-liger",
                         help=f"comma-separated, from {', '.join(MODELS)}, in this order")
+    parser.add_argument("--per-token-loss", action="store_true",
+                        help="protoformer returns per-token losses (averaged outside) instead "
+                             "of loss_reduction='mean'")
     parser.add_argument("--compiled-batch", type=int, nargs="*", default=None,
                         help="time the compiled models only at these of the --batch values "
                              "(each new batch recompiles); default all")

@@ -125,6 +125,24 @@ def test_linear_cross_entropy_values_and_gradients(chunk_size: int | None) -> No
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_mean_reduction_matches_reference(device: str) -> None:
+    torch.manual_seed(4)
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    hidden = torch.randn(2, 9, 16, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.randn(41, 16, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randint(0, 41, (2, 9), device=device)
+    loss = fused_linear_cross_entropy(hidden, weight, target, reduction="mean")
+    expected = reference_loss(hidden.reshape(-1, 16), weight, target.reshape(-1)).mean()
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    for got, want in zip(grads, torch.autograd.grad(expected, (hidden, weight)), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy(hidden, weight, target, reduction="sum")  # type: ignore[arg-type]
+
+
 def test_linear_cross_entropy_keeps_leading_shape() -> None:
     hidden = torch.randn(3, 2, 8)
     weight = torch.randn(11, 8)

@@ -71,6 +71,18 @@ def test_loss_is_per_token_cross_entropy_of_the_logits() -> None:
     torch.testing.assert_close(loss, expected.view(2, 9), **TOL)
 
 
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_mean_loss_reduction_is_the_mean_of_the_logits_cross_entropy(fused_loss: bool) -> None:
+    model = small_model(cross_entropy_loss_fusion=fused_loss)
+    ids, labels = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 9))
+    expected = F.cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
+    loss = model(ids, labels, loss_reduction="mean")
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, expected, **TOL)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(ids, labels, loss_reduction="sum")  # type: ignore[arg-type]
+
+
 def test_logits_are_final_hidden_times_output_weight() -> None:
     model = small_model()
     ids = torch.randint(0, VOCAB, (2, 5))

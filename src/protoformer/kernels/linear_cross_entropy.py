@@ -19,7 +19,7 @@ weight gradient is summed: one extra output-layer matmul in exchange for the mem
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -122,19 +122,27 @@ def _check(hidden: Tensor, weight: Tensor, target: Tensor) -> None:
 
 
 def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
-                               chunk_size: int | None = None) -> Tensor:
+                               chunk_size: int | None = None,
+                               reduction: Literal["none", "mean"] = "none") -> Tensor:
     """Per-token cross-entropy of `hidden @ weight.T` against `target`, without full logits.
 
     `hidden` `[..., h]`, `weight` `[vocab, h]`, `target` `[...]` (ids in `[0, vocab)`) ->
-    float32 losses `[...]`. `chunk_size` (tokens per chunk) applies to the PyTorch path;
-    the default keeps one chunk's float32 logits near 64 MB on CPU and 1 GB on a GPU.
+    float32 losses `[...]`, or with `reduction="mean"` their mean `[]`: then every token's
+    gradient weight is known in forward, and liger computes the gradients there, skipping
+    the second output-layer matmul that per-token losses need in backward. `chunk_size`
+    (tokens per chunk) applies to the PyTorch path; the default keeps one chunk's float32
+    logits near 64 MB on CPU and 1 GB on a GPU.
     """
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction={reduction!r}; expected "
+                         "'none' or 'mean'")
     _check(hidden, weight, target)
     lead_shape = tuple(target.shape)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, h]
     flat_target = target.reshape(-1).long()  # [N]
     if flat_hidden.shape[0] == 0:
-        return torch.zeros(lead_shape, dtype=torch.float32, device=hidden.device)
+        empty = torch.zeros(lead_shape, dtype=torch.float32, device=hidden.device)
+        return empty.mean() if reduction == "mean" else empty
     if hidden.is_cuda and liger_available() and chunk_size is None:
         function = cast("_LigerFusedLinearCrossEntropy", import_optional(
             "liger_kernel.ops.fused_linear_cross_entropy").LigerFusedLinearCrossEntropyFunction)
@@ -142,12 +150,13 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *
         # smoothing, per-token losses, no softcap, no z-loss; the weight gradient is summed
         # over chunks in float32 (like one unchunked matmul would) and cast once.
         outputs = function.apply(flat_hidden.contiguous(), weight.contiguous(), flat_target,
-                                 None, None, -100, 0.0, 0.0, "none", None, False, torch.float32)
-        return outputs[0].float().view(lead_shape)
+                                 None, None, -100, 0.0, 0.0, reduction, None, False,
+                                 torch.float32)
+        return outputs[0].float() if reduction == "mean" else outputs[0].float().view(lead_shape)
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], weight.shape[0], hidden.device)
     if chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size={chunk_size} must be >= 1")
     loss = apply_autograd_function(_ChunkedLinearCrossEntropy, flat_hidden, weight, flat_target,
                                    chunk_size)
-    return loss.view(lead_shape)
+    return loss.mean() if reduction == "mean" else loss.view(lead_shape)

@@ -132,8 +132,13 @@ class GPTModel(nn.Module):
         *,
         attention_mask: Tensor | None = None,
         inference_context: InferenceContext | None = None,
+        loss_reduction: Literal["none", "mean"] = "none",
     ) -> Tensor:
         """Logits `[b, s, vocab_size]`, or the per-token loss `[b, s]` when `labels` are given.
+
+        `loss_reduction="mean"` returns the mean of those losses `[]` instead; with the fused
+        linear + cross-entropy (`config.cross_entropy_loss_fusion`) that lets the gradients
+        be computed in the forward pass (no second output-layer matmul in backward).
 
         With `config.bf16` and float32 parameters the model runs under bfloat16 autocast
         (`mixed_precision_context`); the norms, softmax and loss stay float32.
@@ -141,7 +146,8 @@ class GPTModel(nn.Module):
         self.moe_aux_losses.clear()
         with mixed_precision_context(self.config, input_ids.device):
             return self._forward(input_ids, labels, attention_mask=attention_mask,
-                                 inference_context=inference_context)
+                                 inference_context=inference_context,
+                                 loss_reduction=loss_reduction)
 
     def _forward(
         self,
@@ -150,8 +156,12 @@ class GPTModel(nn.Module):
         *,
         attention_mask: Tensor | None,
         inference_context: InferenceContext | None,
+        loss_reduction: Literal["none", "mean"] = "none",
     ) -> Tensor:
         self._check_ids("input_ids", input_ids)
+        if loss_reduction not in ("none", "mean"):
+            raise ValueError(f"GPTModel: loss_reduction={loss_reduction!r}; expected 'none' "
+                             "(per-token losses) or 'mean'")
         seq_len = input_ids.shape[1]
         offset = 0
         # Static-shape decoding: each row at its own device-held positions (see InferenceContext).
@@ -221,14 +231,16 @@ class GPTModel(nn.Module):
             output_weight = weight if weight is not None else self.output_layer.weight
             assert output_weight is not None  # allocated unless shared with the embedding
             loss = fused_linear_cross_entropy(
-                hidden_states, output_weight, labels.transpose(0, 1))  # [s, b]
-            result = loss.transpose(0, 1).contiguous()  # [b, s]
+                hidden_states, output_weight, labels.transpose(0, 1),
+                reduction=loss_reduction)  # [s, b], or [] for the mean
+            result = loss if loss_reduction == "mean" else loss.transpose(0, 1).contiguous()  # [b, s]
         else:
             logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight)  # [s, b, v / tp] or [s, b, v]
             split = self.parallel_output and self.pg.tp_size > 1
             loss = vocab_parallel_cross_entropy(
                 logits, labels.transpose(0, 1), self.pg.tp if split else None)  # [s, b]
-            result = loss.transpose(0, 1).contiguous()  # [b, s]
+            result = loss.mean() if loss_reduction == "mean" \
+                else loss.transpose(0, 1).contiguous()  # [b, s]
         if static_positions is not None:
             static_positions.add_(seq_len)  # in place: a captured graph advances it on replay
         elif inference_context is not None:

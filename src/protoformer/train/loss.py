@@ -31,11 +31,13 @@ def mean_loss(model: torch.nn.Module, batch: Tensor, device: torch.device) -> Te
     batch = batch.to(device, non_blocking=True)  # [b, s + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]  # [b, s], [b, s]
     with _autocast(device):
-        per_token = model(inputs, labels)  # [b, s]
-    if not isinstance(per_token, Tensor):
-        raise TypeError(f"{type(model).__name__} returned {type(per_token).__name__}, not the "
-                        "per-token loss tensor")
-    return per_token.float().mean()
+        # The model averages: its fused output layer + loss then needs no second output
+        # matmul in backward (per-token losses would).
+        loss = model(inputs, labels, loss_reduction="mean")  # []
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{type(model).__name__} returned {type(loss).__name__}, not the "
+                        "loss tensor")
+    return loss.float()
 
 
 def replica_rows(batch: Tensor, pg: ProcessGroups) -> Tensor:
