@@ -6,7 +6,7 @@ Every model runs in this one process with the same weights (protoformer's, copie
 - `protoformer`: `GPTModel` with `FusedSpecProvider` and `fused_config` (Triton RoPE,
   liger-kernel RMSNorm / SwiGLU, fused SDPA, fused linear + cross-entropy), the mean loss
   from `loss_reduction="mean"` (`--per-token-loss`: per-token losses averaged outside);
-- `protoformer-compiled`: the same with each `TransformerLayer` `.compile()`d (`--compile-ours`);
+- `protoformer-compiled`: the same with each `TransformerLayer` `.compile()`d;
 - `hf-sdpa`: `transformers.LlamaForCausalLM`, `attn_implementation="sdpa"`;
 - `hf-compiled`: the same with each decoder layer `.compile()`d;
 - `hf-liger`: the same after `liger_kernel.transformers.apply_liger_kernel_to_llama` (RoPE,

@@ -127,9 +127,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *
     """Per-token cross-entropy of `hidden @ weight.T` against `target`, without full logits.
 
     `hidden` `[..., h]`, `weight` `[vocab, h]`, `target` `[...]` (ids in `[0, vocab)`) ->
-    float32 losses `[...]`, or with `reduction="mean"` their mean `[]`: then every token's
-    gradient weight is known in forward, and liger computes the gradients there, skipping
-    the second output-layer matmul that per-token losses need in backward. `chunk_size`
+    float32 losses `[...]`, or with `reduction="mean"` their mean `[]` (computed from the
+    per-token losses on every path, so the logits are still recomputed in backward). `chunk_size`
     (tokens per chunk) applies to the PyTorch path; the default keeps one chunk's float32
     logits near 64 MB on CPU and 1 GB on a GPU.
     """
@@ -149,10 +148,13 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *
         # No bias, no class weights, ignore_index -100 (never a valid id here), no label
         # smoothing, per-token losses, no softcap, no z-loss; the weight gradient is summed
         # over chunks in float32 (like one unchunked matmul would) and cast once.
+        # Per-token losses, also for reduction="mean": liger's own mean path (gradients in
+        # forward) measured slower at batch 2 of a 128k vocabulary (its float32 weight-gradient
+        # accumulation per chunk) and is not taken until it is checked on a GPU.
         outputs = function.apply(flat_hidden.contiguous(), weight.contiguous(), flat_target,
-                                 None, None, -100, 0.0, 0.0, reduction, None, False,
-                                 torch.float32)
-        return outputs[0].float() if reduction == "mean" else outputs[0].float().view(lead_shape)
+                                 None, None, -100, 0.0, 0.0, "none", None, False, torch.float32)
+        per_token = outputs[0].float()  # [N]
+        return per_token.mean() if reduction == "mean" else per_token.view(lead_shape)
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], weight.shape[0], hidden.device)
     if chunk_size < 1:

@@ -136,9 +136,8 @@ class GPTModel(nn.Module):
     ) -> Tensor:
         """Logits `[b, s, vocab_size]`, or the per-token loss `[b, s]` when `labels` are given.
 
-        `loss_reduction="mean"` returns the mean of those losses `[]` instead; with the fused
-        linear + cross-entropy (`config.cross_entropy_loss_fusion`) that lets the gradients
-        be computed in the forward pass (no second output-layer matmul in backward).
+        `loss_reduction="mean"` returns the mean of those losses `[]` instead (what a training
+        step needs; it leaves the fused loss free to take its gradients in forward).
 
         With `config.bf16` and float32 parameters the model runs under bfloat16 autocast
         (`mixed_precision_context`); the norms, softmax and loss stay float32.

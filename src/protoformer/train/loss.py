@@ -31,9 +31,7 @@ def mean_loss(model: torch.nn.Module, batch: Tensor, device: torch.device) -> Te
     batch = batch.to(device, non_blocking=True)  # [b, s + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]  # [b, s], [b, s]
     with _autocast(device):
-        # The model averages: its fused output layer + loss then needs no second output
-        # matmul in backward (per-token losses would).
-        loss = model(inputs, labels, loss_reduction="mean")  # []
+        loss = model(inputs, labels, loss_reduction="mean")  # [], averaged by the model
     if not isinstance(loss, Tensor):
         raise TypeError(f"{type(model).__name__} returned {type(loss).__name__}, not the "
                         "loss tensor")
