@@ -56,6 +56,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         **ATTENTION, "intermediate_size": 40, "moe_intermediate_size": 12, "head_dim": 12,
         "num_hidden_layers": 3, "num_experts": 8, "num_experts_per_tok": 3,
         "norm_topk_prob": True, "decoder_sparse_step": 2}),
+    "olmoe-projection-qk-norm": ("OlmoeConfig", {
+        **ATTENTION, "intermediate_size": 16, "num_hidden_layers": 2, "num_experts": 6,
+        "num_experts_per_tok": 2, "pad_token_id": 0, "eos_token_id": 1}),
     "deepseek-moe-groups-scaling": ("DeepseekV3Config", {
         **DEEPSEEK, "q_lora_rank": 16, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 2,
         "routed_scaling_factor": 2.5}),
@@ -247,6 +250,19 @@ def test_a_dense_config_does_not_describe_an_moe_model() -> None:
         to_hf(ours, config=dense)
 
 
+def test_olmoe_is_exported_only_from_a_model_with_its_projection_norms() -> None:
+    """The whole-projection q/k norms are in OLMoE's layer spec, not in the config: a model
+    built from the plain GPT recipe is not exported as OLMoE, even with OLMoE's config."""
+    olmoe = build_hf("olmoe-projection-qk-norm")
+    assert "ProjectionRMSNorm" in str(from_hf(olmoe).decoder.layers[0].self_attention)
+    plain = _native_model(num_layers=2, num_query_groups=2, ffn_hidden_size=16,
+                          moe_ffn_hidden_size=16, num_moe_experts=6, moe_router_pre_softmax=True)
+    with pytest.raises(UnsupportedHFModelError, match=r"no .*q_layernorm\.weight"):
+        to_hf(plain, config=olmoe.config)
+    with pytest.raises(UnsupportedHFModelError, match="no Hugging Face architecture"):
+        to_hf(plain)  # not picked by default either
+
+
 # ------------------------------------------------------------------ refused configs
 @pytest.mark.parametrize(("case", "overrides", "message"), [
     ("mixtral", {"sliding_window": 16}, "sliding_window=16"),
@@ -256,6 +272,8 @@ def test_a_dense_config_does_not_describe_an_moe_model() -> None:
     ("qwen3-moe-norm-topk-sparse-step", {"attention_bias": True}, "attention_bias=true"),
     ("qwen3-moe-norm-topk-sparse-step", {"num_experts_per_tok": 1, "norm_topk_prob": True},
      "num_experts_per_tok=1 with normalised"),
+    ("olmoe-projection-qk-norm", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+    ("olmoe-projection-qk-norm", {"head_dim": 16}, "head_dim=16"),
     ("deepseek-moe-groups-scaling", {"num_experts_per_tok": 2}, "best 2 experts"),
     ("deepseek-moe-groups-scaling", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ("deepseek-moe-groups-scaling", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
@@ -277,3 +295,61 @@ def test_expert_tensors_that_do_not_match_the_config_are_listed(tmp_path: Path) 
     with pytest.raises(HFConversionError, match=r"missing \(6\)") as raised:
         from_hf(tmp_path)
     assert "model.layers.0.block_sparse_moe.experts.4.w1.weight" in str(raised.value)
+
+
+@pytest.mark.parametrize(("preset", "architecture"), [
+    ("mixtral-8x7b", "MixtralForCausalLM"),
+    ("qwen3-30b-a3b", "Qwen3MoeForCausalLM"),
+    ("deepseek-v3", "DeepseekV3ForCausalLM"),
+])
+def test_published_moe_shapes_export_a_config_transformers_builds_the_same(
+        preset: str, architecture: str) -> None:
+    """The exported config.json of each MoE preset (meta device: no weights) makes a
+    transformers model with our parameter count, and reads back as the same config."""
+    import transformers
+
+    from protoformer.interop import hf_config_dict
+    from protoformer.recipes import get_preset
+
+    ours = get_preset(preset).build_model(device="meta")
+    values = hf_config_dict(ours)
+    assert values["architectures"] == [architecture]
+    config = transformers.AutoConfig.for_model(**values)
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in reference.parameters()) == \
+        sum(p.numel() for p in ours.parameters())
+    read_back = parse_hf_config(values).config
+    assert read_back.moe_layer_pattern == ours.config.moe_layer_pattern
+    assert read_back.moe_normalizes_topk_probs == ours.config.moe_normalizes_topk_probs
+
+
+def test_generate_hf_runs_a_moe_checkpoint(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`protoformer generate --hf` on a saved Qwen2-MoE directory with a byte-level BPE
+    tokenizer prints the transformers model's greedy continuation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from protoformer.cli import main
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["def mixture(experts):\n    return sum(experts)\n"] * 10,
+                                  trainer=trainers.BpeTrainer(
+                                      vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False))
+    hf_model = build_hf("qwen2-moe-shared-gate-dense-layer",
+                        vocab_size=tokenizer.get_vocab_size())
+    hf_model.save_pretrained(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    prompt = "def mix"
+    ids = tokenizer.encode(prompt).ids
+    with torch.no_grad():  # greedy by the transformers model, the whole sequence each step
+        for _ in range(6):
+            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+    continuation = tokenizer.decode(ids[len(tokenizer.encode(prompt).ids):])
+    argv = ["generate", "--hf", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6",
+            "--greedy", "--device", "cpu"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == prompt + continuation + "\n"

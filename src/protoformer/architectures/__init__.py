@@ -14,7 +14,7 @@ from protoformer.architectures import llama
 from protoformer.architectures import deepseek_v3, t5
 
 # isort: split
-from protoformer.architectures import mixtral, qwen_moe
+from protoformer.architectures import mixtral, olmoe, qwen_moe
 from protoformer.architectures.registry import (
     SUPPORTED_ARCHITECTURES,
     CausalLMArchitecture,
@@ -36,6 +36,7 @@ __all__ = [
     "deepseek_v3",
     "llama",
     "mixtral",
+    "olmoe",
     "qwen_moe",
     "register_architecture",
     "register_seq2seq_architecture",

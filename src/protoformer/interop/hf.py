@@ -334,8 +334,15 @@ def to_hf(model: GPTModel, *, config: HFConfigLike | None = None,
     if fused_experts is not None and fused_experts != info.fused_experts:
         info = dataclasses.replace(info, fused_experts=fused_experts)
     state = model.state_dict()
+    rules = tensor_rules(info)
+    absent = [rule.ours for rule in rules if rule.ours not in state]
+    if absent:
+        raise UnsupportedHFModelError(
+            f"this model has no {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''} "
+            f"({len(absent)} tensor(s)) that {info.architecture} needs: its layer spec is not "
+            f"that architecture's (e.g. another q/k norm); export it with a config it fits")
     tensors: dict[str, Tensor] = {}
-    for rule in tensor_rules(info):
+    for rule in rules:
         parts = rule.to_theirs(state[rule.ours].detach())
         tensors.update(zip(rule.theirs, parts, strict=True))
     if info.tie_word_embeddings:

@@ -1,0 +1,180 @@
+"""OLMoE (`OlmoeForCausalLM`) <-> protoformer GPT layers with an `MoELayer` in every layer and
+q/k norms over the whole projection.
+
+Config: Llama-style attention whose queries and keys are RMS-normalized over all heads at
+once (`q_norm [np * hn]`, `k_norm [ng * hn]`: `ProjectionRMSNorm` in the q/k norm slots,
+built by `olmoe_layer_spec`; `config.qk_layernorm` stays False, it means per-head norms);
+`num_experts` SwiGLU experts of width `intermediate_size`, `num_experts_per_tok` chosen by a
+softmax router (`norm_topk_prob` renormalises the top-k weights).
+
+The whole-projection norm lives in the layer spec, not in the config, so a protoformer model
+is exported as OLMoE only when it was read from OLMoE or `config=` names it
+(`exports_by_default = False`). Refused: `clip_qkv`, `attention_bias`, a `head_dim` other than
+`hidden_size / num_attention_heads` (transformers sizes the norms by the latter).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+
+from protoformer.architectures.conversion import (
+    ConfigReader,
+    HFModelInfo,
+    JSONDict,
+    TensorRule,
+    UnsupportedHFModelError,
+    model_rules,
+    same,
+)
+from protoformer.architectures.llama import dense_attention_rules
+from protoformer.architectures.moe_conversion import (
+    MOE_DESCRIBED_FIELDS,
+    ExpertNames,
+    MoEFields,
+    aux_loss_coeff,
+    gpt_moe_config_values,
+    gpt_moe_exportable_problems,
+    moe_layer_rules,
+    read_gpt_attention_config,
+    refuse_sliding_window,
+    with_moe,
+)
+from protoformer.architectures.registry import ModelSizes, register_architecture
+from protoformer.backends.base import BackendSpecProvider
+from protoformer.config import TransformerConfig
+from protoformer.recipes.gpt import gpt_layer_spec
+from protoformer.recipes.moe import moe_layer_specs
+from protoformer.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from protoformer.transformer.block import LayerSpecs
+from protoformer.transformer.enums import AttnMaskType
+from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.projection_norm import ProjectionRMSNorm
+
+__all__ = ["OlmoeArchitecture", "olmoe_layer_spec"]
+
+_HF_CLASS = "OlmoeForCausalLM"
+_WHERE = f"{_HF_CLASS} config"
+_DESCRIBED = tuple(name for name in MOE_DESCRIBED_FIELDS if name != "ffn_hidden_size")
+
+
+def olmoe_layer_spec(backend: BackendSpecProvider,
+                     config: TransformerConfig) -> TransformerLayerSubmodules:
+    """`gpt_layer_spec` with `ProjectionRMSNorm` q/k norms (over all query heads, over all
+    key/value heads); `recipes.moe.moe_layer_specs` puts the experts in its `mlp` slot."""
+    if config.qk_layernorm:
+        raise ValueError("olmoe_layer_spec: config.qk_layernorm=True asks for per-head q/k norms; "
+                         "OLMoE normalizes the whole projection (leave qk_layernorm False)")
+    layer = gpt_layer_spec(backend, config)
+    attention = SelfAttentionSubmodules(
+        linear_qkv=backend.column_parallel_linear(),
+        core_attention=backend.core_attention(),
+        linear_proj=backend.row_parallel_linear(),
+        q_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.num_attention_heads),
+        k_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.query_groups),
+    )
+    return TransformerLayerSubmodules(
+        input_layernorm=layer.input_layernorm,
+        self_attention=functools.partial(SelfAttention, submodules=attention,
+                                         attn_mask_type=AttnMaskType.padding_causal),
+        pre_mlp_layernorm=layer.pre_mlp_layernorm,
+        mlp=layer.mlp,
+    )
+
+
+def parse_olmoe_config(values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
+    """An OLMoE config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
+    reader = ConfigReader(values, _WHERE)
+    refuse_sliding_window(reader)
+    clip = reader.values.get("clip_qkv")
+    if clip is not None:
+        raise UnsupportedHFModelError(f"{_WHERE}: clip_qkv={clip!r} is not supported; protoformer "
+                                      "does not clamp queries, keys and values (set it to null)")
+    if reader.get_bool("attention_bias", False):
+        raise UnsupportedHFModelError(f"{_WHERE}: attention_bias=true puts a bias on o_proj but "
+                                      "not on the experts, which add_bias_linear cannot represent")
+    expert_ffn = reader.get_int("intermediate_size")
+    config = read_gpt_attention_config(reader, dtype, ffn_hidden_size=expert_ffn,
+                                       qk_layernorm=False, add_qkv_bias=False)
+    if config.head_dim * config.num_attention_heads != config.hidden_size:
+        raise UnsupportedHFModelError(
+            f"{_WHERE}: head_dim={config.head_dim} with hidden_size={config.hidden_size} and "
+            f"num_attention_heads={config.num_attention_heads}: transformers sizes OLMoE's q/k "
+            "norms by hidden_size / num_attention_heads, so head_dim must equal it")
+    config = with_moe(config, MoEFields(
+        num_experts=reader.get_int("num_experts"),
+        expert_ffn_size=expert_ffn,
+        topk=reader.get_int("num_experts_per_tok"),
+        moe_layers=(True,) * config.num_layers,
+        normalize_topk=reader.get_bool("norm_topk_prob", False),
+        aux_loss_coeff=aux_loss_coeff(reader),
+    ), _WHERE)
+    return HFModelInfo(
+        model_type="olmoe",
+        architecture=_HF_CLASS,
+        config=config,
+        vocab_size=reader.get_int("vocab_size"),
+        max_sequence_length=reader.get_int("max_position_embeddings"),
+        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
+        hf_config=dict(values),
+        described_fields=_DESCRIBED,
+    )
+
+
+def export_olmoe_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
+    """An OLMoE config.json mapping for a protoformer model built by `olmoe_layer_spec`."""
+    problems = gpt_moe_exportable_problems(config)
+    if config.num_moe_experts is not None:
+        if config.qk_layernorm or config.add_qkv_bias:
+            problems.append("per-head q/k norms or a q/k/v bias (OLMoE normalizes the whole "
+                            "projection and has no bias)")
+        if config.head_dim * config.num_attention_heads != config.hidden_size:
+            problems.append("head_dim * num_attention_heads != hidden_size")
+        if not all(config.moe_layer_pattern):
+            problems.append("dense layers (every OLMoE layer has experts)")
+        if config.moe_shared_expert_intermediate_size is not None:
+            problems.append("shared experts (OLMoE has none)")
+    if problems:
+        raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASS}: "
+                                      + "; ".join(problems))
+    values = gpt_moe_config_values(config, sizes, model_type="olmoe", hf_class=_HF_CLASS)
+    del values["head_dim"]  # transformers derives it (and sizes the q/k norms) from the heads
+    values.update({
+        "intermediate_size": config.moe_ffn_size,
+        "num_experts": config.num_moe_experts,
+        "norm_topk_prob": config.moe_normalizes_topk_probs,
+        "attention_bias": False,
+        "clip_qkv": None,
+    })
+    return values
+
+
+def _olmoe_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:
+    return [*dense_attention_rules(info, ours, theirs),
+            same(f"{ours}.q_layernorm.weight", f"{theirs}.q_norm.weight"),
+            same(f"{ours}.k_layernorm.weight", f"{theirs}.k_norm.weight")]
+
+
+class OlmoeArchitecture:
+    """OLMoE (`CausalLMArchitecture`): `olmoe_layer_spec` with experts in every layer."""
+
+    model_type = "olmoe"
+    hf_class = _HF_CLASS
+    exports_by_default = False  # the whole-projection q/k norms are not in the config
+
+    def read_config(self, values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
+        return parse_olmoe_config(values, dtype)
+
+    def layer_spec(self, backend: BackendSpecProvider, info: HFModelInfo) -> LayerSpecs:
+        return moe_layer_specs(backend, info.config, olmoe_layer_spec)
+
+    def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
+        return model_rules(info, _olmoe_attention_rules, moe_layer_rules(ExpertNames()))
+
+    def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
+        return export_olmoe_config(config, sizes)
+
+
+register_architecture(OlmoeArchitecture())
