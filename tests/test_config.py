@@ -85,7 +85,7 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"rotary_base": 10**400}, "rotary_base=", "must be a finite number"),
     ({"rotary_percent": 0.0}, "rotary_percent=0.0", "must be > 0.0"),
     ({"rotary_percent": 1.01}, "rotary_percent=1.01", "must be <= 1.0"),
-    ({"rope_scaling": "yarn"}, "rope_scaling='yarn'", "must be None or 'llama3'"),
+    ({"rope_scaling": "yarn"}, "rope_scaling='yarn'", "must be None, 'llama3', 'linear' or 'dynamic'"),
     ({"rope_scaling_factor": 0.5}, "rope_scaling_factor=0.5", "must be >= 1.0"),
     ({"rope_low_freq_factor": 0.0}, "rope_low_freq_factor=0.0", "must be > 0.0"),
     ({"rope_high_freq_factor": -1.0}, "rope_high_freq_factor=-1.0", "must be > 0.0"),
@@ -178,7 +178,7 @@ _SENSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "softmax_scale": st.one_of(st.none(), st.floats(0.01, 2.0)),
     "rotary_base": st.floats(1.0, 1e6),
     "rotary_percent": st.floats(0.1, 1.0),
-    "rope_scaling": st.sampled_from([None, "llama3"]),
+    "rope_scaling": st.sampled_from([None, "llama3", "linear", "dynamic"]),
     "rope_scaling_factor": st.floats(1.0, 64.0),
     "rope_low_freq_factor": st.floats(0.5, 2.0),
     "rope_high_freq_factor": st.floats(2.5, 8.0),
@@ -271,7 +271,7 @@ def _assert_consistent(config: TransformerConfig, kwargs: dict[str, Any]) -> Non
     assert config.softmax_scale is None or (is_finite(config.softmax_scale) and config.softmax_scale > 0)
     assert is_finite(config.rope_scaling_factor) and config.rope_scaling_factor >= 1
     assert config.rope_high_freq_factor > config.rope_low_freq_factor
-    assert config.rope_scaling in (None, "llama3")
+    assert config.rope_scaling in (None, "llama3", "linear", "dynamic")
     assert config.recompute_granularity in (None, "selective", "full")
     for name in _BOOLS:
         assert isinstance(getattr(config, name), bool)

@@ -20,7 +20,7 @@ __all__ = ["MLATransformerConfig", "TransformerConfig"]
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
 RecomputeGranularity = Literal["selective", "full"]
-RopeScaling = Literal["llama3"]
+RopeScaling = Literal["llama3", "linear", "dynamic"]
 MLARopeType = Literal["rope", "yarn"]
 RouterScoreFunction = Literal["softmax", "sigmoid"]
 RouterDtype = Literal["fp32", "fp64"]
@@ -113,6 +113,9 @@ class TransformerConfig:
     attention_softmax_in_fp32: bool = True
 
     # Rotary position embedding (read by the model, which builds one table for all layers).
+    # `rope_scaling`: "llama3" (Llama 3.1 frequency bands), "linear" (frequencies divided by
+    # `rope_scaling_factor`) or "dynamic" (NTK: the base grows once a sequence passes
+    # `rope_original_max_position_embeddings`).
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     rotary_interleaved: bool = False
@@ -204,8 +207,9 @@ class TransformerConfig:
         _require_float("rotary_base", self.rotary_base, low=0.0, low_inclusive=False)
         _require_float("rotary_percent", self.rotary_percent, low=0.0, high=1.0,
                        low_inclusive=False, high_inclusive=True)
-        if self.rope_scaling not in (None, "llama3"):
-            raise _fail("rope_scaling", self.rope_scaling, "must be None or 'llama3'")
+        if self.rope_scaling not in (None, "llama3", "linear", "dynamic"):
+            raise _fail("rope_scaling", self.rope_scaling,
+                        "must be None, 'llama3', 'linear' or 'dynamic'")
         _require_float("rope_scaling_factor", self.rope_scaling_factor, low=1.0)
         _require_float("rope_low_freq_factor", self.rope_low_freq_factor, low=0.0,
                        low_inclusive=False)

@@ -313,11 +313,9 @@ def test_unsupported_architecture_names_it_and_the_supported_ones() -> None:
 
 
 def test_unsupported_features_are_named() -> None:
-    linear_rope = hf_config("llama", num_attention_heads=4,
-                            rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                             "rope_theta": 10000.0})
-    with pytest.raises(UnsupportedHFModelError, match="rope_type='linear'"):
-        parse_hf_config(linear_rope)
+    yarn_rope = hf_config("llama", num_attention_heads=4, rope_parameters=YARN)
+    with pytest.raises(UnsupportedHFModelError, match="rope_type='yarn'"):
+        parse_hf_config(yarn_rope)
     attention_bias_only = hf_config("llama", num_attention_heads=4, attention_bias=True)
     with pytest.raises(UnsupportedHFModelError, match="o_proj=True, MLP=False"):
         parse_hf_config(attention_bias_only)
@@ -331,12 +329,6 @@ def test_inconsistent_sizes_name_the_config_field() -> None:
         parse_hf_config(config)
 
 
-def test_sliding_window_caps_the_sequence_length() -> None:
-    hf_model = build_hf("mistral")
-    hf_model.config.sliding_window = 16
-    with pytest.warns(UserWarning, match="sliding_window=16"):
-        ours = from_hf(hf_model)
-    assert ours.max_sequence_length == 16
 
 
 def test_to_hf_rejects_a_config_of_another_shape() -> None:

@@ -187,6 +187,30 @@ class ConfigReader:
             raise self._fail(key, value, "a string")
         return value
 
+    def get_str_list(self, key: str) -> list[str] | None:
+        """A list of strings (e.g. `layer_types`), or None when the key is absent or null."""
+        value = self.values.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            raise self._fail(key, value, "a list of strings")
+        items = cast("list[object]", value)  # JSON list
+        strings = [item for item in items if isinstance(item, str)]
+        if len(strings) != len(items):
+            raise self._fail(key, items, "a list of strings")
+        return strings
+
+    def get_layer_types(self, num_layers: int) -> list[str] | None:
+        """`layer_types` (one of `sliding_attention` / `full_attention` per layer), or None."""
+        kinds = self.get_str_list("layer_types")
+        if kinds is None:
+            return None
+        allowed = ("sliding_attention", "full_attention")
+        if len(kinds) != num_layers or any(kind not in allowed for kind in kinds):
+            raise self._fail("layer_types", kinds, f"one of {allowed} for each of the "
+                                                   f"{num_layers} layers")
+        return kinds
+
     def get_mapping(self, key: str) -> JSONDict | None:
         value = self.values.get(key)
         if value is None:

@@ -14,10 +14,8 @@ gate/up into `linear_fc1` (gate rows first); the rest keep their shape under new
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +38,19 @@ from protoformer.architectures.conversion import (
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
-from protoformer.config import TransformerConfig
+from protoformer.config import RopeScaling, TransformerConfig
 from protoformer.recipes.gpt import gpt_layer_spec
 from protoformer.recipes.presets import Preset, register_preset
-from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.block import LayerSpecs
 
 __all__ = [
     "DENSE_MODEL_TYPES",
     "LlamaArchitecture",
     "dense_attention_rules",
+    "dense_layer_specs",
     "export_dense_config",
     "fuse_qkv",
+    "layer_windows",
     "parse_dense_config",
     "qkv_rule",
     "split_qkv",
@@ -141,30 +141,48 @@ def _biases(model_type: str, reader: ConfigReader) -> tuple[bool, bool]:
     return o_proj, qkv
 
 
-def _sliding_window(model_type: str, reader: ConfigReader, num_layers: int) -> int | None:
-    """The attention window of the layers that slide, or None when every layer sees everything."""
-    if model_type == "mistral":
-        return reader.get_optional_int("sliding_window")
-    if model_type not in ("qwen2", "qwen3") or not reader.get_bool("use_sliding_window", False):
-        return None
+def layer_windows(values: Mapping[str, object], model_type: str) -> tuple[int | None, ...]:
+    """Each layer's sliding attention window (None: the layer sees every earlier position).
+
+    Mistral slides every layer by `sliding_window`; Qwen2/Qwen3 with `use_sliding_window`
+    slide the layers `layer_types` marks `sliding_attention` (else those from
+    `max_window_layers` on). A window at least `max_position_embeddings` long blocks nothing
+    and is dropped.
+    """
+    reader = ConfigReader(values, f"{_HF_CLASSES[model_type]} config")
+    num_layers = reader.get_int("num_hidden_layers")
+    full: tuple[int | None, ...] = (None,) * num_layers
     window = reader.get_optional_int("sliding_window")
-    if window is None:
-        return None
-    layer_types = reader.values.get("layer_types")
-    if isinstance(layer_types, list):
-        slides = "sliding_attention" in layer_types
-    else:
-        slides = num_layers > reader.get_int("max_window_layers", num_layers)
-    return window if slides else None
+    if model_type in ("qwen2", "qwen3") and not reader.get_bool("use_sliding_window", False):
+        window = None
+    if model_type == "llama" or window is None or window >= reader.get_int("max_position_embeddings"):
+        return full
+    if window < 1:
+        raise HFConversionError(f"{reader.where}: sliding_window={window} must be >= 1 or null")
+    if model_type == "mistral":
+        return (window,) * num_layers
+    layer_types = reader.get_layer_types(num_layers)
+    if layer_types is None:
+        first = reader.get_int("max_window_layers", num_layers)
+        return tuple(window if index >= first else None for index in range(num_layers))
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
+def dense_layer_specs(backend: BackendSpecProvider, config: TransformerConfig,
+                      windows: Sequence[int | None]) -> LayerSpecs:
+    """`gpt_layer_spec` for every layer, with each layer's sliding window: one spec when all
+    layers agree, else one per layer."""
+    if len(set(windows)) <= 1:
+        return gpt_layer_spec(backend, config, window_size=windows[0] if windows else None)
+    return [gpt_layer_spec(backend, config, window_size=window) for window in windows]
 
 
 def parse_dense_config(values: Mapping[str, object], model_type: str,
                        dtype: torch.dtype) -> HFModelInfo:
     """A Llama/Mistral/Qwen2/Qwen3 config.json mapping -> `HFModelInfo` (parameters in `dtype`).
 
-    A sliding attention window `W` (Mistral, Qwen with `use_sliding_window`) caps the model's
-    `max_sequence_length` at `W`: up to that length sliding-window and full causal attention
-    agree exactly, and protoformer has no sliding-window mask.
+    Sliding attention windows (Mistral, Qwen with `use_sliding_window`) are read by
+    `layer_windows` when the layer specs are made.
     """
     reader = ConfigReader(values, f"{_HF_CLASSES[model_type]} config")
     hidden = reader.get_int("hidden_size")
@@ -178,19 +196,26 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
     num_layers = reader.get_int("num_hidden_layers")
     max_positions = reader.get_int("max_position_embeddings")
     rope_type, theta, rope = read_rope(reader)
-    # Llama-3 frequency scaling; the other values are TransformerConfig's defaults, unused.
-    llama3: Literal["llama3"] | None = None
+    # Frequency scaling; the values a rope type does not use keep TransformerConfig's defaults.
+    scaling: RopeScaling | None = None
     factor, low_freq, high_freq, original = 8.0, 1.0, 4.0, 8192
+    max_sequence_length = max_positions
     if rope_type == "llama3":
-        llama3 = "llama3"
+        scaling = "llama3"
         factor = rope.get_float("factor")
         low_freq = rope.get_float("low_freq_factor")
         high_freq = rope.get_float("high_freq_factor")
         original = rope.get_int("original_max_position_embeddings", max_positions)
+    elif rope_type == "linear":
+        scaling, factor = "linear", rope.get_float("factor")
+    elif rope_type == "dynamic":
+        # Dynamic NTK stretches the trained length `max_position_embeddings` by up to `factor`.
+        scaling, factor, original = "dynamic", rope.get_float("factor"), max_positions
+        max_sequence_length = int(max_positions * factor)
     elif rope_type != "default":
         raise UnsupportedHFModelError(
             f"{reader.where}: rope_type={rope_type!r} is not supported; protoformer maps "
-            "'default' and 'llama3'")
+            "'default', 'llama3', 'linear' and 'dynamic'")
     add_bias_linear, add_qkv_bias = _biases(model_type, reader)
     try:
         config = TransformerConfig(
@@ -214,7 +239,7 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
             attention_dropout=reader.get_float("attention_dropout", 0.0),
             hidden_dropout=0.0,
             rotary_base=theta,
-            rope_scaling=llama3,
+            rope_scaling=scaling,
             rope_scaling_factor=factor,
             rope_low_freq_factor=low_freq,
             rope_high_freq_factor=high_freq,
@@ -224,14 +249,7 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
         raise  # already names the config key
     except ValueError as error:  # TransformerConfig's validation
         raise HFConversionError(f"{reader.where}: {error}") from error
-    max_sequence_length = max_positions
-    window = _sliding_window(model_type, reader, num_layers)
-    if window is not None and window < max_positions:
-        warnings.warn(f"{reader.where}: sliding_window={window} is below "
-                      f"max_position_embeddings={max_positions}; the protoformer model accepts "
-                      f"sequences of up to {window} tokens, where full causal attention equals "
-                      "the sliding window", stacklevel=3)
-        max_sequence_length = window
+    layer_windows(values, model_type)  # a malformed window setting fails here, with the config
     return HFModelInfo(
         model_type=model_type,
         architecture=_HF_CLASSES[model_type],
@@ -246,9 +264,13 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
 
 def _described_fields(config: TransformerConfig) -> tuple[str, ...]:
     names: tuple[str, ...] = (*DESCRIBED_FIELDS, "num_query_groups", "kv_channels", "rope_scaling")
-    if config.rope_scaling is not None:
+    if config.rope_scaling == "llama3":
         names += ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                   "rope_original_max_position_embeddings")
+    elif config.rope_scaling == "linear":
+        names += ("rope_scaling_factor",)
+    elif config.rope_scaling == "dynamic":
+        names += ("rope_scaling_factor", "rope_original_max_position_embeddings")
     return names
 
 
@@ -315,6 +337,7 @@ def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_seque
     _check_exportable(config, kind)
     rope: JSONDict = {"rope_type": "default", "rope_theta": config.rotary_base}
     legacy_scaling: JSONDict | None = None
+    max_positions = max_sequence_length
     if config.rope_scaling == "llama3":
         legacy_scaling = {
             "rope_type": "llama3",
@@ -323,6 +346,11 @@ def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_seque
             "high_freq_factor": config.rope_high_freq_factor,
             "original_max_position_embeddings": config.rope_original_max_position_embeddings,
         }
+    elif config.rope_scaling is not None:
+        legacy_scaling = {"rope_type": config.rope_scaling, "factor": config.rope_scaling_factor}
+        if config.rope_scaling == "dynamic":  # transformers scales from max_position_embeddings
+            max_positions = config.rope_original_max_position_embeddings
+    if legacy_scaling is not None:
         rope = {**legacy_scaling, "rope_theta": config.rotary_base}
     values: JSONDict = {
         "architectures": [_HF_CLASSES[kind]],
@@ -335,7 +363,7 @@ def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_seque
         "num_key_value_heads": config.query_groups,
         "head_dim": config.head_dim,
         "hidden_act": activation_name(config),
-        "max_position_embeddings": max_sequence_length,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": config.layernorm_epsilon,
         "initializer_range": config.init_method_std,
         "attention_dropout": config.attention_dropout,
@@ -375,9 +403,9 @@ class LlamaArchitecture:
     def read_config(self, values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
         return parse_dense_config(values, self.model_type, dtype)
 
-    def layer_spec(self, backend: BackendSpecProvider,
-                   info: HFModelInfo) -> TransformerLayerSubmodules:
-        return gpt_layer_spec(backend, info.config)
+    def layer_spec(self, backend: BackendSpecProvider, info: HFModelInfo) -> LayerSpecs:
+        return dense_layer_specs(backend, info.config, layer_windows(info.hf_config,
+                                                                     self.model_type))
 
     def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
         return model_rules(info, dense_attention_rules)

@@ -203,11 +203,12 @@ class FusedSDPAttention(SDPAttention):
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         pg: ProcessGroups | None = None,
+        window_size: int | None = None,
         *,
         kernels: Sequence[AttentionKernel] = DEFAULT_ATTENTION_KERNELS,
     ) -> None:
         super().__init__(config, layer_number, attn_mask_type, attention_type,
-                         attention_dropout, softmax_scale, pg)
+                         attention_dropout, softmax_scale, pg, window_size)
         self.kernels: tuple[AttentionKernel, ...] = _check_kernels(kernels)
         self._sdpa_backends = [_SDPA_BACKENDS[name] for name in self.kernels]
         self._unfusable: set[tuple[object, ...]] = set()

@@ -28,9 +28,12 @@ def mlp_spec(backend: BackendSpecProvider, config: TransformerConfig) -> MLPSubm
     )
 
 
-def gpt_layer_spec(backend: BackendSpecProvider, config: TransformerConfig) -> TransformerLayerSubmodules:
+def gpt_layer_spec(backend: BackendSpecProvider, config: TransformerConfig, *,
+                   window_size: int | None = None) -> TransformerLayerSubmodules:
     """A pre-norm decoder layer: causal self-attention and an MLP, norms per `config.normalization`.
 
+    `window_size=W` makes the self-attention sliding-window attention over `W` positions
+    (a list of these specs, one per layer, mixes local and global layers).
     With `config.qk_layernorm` the queries and keys are normalized per head (same norm kind).
     Self-attention masks with `AttnMaskType.padding_causal`: always causal, and an
     `attention_mask` given to the model (e.g. padding) blocks positions on top of that.
@@ -48,8 +51,12 @@ def gpt_layer_spec(backend: BackendSpecProvider, config: TransformerConfig) -> T
     )
     return TransformerLayerSubmodules(
         input_layernorm=norm,
-        self_attention=functools.partial(SelfAttention, submodules=attention,
-                                         attn_mask_type=AttnMaskType.padding_causal),
+        self_attention=(
+            functools.partial(SelfAttention, submodules=attention,
+                              attn_mask_type=AttnMaskType.padding_causal)
+            if window_size is None else
+            functools.partial(SelfAttention, submodules=attention,
+                              attn_mask_type=AttnMaskType.padding_causal, window_size=window_size)),
         pre_mlp_layernorm=norm,
         mlp=functools.partial(MLP, submodules=mlp_spec(backend, config)),
     )

@@ -42,10 +42,12 @@ from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.interfaces import CoreAttentionBuilder, CoreAttentionInterface
 from protoformer.transformer.kv_cache import (
     append_to_kv_cache,
+    append_to_window_cache,
     cached_memory,
     store_memory,
     write_kv_cache_at_positions,
 )
+from protoformer.transformer.masks import check_window_size
 from protoformer.transformer.norm import LayerNormBuilder
 from protoformer.transformer.rope import apply_rotary_pos_emb
 
@@ -116,6 +118,12 @@ class SelfAttention(Attention):
     Masks follow the core attention's rules: `causal` (and `padding_causal`) combine a given
     `attention_mask` (e.g. padding) with causality, `padding` / `arbitrary` apply the mask
     alone, `no_mask` applies nothing.
+
+    `window_size=W` makes the layer sliding-window attention: the core attention is built with
+    the window (each query sees the `W` keys ending at its position), and when decoding the
+    layer keeps only the last `W` positions' keys/values (`kv_cache.append_to_window_cache`),
+    so its cache stops growing. A recipe sets it per layer, e.g.
+    `partial(SelfAttention, submodules=..., window_size=4096)`.
     """
 
     def __init__(
@@ -126,9 +134,11 @@ class SelfAttention(Attention):
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
         *,
         pg: ProcessGroups | None = None,
+        window_size: int | None = None,
     ) -> None:
         super().__init__(config, layer_number, attn_mask_type, "self", pg=pg)
         _require_submodules("SelfAttention", submodules, SelfAttentionSubmodules)
+        self.window_size = check_window_size(window_size, owner="SelfAttention")
         hn = self.hidden_size_per_attention_head
         heads, layout_groups = config.num_attention_heads, self.num_layout_groups
         # Query heads per key/value head on this rank (np/ng, or np/tp when replicated).
@@ -193,14 +203,24 @@ class SelfAttention(Attention):
             query, key = self._rotate(query, key, freqs)
         if inference_context is not None and static:
             # Static shapes: the whole cache, later positions blocked (the mask replaces the
-            # causal rule, which would align to the cache's end).
+            # causal rule, which would align to the cache's end); a sliding window also
+            # blocks the keys `window_size` or more positions back.
             key, value = write_kv_cache_at_positions(
                 inference_context, self.layer_number, key, value,
                 num_query_groups=self.num_query_groups_per_partition,
                 head_dim=self.hidden_size_per_attention_head)  # [max_s, b, ng, hn]
-            blocked = inference_context.decode_mask(s)  # [b, 1, s, max_s]
+            blocked = inference_context.decode_mask(s, window=self.window_size)  # [b, 1, s, max_s]
             return self._attend(query, key, value, blocked, AttnMaskType.arbitrary)
-        if inference_context is not None:
+        if inference_context is not None and self.window_size is not None:
+            # Only the last `window` positions are kept: the keys are those of positions
+            # [offset - kept, offset + s), so a mask over every position keeps its tail.
+            key, value = append_to_window_cache(
+                inference_context, self.layer_number, key, value, window=self.window_size,
+                num_query_groups=self.num_query_groups_per_partition,
+                head_dim=self.hidden_size_per_attention_head)  # [kept + s, b, ng, hn]
+            if attention_mask is not None and attention_mask.shape[-1] == offset + s:
+                attention_mask = attention_mask[..., offset + s - key.shape[0]:]
+        elif inference_context is not None:
             # The core's causal mask is bottom-right aligned, so the s new queries at
             # [offset, offset + s) see exactly the keys at or before their own positions.
             key, value = append_to_kv_cache(

@@ -71,6 +71,8 @@ class Attention(nn.Module, abc.ABC):
         self.attn_mask_type = attn_mask_type
         self.attention_type: AttentionTypeName = attention_type
         self.pg = pg if pg is not None else ProcessGroups()
+        # Sliding-window attention (set by SelfAttention before its slots are built).
+        self.window_size: int | None = None
         tp = self.pg.tp_size
         heads, groups = config.num_attention_heads, config.query_groups
         self.hidden_size_per_attention_head = config.head_dim
@@ -129,6 +131,7 @@ class Attention(nn.Module, abc.ABC):
             attention_dropout=None,  # the core reads config.attention_dropout
             softmax_scale=None,  # the core reads config.softmax_scale (default 1/sqrt(hn))
             pg=self.pg,
+            window_size=self.window_size,
         )
 
     def _build_linear_proj(self, builder: RowParallelLinearBuilder) -> RowParallelLinearInterface:

@@ -16,7 +16,10 @@ Shared semantics
   `causal` -> a bottom-right aligned causal mask (`masks.causal_mask`), combined with
   `attention_mask` when one is given (Transformer Engine drops it; silently ignoring a padding
   mask the caller passed would attend to padding), `padding` / `arbitrary` -> `attention_mask`
-  as given, `padding_causal` -> both, `no_mask` -> nothing.
+  as given, `padding_causal` -> both, `no_mask` -> nothing. With `window_size=W` the causal
+  types also block keys `W` or more positions before the query (`masks.sliding_window_mask`,
+  sliding-window attention); the window mask is materialized, so SDPA runs its masked
+  kernels (flash attention takes no arbitrary mask).
 - `attention_bias` (floating, broadcastable to `[b, np, sq, sk]`) is added to the scaled scores.
 - Scale: the `softmax_scale` argument, else `config.softmax_scale`, else `1 / sqrt(hn)`.
 - Dropout on the probabilities with `attention_dropout` (else `config.attention_dropout`), only
@@ -42,8 +45,10 @@ from protoformer.transformer.interfaces import AttentionTypeName
 from protoformer.transformer.masks import (
     causal_mask,
     check_mask,
+    check_window_size,
     combine_masks,
     fully_blocked_rows,
+    sliding_window_mask,
 )
 
 __all__ = ["DotProductAttention", "SDPAttention"]
@@ -70,6 +75,7 @@ class _CoreAttentionBase(nn.Module):
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         pg: ProcessGroups | None = None,
+        window_size: int | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -93,10 +99,13 @@ class _CoreAttentionBase(nn.Module):
         self.attention_dropout = dropout
         self.softmax_scale = scale
         self.pg = pg if pg is not None else ProcessGroups()
+        self.window_size = check_window_size(window_size, owner=name)
 
     def extra_repr(self) -> str:
+        window = "" if self.window_size is None else f", window_size={self.window_size}"
         return (f"layer_number={self.layer_number}, attn_mask_type={self.attn_mask_type.name}, "
-                f"attention_dropout={self.attention_dropout}, softmax_scale={self.softmax_scale}")
+                f"attention_dropout={self.attention_dropout}, softmax_scale={self.softmax_scale}"
+                f"{window}")
 
     def _scale_for(self, head_dim: int) -> float:
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -141,8 +150,12 @@ class _CoreAttentionBase(nn.Module):
         (so a fused kernel may generate it itself)."""
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         _, _, sq, sk = shape
+        is_causal_type = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         # One query attends every cached key under the bottom-right causal rule.
-        causal = (mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)) and sq > 1
+        causal = is_causal_type and sq > 1
+        # The window blocks something only when the last query has more than `window` keys.
+        window = self.window_size if is_causal_type and self.window_size is not None \
+            and sk > self.window_size else None
         uses_given = mask_type is not AttnMaskType.no_mask
         given = attention_mask if uses_given else None
         if given is not None:
@@ -153,10 +166,11 @@ class _CoreAttentionBase(nn.Module):
                                 "the scores, so it must be floating (pass a boolean mask as "
                                 "attention_mask instead)")
             check_mask(attention_bias, shape, what="attention_bias")
-        if causal and given is None and attention_bias is None and sq == sk:
+        if causal and window is None and given is None and attention_bias is None and sq == sk:
             return None, True
         causal_part = causal_mask(sq, sk, device) if causal else None
-        return combine_masks(given, causal_part, attention_bias), False
+        window_part = sliding_window_mask(sq, sk, window, device) if window is not None else None
+        return combine_masks(given, causal_part, window_part, attention_bias), False
 
 
 class DotProductAttention(_CoreAttentionBase):

@@ -71,17 +71,20 @@ class InferenceContext:
             self._step_tensors[key] = positions[None, :] + steps[:, None]  # [s, b]
         return self._step_tensors[key]
 
-    def decode_mask(self, num_tokens: int) -> Tensor:
+    def decode_mask(self, num_tokens: int, *, window: int | None = None) -> Tensor:
         """Static decoding: True where a new token must not attend, `[b, 1, s, max_s]`.
 
         Keys after the query's own position are blocked (the causal rule within the row;
-        positions not written yet hold stale values).
+        positions not written yet hold stale values); with a sliding `window`, so are keys
+        `window` or more positions before it.
         """
-        key = ("mask", num_tokens)
+        key = ("mask", num_tokens, window)
         if key not in self._step_tensors:
             queries = self.decode_positions(num_tokens)  # [s, b]
             keys = torch.arange(self.max_sequence_length, device=queries.device)  # [max_s]
             blocked = keys[None, None, :] > queries[:, :, None]  # [s, b, max_s]
+            if window is not None:
+                blocked = blocked | (keys[None, None, :] <= queries[:, :, None] - window)
             self._step_tensors[key] = blocked.permute(1, 0, 2)[:, None]  # [b, 1, s, max_s]
         return self._step_tensors[key]
 

@@ -50,7 +50,12 @@ class CoreAttentionInterface(Protocol):
 
 
 class CoreAttentionBuilder(Protocol):
-    """Builds core attention for one layer."""
+    """Builds core attention for one layer.
+
+    `window_size`: with a causal mask type, each query attends at most the `window_size` keys
+    ending at its own position (sliding-window attention, Mistral/Gemma 2's `sliding_window`);
+    None attends every earlier key.
+    """
 
     def __call__(
         self,
@@ -63,6 +68,7 @@ class CoreAttentionBuilder(Protocol):
         attention_dropout: float | None,
         softmax_scale: float | None,
         pg: ProcessGroups | None,
+        window_size: int | None,
     ) -> CoreAttentionInterface: ...
 
 

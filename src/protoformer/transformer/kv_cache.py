@@ -1,7 +1,9 @@
 """How self- and cross-attention keep their keys and values in an `InferenceContext`.
 
 Self-attention appends each step's keys/values to a cache `[max_s, max_b, ng, hn]` (one for
-keys, one for values) allocated on first use under its `layer_number`. Cross-attention
+keys, one for values) allocated on first use under its `layer_number`; sliding-window
+self-attention keeps a rolling cache of the last `W` positions `[W, max_b, ng, hn]` instead,
+so its memory does not grow with the generated length. Cross-attention
 projects its memory once and keeps the result under `-layer_number`, apart from the
 self-attention cache of the same layer.
 """
@@ -13,7 +15,8 @@ from torch import Tensor
 
 from protoformer.transformer.inference import InferenceContext
 
-__all__ = ["append_to_kv_cache", "cached_memory", "store_memory", "write_kv_cache_at_positions"]
+__all__ = ["append_to_kv_cache", "append_to_window_cache", "cached_memory", "store_memory",
+           "write_kv_cache_at_positions"]
 
 
 def append_to_kv_cache(context: InferenceContext, layer_number: int, key: Tensor, value: Tensor,
@@ -31,6 +34,40 @@ def append_to_kv_cache(context: InferenceContext, layer_number: int, key: Tensor
     key_cache[start:end, :batch] = key
     value_cache[start:end, :batch] = value
     return key_cache[:end, :batch], value_cache[:end, :batch]
+
+
+def append_to_window_cache(context: InferenceContext, layer_number: int, key: Tensor,
+                           value: Tensor, *, window: int, num_query_groups: int,
+                           head_dim: int) -> tuple[Tensor, Tensor]:
+    """Sliding-window layers: this step's keys/values `[s, b, ng, hn]` after the cached ones.
+
+    The cache `[W, max_b, ng, hn]` (`W = min(window, max_sequence_length)`) holds the last
+    `kept = min(offset, W)` positions, oldest first. Returns the keys/values of positions
+    `[offset - kept, offset + s)` — `[kept + s, b, ng, hn]`, contiguous, so the core's
+    bottom-right aligned causal and window masks apply unchanged — and keeps their last `W`.
+    """
+    s, batch = key.shape[0], key.shape[1]
+    context.check_room(s)
+    if batch > context.max_batch_size:
+        raise ValueError(f"a batch of {batch} exceeds the InferenceContext's max_batch_size="
+                         f"{context.max_batch_size}")
+    size = min(window, context.max_sequence_length)
+    cache = context.key_value_memory_dict.get(layer_number)
+    if cache is None:
+        shape = (size, context.max_batch_size, num_query_groups, head_dim)
+        cache = (key.new_zeros(shape), value.new_zeros(shape))  # [W, max_b, ng, hn] each
+        context.key_value_memory_dict[layer_number] = cache
+    if len(cache) != 2 or cache[0].shape[0] != size:
+        raise ValueError(f"InferenceContext entry {layer_number} is not this sliding-window "
+                         "layer's cache: two layers share a layer_number")
+    key_cache, value_cache = cache
+    kept = min(context.sequence_len_offset, size)
+    keys = torch.cat((key_cache[:kept, :batch], key.to(key_cache.dtype)))  # [kept + s, b, ng, hn]
+    values = torch.cat((value_cache[:kept, :batch], value.to(value_cache.dtype)))
+    tail = min(size, keys.shape[0])
+    key_cache[:tail, :batch] = keys[-tail:]  # the newest W positions, oldest first
+    value_cache[:tail, :batch] = values[-tail:]
+    return keys, values
 
 
 def cached_memory(context: InferenceContext | None,

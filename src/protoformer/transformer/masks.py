@@ -13,10 +13,12 @@ from torch import Tensor
 __all__ = [
     "causal_mask",
     "check_mask",
+    "check_window_size",
     "combine_masks",
     "fully_blocked_rows",
     "padding_mask_from_attention_mask",
     "padding_mask_from_lengths",
+    "sliding_window_mask",
     "to_additive_mask",
 ]
 
@@ -34,6 +36,32 @@ def causal_mask(sq: int, sk: int, device: torch.device | str | None = None) -> T
     query_pos = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)  # [sq, 1]
     key_pos = torch.arange(sk, device=device).unsqueeze(0)  # [1, sk]
     return (key_pos > query_pos).view(1, 1, sq, sk)  # [1, 1, sq, sk]
+
+
+def sliding_window_mask(sq: int, sk: int, window: int,
+                        device: torch.device | str | None = None) -> Tensor:
+    """Boolean `[1, 1, sq, sk]` mask, True where key `j` lies `window` or more positions before
+    query `i`: each query sees at most the `window` keys ending at its own position.
+
+    Aligned bottom-right as `causal_mask` (query `i` sits at position `i + sk - sq`); combine
+    the two for causal sliding-window attention (Mistral's `sliding_window`: key `j` is kept
+    when `query_pos - window < j <= query_pos`).
+    """
+    if sq < 1 or sk < 1 or window < 1:
+        raise ValueError(f"sliding_window_mask(sq={sq}, sk={sk}, window={window}): all must be >= 1")
+    query_pos = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)  # [sq, 1]
+    key_pos = torch.arange(sk, device=device).unsqueeze(0)  # [1, sk]
+    return (key_pos <= query_pos - window).view(1, 1, sq, sk)  # [1, 1, sq, sk]
+
+
+def check_window_size(window_size: object, *, owner: str) -> int | None:
+    """`window_size` if it is None or an int >= 1; `ValueError` naming `owner` otherwise."""
+    if window_size is None:
+        return None
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+        raise ValueError(f"{owner}(window_size={window_size!r}): the sliding window must be an "
+                         "int >= 1 (the keys each query sees), or None for no window")
+    return window_size
 
 
 def padding_mask_from_lengths(lengths: Tensor, sk: int | None = None) -> Tensor:

@@ -199,7 +199,7 @@ class MultiLatentAttention(nn.Module):
         self.core_attention = sub.core_attention(
             config, layer_number=self.layer_number, attn_mask_type=self.attn_mask_type,
             attention_type="self", attention_dropout=None, softmax_scale=self.softmax_scale,
-            pg=self.pg)
+            pg=self.pg, window_size=None)
         self.linear_proj = sub.linear_proj(
             heads * config.v_head_dim, hidden, config=config,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from protoformer.config import TransformerConfig
+from protoformer.config import RopeScaling, TransformerConfig
 
 __all__ = ["RotaryEmbedding", "apply_rotary_pos_emb", "llama3_scaled_inv_freq", "rotary_emb_from_config"]
 
@@ -27,8 +27,13 @@ class RotaryEmbedding(nn.Module):
 
     `rot_dim = int(kv_channels * rotary_percent)` channels of each head rotate (partial
     rotary leaves the rest unchanged); it must be even. Frequencies are
-    `rotary_base ** (-2i / rot_dim)`; with `rope_scaling` they are rescaled by the Llama 3.1
-    rule (`llama3_scaled_inv_freq`). `seq_len_interpolation_factor` divides the positions
+    `rotary_base ** (-2i / rot_dim)`. `rope_scaling` rescales them: `"llama3"` (or True) by
+    the Llama 3.1 rule (`llama3_scaled_inv_freq`); `"linear"` divides them by
+    `rope_scaling_factor`; `"dynamic"` (dynamic NTK) raises the base for a table longer than
+    `original_max_position_embeddings` `L`: for `n` positions the base is
+    `rotary_base * (factor * n / L - (factor - 1)) ** (rot_dim / (rot_dim - 2))`, so a table
+    depends on its length (as transformers' "dynamic" rope, whose cached keys keep the angles
+    they were rotated with). `seq_len_interpolation_factor` divides the positions
     (linear position interpolation).
     """
 
@@ -41,7 +46,7 @@ class RotaryEmbedding(nn.Module):
         rotary_interleaved: bool = False,
         seq_len_interpolation_factor: float | None = None,
         rotary_base: float = 10000.0,
-        rope_scaling: bool = False,
+        rope_scaling: bool | RopeScaling | None = False,
         rope_scaling_factor: float = 8.0,
         low_freq_factor: float = 1.0,
         high_freq_factor: float = 4.0,
@@ -68,13 +73,22 @@ class RotaryEmbedding(nn.Module):
         self.rot_dim = rot_dim
         self.rotary_interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
+        kind: RopeScaling | None = "llama3" if rope_scaling is True else (rope_scaling or None)
+        if kind not in (None, "llama3", "linear", "dynamic"):
+            raise ValueError(f"RotaryEmbedding(rope_scaling={rope_scaling!r}): expected None, "
+                             "'llama3', 'linear' or 'dynamic'")
+        self.rope_scaling = kind
+        self.rotary_base = rotary_base
+        self.rope_scaling_factor = rope_scaling_factor
+        self.original_max_position_embeddings = original_max_position_embeddings
 
         # Computed on the CPU and moved: under a meta-device context the factory calls would
         # otherwise run torch's reference kernels, which cost about a second on first use.
         with torch.device("cpu"):
-            exponents = torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim  # [rot_dim / 2]
-            inv_freq = 1.0 / (rotary_base ** exponents)  # [rot_dim / 2]
-            if rope_scaling:
+            inv_freq = _inv_freq(rot_dim, rotary_base)  # [rot_dim / 2]
+            if kind == "linear":
+                inv_freq = inv_freq / rope_scaling_factor
+            elif kind == "llama3":
                 inv_freq = llama3_scaled_inv_freq(
                     inv_freq,
                     factor=rope_scaling_factor,
@@ -96,7 +110,14 @@ class RotaryEmbedding(nn.Module):
         positions = positions + offset  # [s]
         if self.seq_len_interpolation_factor is not None:
             positions = positions / self.seq_len_interpolation_factor
-        freqs = torch.outer(positions, self.inv_freq.float())  # [s, rot_dim / 2]
+        inv_freq = self.inv_freq.float()  # [rot_dim / 2]
+        length = offset + max_seq_len
+        if self.rope_scaling == "dynamic" and length > self.original_max_position_embeddings:
+            factor, dim = self.rope_scaling_factor, self.rot_dim
+            growth = factor * length / self.original_max_position_embeddings - (factor - 1.0)
+            inv_freq = _inv_freq(dim, self.rotary_base * growth ** (dim / (dim - 2)),
+                                 device=inv_freq.device)  # [rot_dim / 2]
+        freqs = torch.outer(positions, inv_freq)  # [s, rot_dim / 2]
         if self.rotary_interleaved:
             emb = freqs.repeat_interleave(2, dim=-1)  # [s, rot_dim]: f0, f0, f1, f1, ...
         else:
@@ -104,8 +125,16 @@ class RotaryEmbedding(nn.Module):
         return emb[:, None, None, :]  # [s, 1, 1, rot_dim]
 
     def extra_repr(self) -> str:
+        scaling = "" if self.rope_scaling is None else f", rope_scaling={self.rope_scaling!r}"
         return (f"kv_channels={self.kv_channels}, rot_dim={self.rot_dim}, "
-                f"interleaved={self.rotary_interleaved}")
+                f"interleaved={self.rotary_interleaved}{scaling}")
+
+
+def _inv_freq(rot_dim: int, base: float, device: torch.device | None = None) -> Tensor:
+    """`base ** (-2i / rot_dim)` for `i < rot_dim / 2`, float32 (the exponent is computed as
+    transformers does, integer steps divided by `rot_dim`)."""
+    steps = torch.arange(0, rot_dim, 2, dtype=torch.int64, device=device).float()  # [rot_dim / 2]
+    return 1.0 / (base ** (steps / rot_dim))
 
 
 def llama3_scaled_inv_freq(
@@ -149,7 +178,7 @@ def rotary_emb_from_config(config: TransformerConfig) -> RotaryEmbedding:
         rotary_percent=config.rotary_percent,
         rotary_interleaved=config.rotary_interleaved,
         rotary_base=config.rotary_base,
-        rope_scaling=config.rope_scaling == "llama3",
+        rope_scaling=config.rope_scaling,
         rope_scaling_factor=config.rope_scaling_factor,
         low_freq_factor=config.rope_low_freq_factor,
         high_freq_factor=config.rope_high_freq_factor,
