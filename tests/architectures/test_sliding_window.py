@@ -75,3 +75,21 @@ def test_decoding_cache_stays_at_the_window() -> None:
     groups, head_dim = 2, 16
     per_layer = 2 * WINDOW * groups * head_dim  # keys and values of W positions
     assert set(sizes) == {2 * per_layer}  # two layers; the same after 5 and after 40 tokens
+
+
+def test_batched_static_decoding_applies_the_window() -> None:
+    # generate_batch runs the static-shape step (full-length cache, the window in its mask).
+    from transformers import MistralForCausalLM
+
+    from protoformer.generation import generate_batch
+
+    hf_model = mistral()
+    assert isinstance(hf_model, MistralForCausalLM)
+    ours = from_hf(hf_model).eval()
+    prompts = [kit.token_ids(1, 6, seed=2)[0].tolist(), kit.token_ids(1, 3, seed=4)[0].tolist()]
+    batched = generate_batch(ours, prompts, 16, greedy=True)
+    with torch.no_grad():
+        for prompt, got in zip(prompts, batched, strict=True):
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+            assert got == out[0, len(prompt):].tolist()

@@ -106,7 +106,8 @@ class GraphDecoder:
         self.device = device
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.context = InferenceContext(max_batch_size=batch_size,
-                                        max_sequence_length=max_sequence_length)
+                                        max_sequence_length=max_sequence_length,
+                                        roll_window_caches=False)
         self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # [b, 1]
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # [b]
         self._graph: torch.cuda.CUDAGraph | None = None

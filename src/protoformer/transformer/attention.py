@@ -211,7 +211,8 @@ class SelfAttention(Attention):
                 head_dim=self.hidden_size_per_attention_head)  # [max_s, b, ng, hn]
             blocked = inference_context.decode_mask(s, window=self.window_size)  # [b, 1, s, max_s]
             return self._attend(query, key, value, blocked, AttnMaskType.arbitrary)
-        if inference_context is not None and self.window_size is not None:
+        if inference_context is not None and self.window_size is not None \
+                and inference_context.roll_window_caches:
             # Only the last `window` positions are kept: the keys are those of positions
             # [offset - kept, offset + s), so a mask over every position keeps its tail.
             key, value = append_to_window_cache(

@@ -32,6 +32,10 @@ class InferenceContext:
     sequence_len_offset: int = 0
     key_value_memory_dict: dict[int, tuple[Tensor, ...]] = field(default_factory=dict[int, tuple[Tensor, ...]])
     positions: Tensor | None = None  # [b] long: static-shape decoding, each row's next position
+    # Sliding-window layers keep only their last W positions (a rolling cache, so decoding
+    # memory stops growing); static-shape decoding, which writes by position into the
+    # full-length caches, turns it off.
+    roll_window_caches: bool = True
     # Tensors every layer of one static step shares (positions, mask, rotary rows), made once
     # per step: the model calls `start_step` at the start of each forward.
     _step_tensors: dict[object, Tensor] = field(
