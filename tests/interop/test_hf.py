@@ -329,8 +329,6 @@ def test_inconsistent_sizes_name_the_config_field() -> None:
         parse_hf_config(config)
 
 
-
-
 def test_to_hf_rejects_a_config_of_another_shape() -> None:
     ours = from_hf(build_hf("qwen2-qkv-bias"))
     other = hf_config("qwen2", num_attention_heads=4, num_key_value_heads=4)
