@@ -15,7 +15,7 @@ writes the per-expert files that every transformers version reads.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,7 +33,6 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
-    format_layer_list,
     mlp_rules,
     owned,
     read_rope,
@@ -46,10 +45,13 @@ __all__ = [
     "MOE_DESCRIBED_FIELDS",
     "ExpertNames",
     "MoEFields",
+    "aux_loss_coeff",
     "gpt_moe_config_values",
     "gpt_moe_exportable_problems",
+    "layers_from_sparse_step",
     "moe_layer_rules",
     "read_gpt_attention_config",
+    "refuse_sliding_window",
     "routed_expert_rules",
     "uses_fused_experts",
     "with_moe",
@@ -198,13 +200,6 @@ def layers_from_sparse_step(reader: ConfigReader, num_layers: int) -> tuple[bool
         raise HFConversionError(f"{reader.where}: mlp_only_layers={raw!r} must be a list of "
                                 "layer indices")
     return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
-
-
-def require_some_moe_layer(where: str, moe_layers: Sequence[bool]) -> None:
-    if not any(moe_layers):
-        raise UnsupportedHFModelError(
-            f"{where}: no layer has experts (mlp_only_layers / decoder_sparse_step leave all "
-            f"{len(moe_layers)} dense); convert it as the dense family instead")
 
 
 # ------------------------------------------------------------------ tensor rules
@@ -364,16 +359,3 @@ def aux_loss_coeff(reader: ConfigReader) -> float:
     if not reader.get_bool("output_router_logits", False):
         return 0.0
     return reader.get_float("router_aux_loss_coef", 0.001)
-
-
-def dense_layers(moe_layers: Sequence[bool]) -> list[int]:
-    return [index for index, is_moe in enumerate(moe_layers) if not is_moe]
-
-
-def describe_dense_layers(moe_layers: Sequence[bool]) -> str:
-    dense = dense_layers(moe_layers)
-    return format_layer_list(dense) if dense else "none"
-
-
-def reader_for(values: Mapping[str, object], hf_class: str) -> ConfigReader:
-    return ConfigReader(values, f"{hf_class} config")
