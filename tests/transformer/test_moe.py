@@ -307,7 +307,7 @@ def test_expert_bias_moves_toward_balance_once_per_update() -> None:
     layer(tokens)  # two micro-batches, one optimizer step
     _, indices = router(tokens.view(-1, H))
     counts = 3 * torch.bincount(indices.flatten(), minlength=E).float()  # 3 training forwards
-    router.update_expert_bias(None)
+    router.update_expert_bias([None])
     expected = 0.01 * torch.sign(counts.mean() - counts)
     torch.testing.assert_close(router.expert_bias, expected)
     assert router.local_tokens_per_expert is not None

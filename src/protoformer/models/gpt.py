@@ -118,12 +118,16 @@ class GPTModel(nn.Module):
         self.moe_aux_losses = MoEAuxLossTracker()
         bind_aux_loss_tracker(self.decoder, self.moe_aux_losses)
 
-    def update_expert_bias(self, group: torch.distributed.ProcessGroup | None = None) -> None:
-        """Move every router's aux-loss-free expert bias by the token counts since the last
-        call (summed over `group`, the data-parallel ranks); call once per optimizer step."""
-        for module in self.modules():
+    def update_expert_bias(self) -> None:
+        """Move every router's aux-loss-free expert bias by its token counts since the last
+        call, summed over the ranks that route different tokens (data-parallel, and the
+        tensor-parallel group under sequence parallelism); call once per optimizer step."""
+        groups = [self.pg.dp]
+        if self.config.sequence_parallel:
+            groups.append(self.pg.tp)
+        for module in self.decoder.modules():
             if isinstance(module, ExpertBiasOwner):
-                module.update_expert_bias(group)
+                module.update_expert_bias(groups)
 
     def forward(
         self,
@@ -138,6 +142,8 @@ class GPTModel(nn.Module):
 
         `loss_reduction="mean"` returns the mean of those losses `[]` instead (what a training
         step needs; it leaves the fused loss free to take its gradients in forward).
+        A mixture-of-experts model's routers record their auxiliary losses of this forward (in
+        training) in `self.moe_aux_losses`, to be added to the loss.
 
         With `config.bf16` and float32 parameters the model runs under bfloat16 autocast
         (`mixed_precision_context`); the norms, softmax and loss stay float32.

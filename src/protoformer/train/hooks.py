@@ -50,6 +50,7 @@ class StepReport:
     grad_norm: float
     tokens_per_second: float  # over the recent steps
     validation_loss: float | None = None
+    aux_loss: float | None = None  # a mixture-of-experts model's auxiliary losses
 
 
 class FaultInjection:
@@ -127,8 +128,9 @@ class LossLog:
             raise ValueError(f"the training loss became {loss} at step {step}; lower the "
                              f"learning rate (--lr, now {self._run.options.lr})")
         self._run.train_losses.append((step, loss))
+        aux = None if output.aux_loss is None else float(output.aux_loss)
         return StepReport(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
-                          tokens_per_second=self.throughput.recent_rate())
+                          tokens_per_second=self.throughput.recent_rate(), aux_loss=aux)
 
 
 def _is_due(step: int, every: int, last: int) -> bool:
@@ -163,9 +165,10 @@ class ProgressLog:
         logged = _is_due(report.step, options.log_every, options.steps)
         if logged:
             progress.report(report.step, report.loss, report.lr, self._throughput.take(),
-                            report.validation_loss)
+                            report.validation_loss, report.aux_loss)
         else:
-            progress.advance(report.step, report.loss, report.lr, report.tokens_per_second)
+            progress.advance(report.step, report.loss, report.lr, report.tokens_per_second,
+                             report.aux_loss)
         if report.validation_loss is not None and not logged:
             progress.note(f"step {report.step}: validation loss {report.validation_loss:.4f}")
 

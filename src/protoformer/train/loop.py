@@ -145,6 +145,7 @@ def _run_steps(run: TrainRun, progress: TrainProgress,
     progress_log = ProgressLog(run, progress, loss_log.throughput)
     checkpointing = Checkpointing(run)
     parameters = [p for p in run.model.parameters() if p.requires_grad]
+    moe = run.model.config.num_moe_experts is not None  # aux losses, expert-bias updates
     for step in range(run.start_step, options.steps):
         step_started = time.perf_counter()
         lr = run.schedule(step)
@@ -154,7 +155,9 @@ def _run_steps(run: TrainRun, progress: TrainProgress,
         rows = replica_rows(run.sampler.next_batch(), run.pg)  # [b / dp, s + 1]
         output = train_step(run.data_parallel, run.optimizer, rows,
                             micro_batches=run.micro_batches, parameters=parameters,
-                            grad_clip=options.grad_clip, pg=run.pg, device=run.device)
+                            grad_clip=options.grad_clip, pg=run.pg, device=run.device,
+                            aux_losses=run.model.moe_aux_losses if moe else None,
+                            after_optimizer_step=run.model.update_expert_bias if moe else None)
         report = evaluation.after_step(loss_log.record(step + 1, output, lr, step_started))
         progress_log.after_step(report)
         checkpointing.after_step(report)

@@ -19,9 +19,11 @@ __all__ = ["TrainProgress", "format_step"]
 
 
 def format_step(step: int, total: int, loss: float, lr: float, tokens_per_second: float,
-                validation_loss: float | None = None) -> str:
-    """One log line: `step 10/300  loss 3.1416  lr 1.00e-03  12,345 tok/s  val 3.2000`."""
-    line = (f"step {step:>{len(str(total))}}/{total}  loss {loss:.4f}  lr {lr:.2e}  "
+                validation_loss: float | None = None, aux_loss: float | None = None) -> str:
+    """One log line: `step 10/300  loss 3.1416  lr 1.00e-03  12,345 tok/s  val 3.2000`;
+    a mixture-of-experts model adds its auxiliary losses after the loss (`aux 0.0123`)."""
+    aux = "" if aux_loss is None else f"  aux {aux_loss:.4f}"
+    line = (f"step {step:>{len(str(total))}}/{total}  loss {loss:.4f}{aux}  lr {lr:.2e}  "
             f"{tokens_per_second:,.0f} tok/s")
     if validation_loss is not None:
         line += f"  val {validation_loss:.4f}"
@@ -72,21 +74,23 @@ class TrainProgress:
         else:
             print(message, flush=True)
 
-    def advance(self, step: int, loss: float, lr: float, tokens_per_second: float) -> None:
+    def advance(self, step: int, loss: float, lr: float, tokens_per_second: float,
+                aux_loss: float | None = None) -> None:
         """Move the bar to `step` (prints nothing without a bar)."""
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=step, loss=f"{loss:.4f}",
+            shown = f"{loss:.4f}" if aux_loss is None else f"{loss:.4f} aux {aux_loss:.4f}"
+            self._progress.update(self._task, completed=step, loss=shown,
                                   lr=f"{lr:.2e}", rate=f"{tokens_per_second:,.0f}")
 
     def report(self, step: int, loss: float, lr: float, tokens_per_second: float,
-               validation_loss: float | None) -> None:
+               validation_loss: float | None, aux_loss: float | None = None) -> None:
         """Move the bar, or print a line when there is no bar; validation shows either way."""
         if self.silent:
             return
         if self._progress is None:
-            print(format_step(step, self.total, loss, lr, tokens_per_second, validation_loss),
-                  flush=True)
+            print(format_step(step, self.total, loss, lr, tokens_per_second, validation_loss,
+                              aux_loss), flush=True)
             return
-        self.advance(step, loss, lr, tokens_per_second)
+        self.advance(step, loss, lr, tokens_per_second, aux_loss)
         if validation_loss is not None:
             self.note(f"step {step}: validation loss {validation_loss:.4f}")

@@ -4,7 +4,9 @@
 (gradient accumulation: `rows / micro_batch_size` forward/backward passes, each scaled so that
 the accumulated gradient is the gradient of the mean loss over all the rows), lets the
 `DataParallel` wrapper complete the gradients, clips them to the global norm and steps the
-optimizer. It reads nothing back to the host: the loss (the mean over the data-parallel
+optimizer. A mixture-of-experts model's auxiliary losses (`aux_losses`, the model's tracker)
+join each micro-batch's loss; `after_optimizer_step` runs once per step (the routers' expert
+bias update). It reads nothing back to the host: the loss (the mean over the data-parallel
 replicas, i.e. the global batch's loss) and the gradient norm come back as device scalars,
 read when they are logged.
 """
@@ -12,7 +14,7 @@ read when they are logged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ from protoformer.parallel.data_parallel import DataParallel
 from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.train.loss import mean_loss, replica_mean_tensor
+from protoformer.transformer.moe.aux_loss import MoEAuxLossTracker
 
 __all__ = ["StepOutput", "micro_batch_count", "train_step"]
 
@@ -33,6 +36,7 @@ class StepOutput:
 
     loss: Tensor  # [] float32: the global batch's mean loss (mean over the replicas)
     grad_norm: Tensor  # [] float32: the global gradient norm before clipping
+    aux_loss: Tensor | None = None  # [] float32: the MoE auxiliary losses, the same mean
 
 
 def micro_batch_count(global_batch_size: int, micro_batch_size: int | None, dp_size: int) -> int:
@@ -53,22 +57,32 @@ def micro_batch_count(global_batch_size: int, micro_batch_size: int | None, dp_s
 
 def train_step(data_parallel: DataParallel, optimizer: Optimizer, rows: Tensor, *,
                micro_batches: int, parameters: Sequence[Tensor], grad_clip: float,
-               pg: ProcessGroups, device: torch.device) -> StepOutput:
+               pg: ProcessGroups, device: torch.device,
+               aux_losses: MoEAuxLossTracker | None = None,
+               after_optimizer_step: Callable[[], None] | None = None) -> StepOutput:
     """One optimizer step on this replica's `rows` `[b, s + 1]` (token windows; the last
     column is only a label). The learning rate is set on `optimizer` beforehand."""
     optimizer.zero_grad(set_to_none=True)
     chunks = rows.chunk(micro_batches) if micro_batches > 1 else (rows,)  # [b / m, s + 1] each
     total: Tensor | None = None
+    aux_total: Tensor | None = None
     for index, chunk in enumerate(chunks):
         last = index == len(chunks) - 1
         with contextlib.nullcontext() if last else data_parallel.accumulating():
             loss = mean_loss(data_parallel.module, chunk, device)  # []
-            torch.autograd.backward(loss if micro_batches == 1 else loss / micro_batches)
+            aux = aux_losses.total() if aux_losses is not None else None  # [] or None
+            objective = loss if aux is None else loss + aux
+            torch.autograd.backward(objective if micro_batches == 1 else objective / micro_batches)
         detached = loss.detach()
         total = detached if total is None else total + detached
+        if aux is not None:
+            aux_total = aux.detach() if aux_total is None else aux_total + aux.detach()
     assert total is not None
     data_parallel.finish_grads()
     norm = clip_grad_norm_(parameters, grad_clip, pg)
     optimizer.step()  # pyright: ignore[reportUnknownMemberType]  # torch leaves `closure` unannotated
+    if after_optimizer_step is not None:
+        after_optimizer_step()
     mean = total if micro_batches == 1 else total / micro_batches
-    return StepOutput(loss=replica_mean_tensor(mean, pg), grad_norm=norm)
+    aux_mean = None if aux_total is None else replica_mean_tensor(aux_total / micro_batches, pg)
+    return StepOutput(loss=replica_mean_tensor(mean, pg), grad_norm=norm, aux_loss=aux_mean)

@@ -8,10 +8,12 @@ model loss and reports `summary()` separately. No module-level state: two models
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 __all__ = ["AuxLossReporter", "ExpertBiasOwner", "MoEAuxLossTracker", "bind_aux_loss_tracker"]
 
@@ -54,7 +56,7 @@ class AuxLossReporter(Protocol):
 class ExpertBiasOwner(Protocol):
     """A router with an aux-loss-free expert bias, updated once per optimizer step."""
 
-    def update_expert_bias(self, group: torch.distributed.ProcessGroup | None, /) -> None: ...
+    def update_expert_bias(self, groups: Sequence[ProcessGroup | None], /) -> None: ...
 
 
 def bind_aux_loss_tracker(model: nn.Module, tracker: MoEAuxLossTracker) -> int:

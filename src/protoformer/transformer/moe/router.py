@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -91,13 +93,14 @@ class TopKRouter(nn.Module):
             tracker.record("z_loss", z_loss(logits, self.config.moe_z_loss_coeff))
 
     @torch.no_grad()
-    def update_expert_bias(self, group: ProcessGroup | None, /) -> None:
-        """Move `expert_bias` by the token counts since the last call (summed over `group`,
-        the data-parallel ranks) and reset the counts. No-op without an expert bias."""
+    def update_expert_bias(self, groups: Sequence[ProcessGroup | None], /) -> None:
+        """Move `expert_bias` by the token counts since the last call (summed over `groups`,
+        the ranks that see different tokens) and reset the counts. No-op without a bias."""
         if self.expert_bias is None or self.local_tokens_per_expert is None:
             return
         counts = self.local_tokens_per_expert
-        all_reduce_in_place(counts, group)
+        for group in groups:
+            all_reduce_in_place(counts, group)
         if counts.sum() > 0:
             self.expert_bias.copy_(updated_expert_bias(
                 self.expert_bias, counts, self.config.moe_router_bias_update_rate))
