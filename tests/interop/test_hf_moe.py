@@ -185,6 +185,14 @@ def test_save_hf_loads_with_from_pretrained(case: tuple[str, Any], tmp_path: Pat
         assert torch.equal(reloaded_state[name], tensor), name
 
 
+def test_mixtral_sliding_window_matches_past_the_window() -> None:
+    hf_model = build_hf("mixtral", sliding_window=6)
+    ours = from_hf(hf_model)
+    assert_same_logits(hf_model, ours)  # 16 positions, window 6
+    assert_same_logits(hf_model, ours, padded=True)
+    assert_same_greedy_generation(hf_model, ours)  # 6 + 16 tokens
+
+
 # ------------------------------------------------------------------ models built in protoformer
 def _native_model(**overrides: Any) -> GPTModel:
     import torch.nn.functional as F
@@ -265,7 +273,6 @@ def test_olmoe_is_exported_only_from_a_model_with_its_projection_norms() -> None
 
 # ------------------------------------------------------------------ refused configs
 @pytest.mark.parametrize(("case", "overrides", "message"), [
-    ("mixtral", {"sliding_window": 16}, "sliding_window=16"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
     ("qwen2-moe-shared-gate-dense-layer", {"use_sliding_window": True, "sliding_window": 16},
      "sliding_window=16"),

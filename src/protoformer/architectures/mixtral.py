@@ -7,17 +7,20 @@ by a softmax router whose top-k weights are renormalised (`moe_router_pre_softma
 Weights: checkpoint files keep Mixtral's original names, `block_sparse_moe.gate` and
 `block_sparse_moe.experts.{e}.w1/w3/w2` (gate/up/down); transformers 5 models hold
 `mlp.gate` and the fused `mlp.experts.gate_up_proj`/`down_proj` (see `moe_conversion`).
-Refused: a sliding window shorter than the context and router jitter noise.
+A `sliding_window` shorter than the context makes every layer's attention sliding-window
+attention (`gpt_layer_spec(window_size=...)`), as in Mistral. Refused: router jitter noise.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 
 from protoformer.architectures.conversion import (
     ConfigReader,
+    HFConversionError,
     HFModelInfo,
     JSONDict,
     TensorRule,
@@ -34,13 +37,13 @@ from protoformer.architectures.moe_conversion import (
     gpt_moe_exportable_problems,
     moe_layer_rules,
     read_gpt_attention_config,
-    refuse_sliding_window,
     with_moe,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
 from protoformer.config import TransformerConfig
-from protoformer.recipes.moe import gpt_moe_layer_specs
+from protoformer.recipes.gpt import gpt_layer_spec
+from protoformer.recipes.moe import moe_layer_specs
 from protoformer.transformer.block import LayerSpecs
 
 __all__ = ["MixtralArchitecture"]
@@ -56,7 +59,7 @@ _DESCRIBED = tuple(name for name in MOE_DESCRIBED_FIELDS if name != "ffn_hidden_
 def parse_mixtral_config(values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
     """A Mixtral config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
     reader = ConfigReader(values, _WHERE)
-    refuse_sliding_window(reader)
+    _window(values)  # a malformed window fails here, with the config
     jitter = reader.get_float("router_jitter_noise", 0.0)
     if jitter:
         raise UnsupportedHFModelError(
@@ -83,6 +86,17 @@ def parse_mixtral_config(values: Mapping[str, object], dtype: torch.dtype) -> HF
         hf_config=dict(values),
         described_fields=_DESCRIBED,
     )
+
+
+def _window(values: Mapping[str, object]) -> int | None:
+    """Every layer's attention window, or None when it is at least the context (blocks nothing)."""
+    reader = ConfigReader(values, _WHERE)
+    window = reader.get_optional_int("sliding_window")
+    if window is None or window >= reader.get_int("max_position_embeddings"):
+        return None
+    if window < 1:
+        raise HFConversionError(f"{_WHERE}: sliding_window={window} must be >= 1 or null")
+    return window
 
 
 def export_mixtral_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
@@ -113,7 +127,8 @@ def export_mixtral_config(config: TransformerConfig, sizes: ModelSizes) -> JSOND
 
 
 class MixtralArchitecture:
-    """Mixtral (`CausalLMArchitecture`): `gpt_moe_layer_specs`, experts in every layer."""
+    """Mixtral (`CausalLMArchitecture`): `moe_layer_specs` over `gpt_layer_spec` (with the
+    sliding window), experts in every layer."""
 
     model_type = "mixtral"
     hf_class = _HF_CLASS
@@ -123,7 +138,8 @@ class MixtralArchitecture:
         return parse_mixtral_config(values, dtype)
 
     def layer_spec(self, backend: BackendSpecProvider, info: HFModelInfo) -> LayerSpecs:
-        return gpt_moe_layer_specs(backend, info.config)
+        dense = functools.partial(gpt_layer_spec, window_size=_window(info.hf_config))
+        return moe_layer_specs(backend, info.config, dense)
 
     def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
         return model_rules(info, dense_attention_rules, moe_layer_rules(_NAMES))
