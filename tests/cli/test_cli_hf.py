@@ -178,7 +178,8 @@ def test_train_from_hf_resumes_exactly_and_generate_rebuilds_it(
                  str(corpus_file), "--steps", "5", "--save-every", "3", *TRAIN]) == 0
     out = capsys.readouterr().out
     assert f"model: {source} (LlamaForCausalLM)" in out
-    assert "note: the corpus is fed as bytes" in out
+    assert f"tokenizer {source / 'tokenizer.json'}" in out  # the model's own, by default
+    assert "note: the corpus is fed as bytes" not in out
     state = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())
     assert state["hf_config"]["vocab_size"] == hf_checkpoint[2].get_vocab_size()
     assert state["train_options"]["init_from_hf"] == str(source)
@@ -201,6 +202,36 @@ def test_train_from_hf_resumes_exactly_and_generate_rebuilds_it(
     assert main(["generate", "--checkpoint", str(resumed), "--prompt", "def ",
                  "--max-new-tokens", "6", "--greedy", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_fine_tuning_with_the_models_tokenizer_lowers_the_held_out_loss(
+        hf_checkpoint: tuple[Path, Any, Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from protoformer.generation import generate
+
+    source, _, tokenizer = hf_checkpoint
+    text = tmp_path / "text.txt"
+    text.write_text("".join(TEXTS) * 40)
+    run = tmp_path / "run"
+    assert main(["train", "--init-from-hf", str(source), "--data", str(text), "--out", str(run),
+                 "--steps", "30", "--eval-every", "5", "--log-every", "10", "--batch-size", "4",
+                 "--seq-len", "32", "--warmup-steps", "5", "--device", "cpu", "--no-sample"]) == 0
+    out = capsys.readouterr().out
+    assert f"tokenizer {source / 'tokenizer.json'}" in out and "tokens from 1 file(s)" in out
+    state = json.loads((run / "checkpoints" / "step_000030" / "state.json").read_text())
+    held_out = [loss for _, loss in state["history"]["validation"]]  # the text's last 5%
+    assert len(held_out) == 6 and held_out[-1] < held_out[0] - 1.0, held_out
+
+    prompt = "def greet"
+    assert main(["generate", "--checkpoint", str(run), "--prompt", prompt, "--max-new-tokens",
+                 "8", "--greedy", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    model, _ = load_model(run, device="cpu")
+    eos = tokenizer.token_to_id("</s>")
+    with torch.no_grad():
+        ids = generate(model, tokenizer.encode(prompt).ids, 8, greedy=True, stop_token_ids=(eos,))
+    assert printed == prompt + tokenizer.decode(ids) + "\n"  # decoded by the model's tokenizer
+    assert any(token >= 256 for token in ids), ids  # merged BPE tokens, not bytes
 
 
 def test_train_from_hf_starts_from_its_weights(

@@ -143,3 +143,16 @@ def test_prepare_data_refuses_an_occupied_out_and_a_file(tmp_path: Path,
     assert main(["prepare-data", source, "--out", str(out), "--overwrite"]) == 0
     assert main(["prepare-data", source, "--out", source]) == 1
     assert "is a file" in capsys.readouterr().err
+def test_a_corrupt_shard_is_refused_in_one_line_by_train(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _dataset(tmp_path)
+    shard = out / "shard_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(["train", "--data", str(out), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--device", "cpu", "--no-sample"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard_00000.bin" in err and "sha256" in err
+
+

@@ -1,7 +1,8 @@
 """`protoformer generate`: continue a prompt with a trained checkpoint or a Hugging Face model.
 
-A protoformer checkpoint (`--checkpoint`) is byte-level: the prompt's UTF-8 bytes are its token
-ids. A Hugging Face checkpoint directory (`--hf`) brings its own tokenizer (tokenizer.json) and
+A protoformer checkpoint (`--checkpoint`) decodes with the tokenizer its run trained with (the
+tokenizer.json copied into every checkpoint), or, for a byte-level run, takes the prompt's
+UTF-8 bytes as token ids. A Hugging Face checkpoint directory (`--hf`) brings its own tokenizer (tokenizer.json) and
 stop tokens (generation_config.json or config.json `eos_token_id`).
 """
 
@@ -32,9 +33,12 @@ from protoformer.train.checkpoint import (
     read_state,
     resolve_checkpoint,
 )
+from protoformer.train.checkpoint_files import verify_file
 from protoformer.train.loop import resolve_device
+from protoformer.train.tokenizer import RunTokenizer, load_run_tokenizer
 
-__all__ = ["add_parser", "check_prompt_bytes", "load_model", "run", "token_bytes"]
+__all__ = ["add_parser", "check_prompt_bytes", "checkpoint_tokenizer", "load_model", "run",
+           "token_bytes"]
 
 _REPLACEMENT = "\ufffd".encode()
 
@@ -134,7 +138,8 @@ def _build_saved_model(step_dir: Path, state: dict[str, JSONValue], device: str,
                               where=f"{step_dir / STATE_FILE} layer_spec")
             if stored is not None else None)
     return get_preset(preset_name).build_model(get_backend(backend_name), device=placement,
-                                               layer_spec=spec)
+                                               layer_spec=spec,
+                                               vocab_size=_saved_vocab_size(state))
 
 
 def _load_from(step_dir: Path, state: dict[str, JSONValue], device: str,
@@ -252,10 +257,42 @@ def _decode_stream(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
     return "".join(decoder.push(token) for token in ids) + decoder.flush()
 
 
+def checkpoint_tokenizer(step_dir: Path, state: dict[str, JSONValue]) -> RunTokenizer | None:
+    """The tokenizer a run trained with (its tokenizer.json, checked against state.json's
+    size and sha256), or None for a byte-level run."""
+    path = step_dir / TOKENIZER_FILE
+    files = state.get("files")
+    record = files.get(TOKENIZER_FILE) if isinstance(files, dict) else None
+    if record is None and not path.exists():
+        return None
+    verify_file(path, record)
+    return load_run_tokenizer(path)
+
+
+def _run_with_tokenizer(model: GPTModel, tokenizer: RunTokenizer, args: argparse.Namespace,
+                        prompts: Sequence[str]) -> None:
+    """Generate with the tokenizer the checkpoint's run trained with."""
+    stop = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    text_tokenizer = tokenizer.tokenizer
+    if len(prompts) > 1:
+        _batch_generation(model, [tokenizer.encode(p) for p in prompts], args, echoes=prompts,
+                          text=lambda ids: _decode_stream(text_tokenizer, ids),
+                          stop_token_ids=stop)
+        return
+    decoder = StreamDecoder(text_tokenizer)
+    _stream_generation(model, tokenizer.encode(prompts[0]), args, echo=prompts[0],
+                       piece=decoder.push, finish=decoder.flush, stop_token_ids=stop)
+
+
 def _run_checkpoint(args: argparse.Namespace, prompts: Sequence[str]) -> None:
     prompt_bytes = [prompt.encode("utf-8") for prompt in prompts]
     step_dir = resolve_checkpoint(Path(args.checkpoint))
     state = read_state(step_dir)
+    tokenizer = checkpoint_tokenizer(step_dir, state)
+    if tokenizer is not None:  # the run's own tokenizer travels with its checkpoint
+        model = _load_from(step_dir, state, str(args.device), [str(a) for a in args.allow])
+        _run_with_tokenizer(model, tokenizer, args, prompts)
+        return
     vocab_size = _saved_vocab_size(state)
     if vocab_size is not None:  # before the (slower) model build
         for encoded in prompt_bytes:

@@ -1,4 +1,4 @@
-"""`protoformer train`: train a preset on a byte corpus, checkpoint it and show a sample.
+"""`protoformer train`: train a model on text, checkpoint it and show a sample.
 
 The model is a preset, optionally with its layer spec from a file and overrides (`--spec`,
 `--set`, `--allow`), or a Hugging Face checkpoint's architecture and weights
@@ -15,16 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from protoformer.cli.generate import token_bytes
 from protoformer.cli.spec_args import add_spec_arguments
+from protoformer.cli.train_config import ConfigFileAction, resolved_config, toml_text
 from protoformer.distributed import LaunchEnvironment, barrier, destroy_distributed, fail_fast
 from protoformer.generation import generate
 from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
 from protoformer.train.loop import TrainOptions, TrainResult, train
+from protoformer.train.schedule import DECAY_STYLES
 
-__all__ = ["add_parser", "options_from_args", "run"]
+__all__ = ["add_parser", "config_document", "options_from_args", "run"]
 
 SAMPLE_PROMPT = "def "
 SAMPLE_TOKENS = 200
@@ -37,6 +39,11 @@ _FLAGS = {
     "seed": "seed", "backend": "backend", "device": "device", "tp": "tp",
     "sequence_parallel": "sequence_parallel", "dist_timeout": "dist_timeout",
     "init_from_hf": "init_from_hf", "spec": "spec", "micro_batch_size": "micro_batch_size",
+    "tokenizer": "tokenizer",
+    "max_corpus_bytes": "max_corpus_bytes", "eval_batches": "eval_batches",
+    "weight_decay": "weight_decay", "grad_clip": "grad_clip", "min_lr": "min_lr",
+    "lr_decay_style": "lr_decay_style", "lr_wsd_decay_steps": "lr_wsd_decay_steps",
+    "precision": "precision", "tensorboard": "tensorboard", "peak_tflops": "peak_tflops",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -56,6 +63,9 @@ def add_parser(commands: _Subparsers) -> None:
                     "With --resume, options not given on the command line come from the run's "
                     "latest checkpoint, and the model is rebuilt as the checkpoint records it.")
     d = _DEFAULTS
+    parser.add_argument("--config", type=Path, metavar="FILE", action=ConfigFileAction,
+                        help="a TOML file of flags (every flag is a key: batch-size = 8); flags "
+                             "given on the command line win over it")
     parser.add_argument("--preset", help=f"model preset (default {d.preset})")
     parser.add_argument("--init-from-hf", type=Path, metavar="PATH",
                         help="start from a Hugging Face checkpoint directory (its architecture "
@@ -64,9 +74,21 @@ def add_parser(commands: _Subparsers) -> None:
     parser.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
     parser.add_argument("--out", type=Path, default=d.out_dir,
                         help=f"run directory for checkpoints and the loss curve (default {d.out_dir})")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace the run already in --out (its checkpoints, metrics and "
+                             "loss curve) instead of refusing to")
     parser.add_argument("--data", type=Path,
-                        help="a text file or a directory of text files (default: the Python "
-                             "standard library's source)")
+                        help="a dataset directory from `protoformer prepare-data` (streamed, any "
+                             "size), or a text file or directory of text files (read into "
+                             "memory, up to --max-corpus-bytes) (default: the Python standard "
+                             "library's source)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="a tokenizer.json or a directory with one (local; nothing is "
+                             "downloaded), or 'bytes' (default: the dataset's, else the "
+                             "--init-from-hf checkpoint's, else bytes)")
+    parser.add_argument("--max-corpus-bytes", type=int,
+                        help="largest raw-text --data read into memory; more is refused, "
+                             f"pointing to prepare-data (default {d.max_corpus_bytes:,})")
     parser.add_argument("--batch-size", type=int,
                         help="sequences per optimizer step over all data-parallel replicas "
                              f"(default {d.batch_size}); the same as --global-batch-size")
@@ -79,10 +101,32 @@ def add_parser(commands: _Subparsers) -> None:
                              "(default: the whole replica share, no accumulation)")
     parser.add_argument("--seq-len", type=int, help=f"bytes per sequence (default {d.seq_len})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--min-lr", type=float,
+                        help=f"the schedule's floor (default {d.min_lr_ratio} x --lr)")
+    parser.add_argument("--lr-decay-style", choices=DECAY_STYLES,
+                        help=f"decay after warmup (default {d.lr_decay_style}); WSD holds the "
+                             "peak, then decays linearly over --lr-wsd-decay-steps")
+    parser.add_argument("--lr-wsd-decay-steps", type=int,
+                        help="WSD's decay steps (default a fifth of the steps after warmup)")
     parser.add_argument("--warmup-steps", type=int,
-                        help=f"linear warmup steps before the cosine decay (default {d.warmup_steps})")
+                        help=f"linear warmup steps before the decay (default {d.warmup_steps})")
+    parser.add_argument("--weight-decay", type=float,
+                        help=f"AdamW weight decay of the matrices (default {d.weight_decay})")
+    parser.add_argument("--clip-grad", type=float, dest="grad_clip",
+                        help=f"clip the gradient norm to this (default {d.grad_clip})")
+    parser.add_argument("--adam-beta1", type=float, help=f"AdamW beta1 (default {d.betas[0]})")
+    parser.add_argument("--adam-beta2", type=float, help=f"AdamW beta2 (default {d.betas[1]})")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                           help="auto: bf16 autocast on CUDA, fp32 elsewhere (default auto)")
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                           help="bf16 autocast (norms, softmax and loss in fp32), on any device")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                           help="full fp32, also on CUDA")
     parser.add_argument("--eval-every", type=int,
                         help=f"steps between validation losses (default {d.eval_every})")
+    parser.add_argument("--eval-batches", type=int,
+                        help=f"batches per validation loss (default {d.eval_batches})")
     parser.add_argument("--save-every", type=int,
                         help=f"steps between checkpoints (default {d.save_every})")
     parser.add_argument("--log-every", type=int,
@@ -102,6 +146,12 @@ def add_parser(commands: _Subparsers) -> None:
     parser.add_argument("--dist-timeout", type=float,
                         help="seconds a rank waits for the others in a collective before the "
                              f"run fails (default {d.dist_timeout:.0f})")
+    parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                        help="one device's peak TFLOP/s, for the MFU in the log (default: the "
+                             "data-sheet peak of known GPUs; none on a CPU)")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also write the metrics as TensorBoard events under --out/tensorboard "
+                             "(pip install tensorboard)")
     parser.add_argument("--no-sample", action="store_true",
                         help="skip the sample generation after training")
     add_spec_arguments(parser)
@@ -140,6 +190,13 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
                              f"{args.global_batch_size} name the same thing (sequences per "
                              "optimizer step); give one of them")
         values["batch_size"] = args.global_batch_size
+    if args.adam_beta1 is not None or args.adam_beta2 is not None:
+        saved_betas = values.get("betas", _DEFAULTS.betas)
+        beta1, beta2 = cast("tuple[float, float]", saved_betas)  # a pair from a checkpoint
+        given1: float | None = args.adam_beta1
+        given2: float | None = args.adam_beta2
+        values["betas"] = (beta1 if given1 is None else given1,
+                           beta2 if given2 is None else given2)
     if args.init_from_hf is not None and args.preset is not None:
         raise ValueError("--preset and --init-from-hf both choose the model; give one of them")
     data = values.get("data")
@@ -147,10 +204,27 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         values["data"] = Path(data)
     values["out_dir"] = Path(args.out)
     values["resume"] = bool(args.resume)
+    values["overwrite"] = bool(args.overwrite)
     # The values come from argparse (typed by each flag) and from a checkpoint written by
     # TrainOptions.to_json; TrainOptions.__post_init__ checks them.
     options: TrainOptions = TrainOptions(**values)  # type: ignore[arg-type]
     return options
+
+
+def config_document(options: TrainOptions) -> dict[str, object]:
+    """The resolved options as a `--config` file's keys (the flags), for config.toml."""
+    flag_of = {name: flag for flag, name in _FLAGS.items()}
+    flag_of.update({"grad_clip": "clip_grad", "overrides": "set", "allow": "allow"})
+    values: dict[str, object] = {"out": options.out_dir}
+    for item in dataclasses.fields(options):
+        flag = flag_of.get(item.name)
+        if flag is not None:
+            values[flag.replace("_", "-")] = getattr(options, item.name)
+    if options.init_from_hf is not None:
+        del values["preset"]  # the Hugging Face checkpoint chooses the model
+    values["min-lr"] = options.schedule().min_lr
+    values["adam-beta1"], values["adam-beta2"] = options.betas
+    return resolved_config(values)
 
 
 def _summary(result: TrainResult) -> list[str]:
@@ -176,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     launch = LaunchEnvironment.from_env()
     with fail_fast(launch):  # under torchrun: one rank's error ends every rank
         options = options_from_args(args)
-        result = train(options)
+        result = train(options, resolved_config=toml_text(config_document(options)))
         if launch.is_rank_zero:
             for line in _summary(result):
                 print(line)
@@ -196,13 +270,18 @@ def _sample(result: TrainResult, options: TrainOptions, launch: LaunchEnvironmen
         return
     if options.tp == 1 and not launch.is_rank_zero:
         return  # data-parallel replicas are identical: rank 0 samples alone
-    prompt = SAMPLE_PROMPT.encode("utf-8")
-    new = generate(result.model, list(prompt), SAMPLE_TOKENS, temperature=0.8, top_k=40,
-                   seed=options.seed)
+    tokenizer = result.tokenizer
+    prompt = tokenizer.encode(SAMPLE_PROMPT)
+    new = generate(result.model, prompt, SAMPLE_TOKENS, temperature=0.8, top_k=40,
+                   seed=options.seed, stop_token_ids=() if tokenizer.eos_token_id is None
+                   else (tokenizer.eos_token_id,))
     if not launch.is_rank_zero:
         return
-    text = (prompt + b"".join(token_bytes(token) for token in new)).decode("utf-8",
-                                                                          errors="replace")
+    if tokenizer.is_bytes:
+        text = (bytes(prompt) + b"".join(token_bytes(token) for token in new)).decode(
+            "utf-8", errors="replace")
+    else:
+        text = SAMPLE_PROMPT + tokenizer.decode(new)
     print(f"sample (temperature 0.8, top-k 40, prompt {SAMPLE_PROMPT!r}):")
     print(text)
     if options.tp == 1:

@@ -54,13 +54,14 @@ class Preset:
         device: torch.device | str | None = None,
         pg: ProcessGroups | None = None,
         layer_spec: LayerSpecs | None = None,
+        vocab_size: int | None = None,
     ) -> GPTModel:
         """Build the model with `backend` (default: the `"local"` backend), on `device` if given.
 
         `device="meta"` builds every parameter without storage, to inspect shapes and count
         parameters of models that do not fit in memory. `layer_spec` replaces the preset's own
         recipe (a spec loaded from a file, or one with overrides applied; one spec or a list with
-        one per layer).
+        one per layer). `vocab_size` replaces the preset's (a run with its own tokenizer).
         """
         backend = backend if backend is not None else get_backend("local")
         config = self.config()
@@ -70,7 +71,7 @@ class Preset:
             return GPTModel(
                 config,
                 spec,
-                self.vocab_size,
+                self.vocab_size if vocab_size is None else vocab_size,
                 self.max_sequence_length,
                 pg=pg,
                 share_embeddings_and_output_weights=self.tie_embeddings,

@@ -31,6 +31,7 @@ from protoformer.train.checkpoint_files import (
     TEMP_PREFIX,
     CheckpointError,
     JSONValue,
+    copy_files,
     publish_step_directory,
     read_state,
     remove_stale_temps,
@@ -53,14 +54,17 @@ def save_distributed_checkpoint(
     *,
     pg: ProcessGroups,
     rng_state: JSONValue,
+    extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
     """`save_checkpoint` for a torchrun job: call on every rank (it is collective).
 
     `state` is taken from rank 0; `rng_state` is this rank's, kept per rank under
-    "rng_per_rank". Returns the step directory (on every rank) once it is published.
+    "rng_per_rank"; rank 0 copies `extra_files` in. Returns the step directory (on every
+    rank) once it is published.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        return save_checkpoint(run_dir, step, model, optimizer, {**state, "rng": rng_state})
+        return save_checkpoint(run_dir, step, model, optimizer, {**state, "rng": rng_state},
+                               extra_files=extra_files)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     root = Path(run_dir) / CHECKPOINTS_DIR
     name = step_directory_name(step)
@@ -92,6 +96,7 @@ def save_distributed_checkpoint(
             if entry["dp_rank"] == 0 and optimizer is not None:
                 optimizers[str(entry["tp_rank"])] = entry["optimizer"]
             rngs.append(entry["rng"])
+        files.update(copy_files(temp, extra_files or {}))
         document: dict[str, JSONValue] = {
             **state, "format": FORMAT_VERSION, "step": step,
             "optimizer": optimizers.get("0") if pg.tp_size == 1 else None,

@@ -3,8 +3,9 @@
 Each is a small object the loop calls in a fixed order after a step (`FaultInjection` before
 it): `LossLog` reads the step's loss and gradient norm back to the host, checks the loss is
 finite, keeps the history and the throughput; `Evaluation` computes the validation loss every
-`eval_every` steps; `ProgressLog` shows them; `Checkpointing` saves every `save_every` steps
-and at the end.
+`eval_every` steps; `ProgressLog` shows them (with MFU, perplexity and bits per byte) and
+appends them to metrics.jsonl; `Checkpointing` saves every `save_every` steps and at the end,
+with the run's tokenizer.json.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from protoformer.distributed import LaunchEnvironment
+from protoformer.flops import flops_per_token
+from protoformer.interop.hf_tokenizer import TOKENIZER_FILE
 from protoformer.train.checkpoint import save_checkpoint
 from protoformer.train.checkpoint_dist import save_distributed_checkpoint
+from protoformer.train.dataset import bits_per_byte
 from protoformer.train.loss import evaluate
+from protoformer.train.metrics import MetricsLog, memory_gib, peak_flops, perplexity
 from protoformer.train.progress import TrainProgress
 from protoformer.train.run_state import rng_state, run_state
 from protoformer.train.setup import TrainRun
@@ -34,6 +39,7 @@ __all__ = [
     "ProgressLog",
     "StepReport",
     "Throughput",
+    "Utilization",
 ]
 
 FAULT_INJECTION_VARIABLE = "PROTOFORMER_FAULT_INJECT"
@@ -152,25 +158,66 @@ class Evaluation:
         return replace(report, validation_loss=loss)
 
 
-class ProgressLog:
-    """Shows each step on the progress bar, and a log line every `log_every` steps."""
+class Utilization:
+    """Model FLOPs utilisation: `flops_per_token` x tokens/s over the peak of every device."""
 
-    def __init__(self, run: TrainRun, progress: TrainProgress, throughput: Throughput) -> None:
+    def __init__(self, run: TrainRun) -> None:
+        model = run.model
+        self.flops_per_token = flops_per_token(model.config, model.vocab_size,
+                                               run.options.seq_len)
+        self.peak = peak_flops(run.device, bf16=run.bf16,
+                               override_tflops=run.options.peak_tflops)
+        self.devices = run.launch.world_size
+
+    def mfu(self, tokens_per_second: float) -> float | None:
+        """None when the device's peak is unknown (a CPU without --peak-tflops)."""
+        if self.peak is None:
+            return None
+        return self.flops_per_token * tokens_per_second / (self.peak * self.devices)
+
+
+class ProgressLog:
+    """Shows each step on the progress bar, and a log line (and a metrics.jsonl line) every
+    `log_every` steps; a validation loss on another step gets its own line."""
+
+    def __init__(self, run: TrainRun, progress: TrainProgress, throughput: Throughput,
+                 metrics: MetricsLog) -> None:
         self._options = run.options
         self._progress = progress
         self._throughput = throughput
+        self._metrics = metrics
+        self._utilization = Utilization(run)
+        self._device = run.device
+        self._bytes_per_token = run.data.bytes_per_token
+        self._started = time.perf_counter()
 
     def after_step(self, report: StepReport) -> None:
         options, progress = self._options, self._progress
         logged = _is_due(report.step, options.log_every, options.steps)
+        rate = self._throughput.take() if logged else report.tokens_per_second
+        mfu = self._utilization.mfu(rate)
         if logged:
-            progress.report(report.step, report.loss, report.lr, self._throughput.take(),
-                            report.validation_loss, report.aux_loss)
+            progress.report(report.step, report.loss, report.lr, rate, report.validation_loss,
+                            report.aux_loss, mfu=mfu)
+            self._metrics.write({
+                "step": report.step, "loss": report.loss, "lr": report.lr,
+                "grad_norm": report.grad_norm, "tokens_per_second": rate, "mfu": mfu,
+                "memory_gib": memory_gib(self._device),
+                "elapsed_seconds": time.perf_counter() - self._started,
+                **({} if report.aux_loss is None else {"aux_loss": report.aux_loss}),
+                **self._validation(report)})
         else:
-            progress.advance(report.step, report.loss, report.lr, report.tokens_per_second,
-                             report.aux_loss)
+            progress.advance(report.step, report.loss, report.lr, rate, report.aux_loss, mfu=mfu)
         if report.validation_loss is not None and not logged:
-            progress.note(f"step {report.step}: validation loss {report.validation_loss:.4f}")
+            progress.validation(report.step, report.validation_loss)
+            self._metrics.write({"step": report.step, **self._validation(report)})
+
+    def _validation(self, report: StepReport) -> dict[str, float | int | None]:
+        loss = report.validation_loss
+        if loss is None:
+            return {}
+        return {"validation_loss": loss, "validation_perplexity": perplexity(loss),
+                "validation_bits_per_byte": bits_per_byte(loss, self._bytes_per_token)}
 
 
 class Checkpointing:
@@ -187,10 +234,12 @@ class Checkpointing:
     def save(self, step: int) -> Path:
         run = self._run
         document = run_state(run.built, run.options, run.sampler, run.train_losses,
-                             run.validation_losses, run.corpus)
+                             run.validation_losses, run.data)
+        tokenizer = run.tokenizer.file  # the tokenizer travels with every checkpoint
+        extra = {TOKENIZER_FILE: tokenizer} if tokenizer is not None else {}
         if run.launch.is_distributed:
             return save_distributed_checkpoint(run.options.out_dir, step, run.model,
                                                run.optimizer, document, pg=run.pg,
-                                               rng_state=rng_state())
+                                               rng_state=rng_state(), extra_files=extra)
         return save_checkpoint(run.options.out_dir, step, run.model, run.optimizer,
-                               {**document, "rng": rng_state()})
+                               {**document, "rng": rng_state()}, extra_files=extra)

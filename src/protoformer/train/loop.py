@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine learning rate, clipping, validation, checkpoints.
+"""The training loop: AdamW, warmup + a decaying learning rate, clipping, validation, checkpoints.
 
 Everything that decides the next step is saved in a checkpoint (weights, optimizer state,
 the step, the torch RNG states and the data sampler's position), so `resume=True` continues
@@ -42,12 +42,15 @@ from protoformer.train.hooks import (
     ProgressLog,
 )
 from protoformer.train.loss import evaluate, replica_rows
+from protoformer.train.metrics import MetricsLog
 from protoformer.train.options import TrainOptions
 from protoformer.train.plot import plot_losses
 from protoformer.train.progress import TrainProgress
+from protoformer.train.run_dir import CONFIG_FILE
 from protoformer.train.run_state import config_summary
 from protoformer.train.setup import TrainRun, build_optimizer, setup_run
 from protoformer.train.step import train_step
+from protoformer.train.tokenizer import RunTokenizer
 
 __all__ = [
     "FAULT_INJECTION_VARIABLE",
@@ -82,6 +85,7 @@ class TrainResult:
     """The trained model and where its outputs went."""
 
     model: GPTModel
+    tokenizer: RunTokenizer  # what the model's token ids mean
     train_losses: list[tuple[int, float]]
     validation_losses: list[tuple[int, float]]
     checkpoint: Path | None
@@ -106,8 +110,9 @@ def train(
     options: TrainOptions,
     *,
     on_step: Callable[[StepMetrics], None] | None = None,
+    resolved_config: str | None = None,
 ) -> TrainResult:
-    """Train a model on the byte corpus and return it with its loss history.
+    """Train a model on its data (`protoformer.train.dataset`) and return it with its losses.
 
     The model is `options.preset`'s, with the layer spec `options.spec`/`options.overrides`
     describe if given, or the Hugging Face checkpoint `options.init_from_hf` (architecture and
@@ -115,34 +120,44 @@ def train(
     state), which `resume` and `protoformer generate` use.
 
     Checkpoints go to `options.out_dir/checkpoints/` every `save_every` steps and at the end;
-    the loss curve to `options.out_dir/loss_curve.png`. `on_step` is called after each step
-    (an exception it raises stops training, as a crash would).
+    the loss curve to `options.out_dir/loss_curve.png`; a line per log step to
+    `options.out_dir/metrics.jsonl`. `resolved_config` (the run's options as a TOML `--config`
+    file) is written to `options.out_dir/config.toml` and printed first. `on_step` is called
+    after each step (an exception it raises stops training, as a crash would).
     """
     started = time.perf_counter()
     run = setup_run(options)
+    rank_zero = run.launch.is_rank_zero
     show_bar = sys.stdout.isatty() if options.progress is None else options.progress
     with TrainProgress(total=options.steps, completed=run.start_step,
-                       enabled=show_bar and run.launch.is_rank_zero,
-                       silent=not run.launch.is_rank_zero) as progress:
+                       enabled=show_bar and rank_zero, silent=not rank_zero,
+                       bytes_per_token=run.data.bytes_per_token) as progress, \
+            MetricsLog(options.out_dir, enabled=rank_zero, tensorboard=options.tensorboard,
+                       resume_step=run.start_step if options.resume else None) as metrics:
+        if resolved_config is not None and rank_zero:
+            path = options.out_dir / CONFIG_FILE
+            path.write_text(resolved_config, encoding="utf-8")
+            progress.note(f"config ({path}): " + ", ".join(
+                line for line in resolved_config.splitlines() if line.strip()))
         for message in run.messages:
             progress.note(message)
-        loss_log = _run_steps(run, progress, on_step)
+        loss_log = _run_steps(run, progress, metrics, on_step)
         loss_curve = _plot(run, progress)
-    return TrainResult(model=run.model, train_losses=run.train_losses,
+    return TrainResult(model=run.model, tokenizer=run.tokenizer, train_losses=run.train_losses,
                        validation_losses=run.validation_losses, checkpoint=run.checkpoint,
                        loss_curve=loss_curve, steps_run=max(options.steps - run.start_step, 0),
                        elapsed_seconds=time.perf_counter() - started,
                        tokens_per_second=loss_log.throughput.mean_rate(), messages=run.messages)
 
 
-def _run_steps(run: TrainRun, progress: TrainProgress,
+def _run_steps(run: TrainRun, progress: TrainProgress, metrics: MetricsLog,
                on_step: Callable[[StepMetrics], None] | None) -> LossLog:
     """The steps from `run.start_step` to `options.steps`, each followed by the hooks."""
     options = run.options
     fault = FaultInjection(run.launch)
     loss_log = LossLog(run)
     evaluation = Evaluation(run)
-    progress_log = ProgressLog(run, progress, loss_log.throughput)
+    progress_log = ProgressLog(run, progress, loss_log.throughput, metrics)
     checkpointing = Checkpointing(run)
     parameters = [p for p in run.model.parameters() if p.requires_grad]
     moe = run.model.config.num_moe_experts is not None  # aux losses, expert-bias updates
@@ -175,7 +190,7 @@ def _plot(run: TrainRun, progress: TrainProgress) -> Path | None:
     loss_curve = plot_losses(run.train_losses, run.validation_losses,
                              options.out_dir / LOSS_CURVE_FILE,
                              title=f"{run.built.name}: {options.batch_size} x {options.seq_len} "
-                                   "bytes per step")
+                                   f"{'bytes' if run.tokenizer.is_bytes else 'tokens'} per step")
     if loss_curve is None:
         progress.note("matplotlib is not installed; skipped the loss-curve PNG "
                       "(pip install matplotlib)")

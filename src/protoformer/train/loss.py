@@ -2,12 +2,11 @@
 
 Every rank draws the same global batch and keeps the rows of its data-parallel replica
 (`replica_rows`); a reported loss is the mean over the replicas (`replica_mean`), i.e. the
-loss of the global batch. On CUDA the forward runs under bf16 autocast.
+loss of the global batch. The model's `config.bf16` decides bf16 autocast (a run sets it from
+`--precision`: by default on CUDA).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 from torch import Tensor
@@ -19,19 +18,12 @@ from protoformer.parallel.mappings import all_reduce_in_place
 __all__ = ["evaluate", "mean_loss", "replica_mean", "replica_mean_tensor", "replica_rows"]
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def mean_loss(model: torch.nn.Module, batch: Tensor, device: torch.device) -> Tensor:
     """Mean loss of `model` (a GPTModel, or one wrapped in DistributedDataParallel)."""
     batch = batch.to(device, non_blocking=True)  # [b, s + 1]
     inputs, labels = batch[:, :-1], batch[:, 1:]  # [b, s], [b, s]
-    with _autocast(device):
-        loss = model(inputs, labels, loss_reduction="mean")  # [], averaged by the model
+    # bf16 autocast happens inside the model when its config.bf16 is set (--precision).
+    loss = model(inputs, labels, loss_reduction="mean")  # [], averaged by the model
     if not isinstance(loss, Tensor):
         raise TypeError(f"{type(model).__name__} returned {type(loss).__name__}, not the "
                         "loss tensor")

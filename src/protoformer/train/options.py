@@ -15,6 +15,7 @@ from typing import cast
 
 from protoformer.distributed import DEFAULT_TIMEOUT_S
 from protoformer.train.checkpoint_files import CheckpointError, JSONValue
+from protoformer.train.schedule import DECAY_STYLES, LRSchedule
 
 __all__ = ["RUN_DEFINING", "TrainOptions", "check_resumable"]
 
@@ -72,6 +73,23 @@ class TrainOptions:
     """Sequences per forward/backward on one replica; the step accumulates the gradients of
     `batch_size / (micro_batch_size * data-parallel size)` micro-batches. None: the whole
     replica share at once (no accumulation)."""
+    tokenizer: str | None = None
+    """A tokenizer.json (or a directory with one), or "bytes"; None: the dataset's, the Hugging
+    Face checkpoint's, else bytes (see `protoformer.train.dataset`)."""
+    min_lr: float | None = None
+    """The schedule's floor; None: `lr * min_lr_ratio`."""
+    lr_decay_style: str = "cosine"
+    """cosine, linear, constant or WSD (see `protoformer.train.schedule.LRSchedule`)."""
+    lr_wsd_decay_steps: int | None = None
+    """WSD's decay length; None: a fifth of the steps after warmup."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 (autocast anywhere) or fp32."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard events (needs the tensorboard package)."""
+    peak_tflops: float | None = None
+    """The peak TFLOP/s of one device for MFU; None: known GPUs' data-sheet peak, else no MFU."""
+    overwrite: bool = False
+    """Replace the run already in `out_dir` instead of refusing to."""
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -87,6 +105,8 @@ class TrainOptions:
         if self.init_from_hf is not None and (self.spec is not None or self.overrides):
             raise ValueError("init_from_hf cannot be combined with a layer spec (--spec/--set): "
                              "the Hugging Face checkpoint defines the architecture; drop one")
+        if self.tokenizer is not None:
+            self.tokenizer = str(self.tokenizer)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
                      "save_every", "log_every", "max_corpus_bytes", "tp"):
             value = getattr(self, name)
@@ -102,6 +122,17 @@ class TrainOptions:
             raise ValueError(f"lr={self.lr}: the learning rate must be a positive number")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must be between 0 and 1")
+        if self.min_lr is not None and not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr={self.min_lr}: must be between 0 and lr={self.lr}")
+        if self.lr_decay_style not in DECAY_STYLES:
+            raise ValueError(f"lr_decay_style={self.lr_decay_style!r}: use one of "
+                             f"{', '.join(DECAY_STYLES)}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0.0:
+            raise ValueError(f"peak_tflops={self.peak_tflops}: must be > 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision={self.precision!r}: use auto, bf16 or fp32")
+        if not (0.0 <= self.betas[0] < 1.0 and 0.0 <= self.betas[1] < 1.0):
+            raise ValueError(f"betas={self.betas}: Adam's betas must be in [0, 1)")
         if not self.weight_decay >= 0.0:
             raise ValueError(f"weight_decay={self.weight_decay}: must be >= 0")
         if not self.grad_clip > 0.0:
@@ -112,11 +143,22 @@ class TrainOptions:
             raise ValueError(f"dist_timeout={self.dist_timeout}: must be a positive number of "
                              "seconds")
 
+    def schedule(self) -> LRSchedule:
+        """The learning-rate schedule these options describe."""
+        warmup = min(self.warmup_steps, self.steps)
+        wsd = self.lr_wsd_decay_steps
+        if wsd is None:  # a fifth of the steps after warmup, at least one when there are any
+            wsd = min(max((self.steps - warmup) // 5, 1), self.steps - warmup)
+        return LRSchedule(max_lr=self.lr,
+                          min_lr=self.lr * self.min_lr_ratio if self.min_lr is None else self.min_lr,
+                          warmup_steps=warmup, total_steps=self.steps,
+                          decay_style=self.lr_decay_style, wsd_decay_steps=wsd)
+
     def to_json(self) -> dict[str, JSONValue]:
         """The options as stored in a checkpoint: all but where and how the run is shown."""
         document: dict[str, JSONValue] = {}
         for item in dataclasses.fields(self):
-            if item.name in ("out_dir", "resume", "progress", "dist_timeout"):
+            if item.name in ("out_dir", "resume", "progress", "dist_timeout", "overwrite"):
                 continue  # where and how this run is shown, not what it computes
             value: object = getattr(self, item.name)
             if isinstance(value, Path):

@@ -26,7 +26,8 @@ from protoformer.train.checkpoint_files import STATE_FILE, JSONValue
 from protoformer.train.data import BYTE_VOCAB_SIZE
 from protoformer.train.options import TrainOptions
 
-__all__ = ["RunModel", "build_hf_model", "build_preset_model", "check_sizes"]
+__all__ = ["VOCAB_PADDING", "RunModel", "build_hf_model", "build_preset_model", "check_sizes",
+           "run_vocab_size"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,27 @@ class RunModel:
     layer_spec: dict[str, JSONValue] | None  # the resolved spec(s), when --spec/--set gave them
 
 
+VOCAB_PADDING = 128
+"""A run's own tokenizer sizes a preset's vocabulary up to a multiple of this (times the
+tensor-parallel size), as Megatron's `--make-vocab-size-divisible-by` does."""
+
+
+def run_vocab_size(preset_vocab_size: int, tokenizer_vocab_size: int, *, is_bytes: bool,
+                   tp_size: int) -> int:
+    """A preset's vocabulary for a run: its own for bytes, else the tokenizer's, padded."""
+    if is_bytes:
+        return preset_vocab_size
+    multiple = VOCAB_PADDING * tp_size
+    return -(-tokenizer_vocab_size // multiple) * multiple
+
+
 def check_sizes(name: str, vocab_size: int, max_sequence_length: int,
-                options: TrainOptions) -> None:
-    """Refuse a model the byte-level trainer cannot feed: too few token ids, too short."""
-    if vocab_size < BYTE_VOCAB_SIZE:
-        raise ValueError(f"{name} has a vocabulary of {vocab_size}, but the byte-level trainer "
-                         f"needs {BYTE_VOCAB_SIZE}")
+                options: TrainOptions, *, tokenizer_vocab_size: int = BYTE_VOCAB_SIZE) -> None:
+    """Refuse a model the run cannot feed: fewer token ids than the tokenizer's, too short."""
+    if vocab_size < tokenizer_vocab_size:
+        raise ValueError(f"{name} has a vocabulary of {vocab_size}, but the run's tokenizer "
+                         f"makes {tokenizer_vocab_size} token ids; use a tokenizer that fits the "
+                         "model (--tokenizer), or the model's own")
     if options.seq_len > max_sequence_length:
         raise ValueError(f"seq_len={options.seq_len} exceeds {name}'s "
                          f"max_sequence_length={max_sequence_length}")
@@ -60,11 +76,13 @@ def _json_copy(values: object) -> dict[str, JSONValue]:
 
 def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: torch.device,
                  pg: ProcessGroups, options: TrainOptions,
-                 saved: dict[str, JSONValue] | None, checkpoint: Path | None) -> RunModel:
+                 saved: dict[str, JSONValue] | None, checkpoint: Path | None, *,
+                 vocab_size: int, bf16: bool) -> RunModel:
     """The preset's model (or the layer spec a spec file and overrides describe), split over
-    `pg` and with the run's sequence parallelism. A resumed run rebuilds the spec its
-    checkpoint stored, not the (possibly edited) spec file."""
-    config = preset.config()
+    `pg` and with the run's sequence parallelism, vocabulary and precision (`bf16`: autocast).
+    A resumed run rebuilds the spec its checkpoint stored, not the (possibly edited) spec
+    file."""
+    config = dataclasses.replace(preset.config(), bf16=bf16)
     if options.sequence_parallel and pg.tp_size > 1:
         if options.seq_len % pg.tp_size != 0:
             raise ValueError(f"--sequence-parallel needs --seq-len ({options.seq_len}) divisible "
@@ -87,7 +105,7 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
     document = to_dict(spec) if custom is not None else None  # fails here, not at the first save
     try:
         with torch.device(device):
-            model = GPTModel(config, spec, preset.vocab_size, preset.max_sequence_length, pg=pg,
+            model = GPTModel(config, spec, vocab_size, preset.max_sequence_length, pg=pg,
                              share_embeddings_and_output_weights=preset.tie_embeddings)
     except (TypeError, ValueError) as error:
         if custom is None:
@@ -99,9 +117,11 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
 
 
 def build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
-                    options: TrainOptions, saved: dict[str, JSONValue] | None) -> RunModel:
-    """The Hugging Face checkpoint's model; a resumed run rebuilds its architecture from the
-    config its checkpoint stored (the weights come from the checkpoint)."""
+                    options: TrainOptions, saved: dict[str, JSONValue] | None, *,
+                    tokenizer_vocab_size: int, bf16: bool) -> RunModel:
+    """The Hugging Face checkpoint's model (bf16 autocast with `bf16`); a resumed run rebuilds
+    its architecture from the config its checkpoint stored (the weights come from the
+    checkpoint)."""
     if options.tp != 1 or pg.tp_size != 1:
         raise ValueError(f"--init-from-hf loads the whole model on every process; tensor "
                          f"parallelism (--tp {options.tp}) is not supported with it, use --tp 1")
@@ -115,6 +135,8 @@ def build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
     else:
         model = from_hf(source, dtype=torch.float32, device=device)
     name = f"{source} ({hf_model_info(model).architecture})"
-    check_sizes(name, model.vocab_size, model.max_sequence_length, options)
+    check_sizes(name, model.vocab_size, model.max_sequence_length, options,
+                tokenizer_vocab_size=tokenizer_vocab_size)
+    model.config = dataclasses.replace(model.config, bf16=bf16)
     return RunModel(model=model, name=name, preset=None,
                      hf_config=_json_copy(hf_config_dict(model)), layer_spec=None)

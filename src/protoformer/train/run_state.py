@@ -22,7 +22,8 @@ from protoformer.parallel.random import get_rng_tracker
 from protoformer.train.checkpoint_dist import load_distributed_checkpoint
 from protoformer.train.checkpoint_files import CheckpointError, JSONValue
 from protoformer.train.checkpoint_state import bytes_from_json, bytes_to_json
-from protoformer.train.data import BatchSampler, Corpus
+from protoformer.train.data import BatchSampler
+from protoformer.train.dataset import TrainingData
 from protoformer.train.options import TrainOptions
 from protoformer.train.run_model import RunModel
 
@@ -44,10 +45,11 @@ def config_summary(config: TransformerConfig) -> dict[str, JSONValue]:
 def run_state(built: RunModel, options: TrainOptions, sampler: BatchSampler,
               train_losses: list[tuple[int, float]],
               validation_losses: list[tuple[int, float]],
-              corpus: Corpus | None = None) -> dict[str, JSONValue]:
+              data: TrainingData | None = None) -> dict[str, JSONValue]:
     """What a checkpoint of this run stores besides weights, optimizer state and RNG states.
 
-    With `corpus`, its size and sha256 (which `check_same_corpus` compares on resume)."""
+    With `data`, its size and sha256 (which `check_same_corpus` compares on resume) and what
+    tokenizer made its tokens."""
     model = built.model
     document: dict[str, JSONValue] = {
         "preset": built.preset.name if built.preset is not None else None,
@@ -61,9 +63,9 @@ def run_state(built: RunModel, options: TrainOptions, sampler: BatchSampler,
         "history": {"train": [[s, v] for s, v in train_losses],
                     "validation": [[s, v] for s, v in validation_losses]},
     }
-    if corpus is not None:
-        document["corpus"] = {"source": corpus.source, "bytes": corpus.num_bytes,
-                              "sha256": corpus.fingerprint}
+    if data is not None:
+        document["corpus"] = dict(data.record())
+        document["tokenizer"] = dict(data.tokenizer.to_json())
     if built.hf_config is not None:  # `generate` and `--resume` rebuild the model from it
         document["hf_config"] = built.hf_config
     if built.layer_spec is not None:
@@ -71,7 +73,7 @@ def run_state(built: RunModel, options: TrainOptions, sampler: BatchSampler,
     return document
 
 
-def check_same_corpus(saved: Mapping[str, JSONValue], corpus: Corpus, where: Path) -> None:
+def check_same_corpus(saved: Mapping[str, JSONValue], corpus: TrainingData, where: Path) -> None:
     """Refuse to resume on other data than the checkpoint's run read (an exact continuation
     draws the same windows from the same bytes). Checkpoints without a record pass."""
     record = saved.get("corpus")
@@ -81,7 +83,7 @@ def check_same_corpus(saved: Mapping[str, JSONValue], corpus: Corpus, where: Pat
         raise ValueError(
             f"cannot resume from {where}: the training data changed since it was saved "
             f"({record.get('source')}: {record.get('bytes')} bytes then, now {corpus.source}: "
-            f"{corpus.num_bytes} bytes with different contents); restore the data, or start a "
+            f"{corpus.text_bytes} bytes with different contents); restore the data, or start a "
             "new run with another --out")
 
 

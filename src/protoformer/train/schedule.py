@@ -75,9 +75,9 @@ class LRSchedule:
                              f"{', '.join(DECAY_STYLES)}")
         WarmupCosineSchedule(self.max_lr, self.min_lr, self.warmup_steps, self.total_steps)
         if self.decay_style == "WSD" and not \
-                1 <= self.wsd_decay_steps <= self.total_steps - self.warmup_steps:
+                0 <= self.wsd_decay_steps <= self.total_steps - self.warmup_steps:
             raise ValueError(f"lr_wsd_decay_steps={self.wsd_decay_steps}: WSD decays over the "
-                             f"last steps, between 1 and steps - warmup_steps = "
+                             f"last steps, between 0 and steps - warmup_steps = "
                              f"{self.total_steps - self.warmup_steps}")
 
     def __call__(self, step: int) -> float:

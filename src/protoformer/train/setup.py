@@ -24,18 +24,21 @@ from protoformer.parallel.parameters import parallel_metadata
 from protoformer.parallel.random import model_parallel_manual_seed
 from protoformer.recipes import get_preset
 from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
-from protoformer.train.data import (
-    BYTE_VOCAB_SIZE,
-    BatchSampler,
-    Corpus,
-    load_corpus,
-    validation_batches,
-)
+from protoformer.train.data import BatchSampler, validation_batches
+from protoformer.train.dataset import TrainingData, load_training_data, resolve_run_tokenizer
 from protoformer.train.options import TrainOptions, check_resumable
-from protoformer.train.run_model import RunModel, build_hf_model, build_preset_model, check_sizes
+from protoformer.train.run_dir import check_run_directory
+from protoformer.train.run_model import (
+    RunModel,
+    build_hf_model,
+    build_preset_model,
+    check_sizes,
+    run_vocab_size,
+)
 from protoformer.train.run_state import check_same_corpus, resume_run
-from protoformer.train.schedule import WarmupCosineSchedule
+from protoformer.train.schedule import LRSchedule
 from protoformer.train.step import micro_batch_count
+from protoformer.train.tokenizer import BYTE_VOCAB_SIZE, RunTokenizer
 
 __all__ = ["TrainRun", "build_optimizer", "model_parameter_count", "setup_run"]
 
@@ -50,12 +53,12 @@ class TrainRun:
     launch: LaunchEnvironment
     device: torch.device
     pg: ProcessGroups
-    corpus: Corpus
+    data: TrainingData  # the tokens and the tokenizer that made them
     sampler: BatchSampler
     validation: list[Tensor]  # the fixed validation batches, [batch_size, seq_len + 1] each
     built: RunModel
     optimizer: AdamW
-    schedule: WarmupCosineSchedule
+    schedule: LRSchedule
     data_parallel: DataParallel
     micro_batches: int  # per replica per step (gradient accumulation)
     start_step: int = 0
@@ -67,6 +70,20 @@ class TrainRun:
     @property
     def model(self) -> GPTModel:
         return self.built.model
+
+    @property
+    def tokenizer(self) -> RunTokenizer:
+        return self.data.tokenizer
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the forward runs under bf16 autocast (`--precision`)."""
+        return uses_bf16(self.options.precision, self.device)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for `--bf16`, and by default (`auto`) on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def build_optimizer(model: torch.nn.Module, options: TrainOptions) -> AdamW:
@@ -114,21 +131,18 @@ def _saved_run(options: TrainOptions) -> tuple[Path | None, dict[str, JSONValue]
     return checkpoint, saved
 
 
-def _describe(run: TrainRun, corpus: Corpus) -> list[str]:
+def _describe(run: TrainRun) -> list[str]:
     """The messages a run prints before its first step."""
     options, model, pg = run.options, run.model, run.pg
-    skipped = corpus.skipped_files
-    messages = [f"data: {corpus.source}: {corpus.num_bytes:,} bytes from {corpus.num_files} "
-                f"file(s), {corpus.validation.numel():,} held out for validation"
-                + (f"; skipped {len(skipped)} binary file(s): "
-                   f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}"
-                   if skipped else ""),
+    unit = "bytes" if run.tokenizer.is_bytes else "tokens"
+    messages = [run.data.description,
                 f"model: {run.built.name}, {model_parameter_count(model, pg.tp_size):,} "
-                f"parameters, on {run.device}; {options.steps} steps of {options.batch_size} x "
-                f"{options.seq_len} bytes"
+                f"parameters, vocabulary {model.vocab_size:,}, on {run.device}"
+                f"{' (bf16 autocast)' if run.bf16 else ''}; {options.steps} steps of "
+                f"{options.batch_size} x {options.seq_len} {unit}"
                 + (f" ({run.micro_batches} micro-batches of {options.micro_batch_size} per "
                    "replica)" if run.micro_batches > 1 else "")]
-    if run.built.preset is None:
+    if run.built.preset is None and run.tokenizer.is_bytes:
         messages.append(
             f"note: the corpus is fed as bytes (token ids 0-{BYTE_VOCAB_SIZE - 1}), which mean "
             f"nothing to the model's {model.vocab_size}-token (BPE) vocabulary: this fine-tunes "
@@ -140,57 +154,61 @@ def _describe(run: TrainRun, corpus: Corpus) -> list[str]:
             f"data-parallel {pg.dp_size} ({run.data_parallel.name})"
             f"{', sequence-parallel' if model.config.sequence_parallel else ''}"
             f" ({local_params:,} parameters per tensor-parallel rank)")
-    if not options.resume and latest_checkpoint(options.out_dir) is not None:
-        messages.append(f"note: {options.out_dir / 'checkpoints'} already holds a run; its "
-                        "checkpoints are replaced as this run saves (--resume continues it)")
     return messages
 
 
 def setup_run(options: TrainOptions) -> TrainRun:
     """Everything before the first step (collective under torchrun: call on every rank)."""
+    check_run_directory(options.out_dir, resume=options.resume, overwrite=options.overwrite)
     launch, device = init_distributed(options.device, timeout=options.dist_timeout)
     pg = _process_groups(launch, options)
     micro_batches = micro_batch_count(options.batch_size, options.micro_batch_size, pg.dp_size)
-    preset = get_preset(options.preset) if options.init_from_hf is None else None
-    if preset is not None:  # before building: a big preset's build is slow
-        check_sizes(f"preset {preset.name!r}", preset.vocab_size, preset.max_sequence_length,
-                    options)
     checkpoint, saved = _saved_run(options)
-    corpus = load_corpus(options.data, sequence_length=options.seq_len,
-                         max_bytes=options.max_corpus_bytes)
+    tokenizer = resolve_run_tokenizer(tokenizer=options.tokenizer, data=options.data,
+                                      init_from_hf=options.init_from_hf, checkpoint=checkpoint)
+    preset = get_preset(options.preset) if options.init_from_hf is None else None
+    vocab_size = 0
+    if preset is not None:  # before building: a big preset's build is slow
+        vocab_size = _saved_vocab_size(saved) or run_vocab_size(
+            preset.vocab_size, tokenizer.vocab_size, is_bytes=tokenizer.is_bytes,
+            tp_size=options.tp)
+        check_sizes(f"preset {preset.name!r}", vocab_size, preset.max_sequence_length,
+                    options, tokenizer_vocab_size=tokenizer.vocab_size)
+    data = load_training_data(options.data, tokenizer, sequence_length=options.seq_len,
+                              max_corpus_bytes=options.max_corpus_bytes)
     if saved is not None and checkpoint is not None:
-        check_same_corpus(saved, corpus, checkpoint)
-    sampler = BatchSampler(corpus.train, options.batch_size, options.seq_len, seed=options.seed)
-    validation = validation_batches(corpus.validation, options.batch_size, options.seq_len,
+        check_same_corpus(saved, data, checkpoint)
+    sampler = BatchSampler(data.train, options.batch_size, options.seq_len, seed=options.seed)
+    validation = validation_batches(data.validation, options.batch_size, options.seq_len,
                                     options.eval_batches)
+    bf16 = uses_bf16(options.precision, device)
 
     # The same seed on every rank: every tensor-parallel rank initialises the same full weights
     # and keeps its slice (and the per-rank dropout streams are seeded from it).
     model_parallel_manual_seed(options.seed, pg.tp_rank)
     if options.init_from_hf is not None:
-        built = build_hf_model(options.init_from_hf, device, pg, options, saved)
+        built = build_hf_model(options.init_from_hf, device, pg, options, saved,
+                               tokenizer_vocab_size=tokenizer.vocab_size, bf16=bf16)
     else:
         assert preset is not None
         built = build_preset_model(preset, get_backend(options.backend), device, pg, options,
-                                   saved, checkpoint)
+                                   saved, checkpoint, vocab_size=vocab_size, bf16=bf16)
     model = built.model
     model.train()
     if pg.dp_rank > 0:  # replicas start equal but draw their own dropout masks
         model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
                                    pg.tp_rank)
     optimizer = build_optimizer(model, options)
-    schedule = WarmupCosineSchedule(max_lr=options.lr, min_lr=options.lr * options.min_lr_ratio,
-                                    warmup_steps=min(options.warmup_steps, options.steps),
-                                    total_steps=options.steps)
+    schedule = options.schedule()
     resumed = _resume(checkpoint, built, optimizer, sampler, pg, launch, options)
     # Wrapped after loading: DDP broadcasts the (loaded) weights from the first replica.
     data_parallel = ReplicatedDataParallel(
         model, pg, device, delay_wgrad_compute=model.config.delay_wgrad_compute)
-    run = TrainRun(options=options, launch=launch, device=device, pg=pg, corpus=corpus,
+    run = TrainRun(options=options, launch=launch, device=device, pg=pg, data=data,
                    sampler=sampler, validation=validation, built=built, optimizer=optimizer,
                    schedule=schedule, data_parallel=data_parallel, micro_batches=micro_batches,
                    checkpoint=checkpoint)
-    run.messages = _describe(run, corpus)
+    run.messages = _describe(run)
     if resumed is not None:
         run.start_step, run.train_losses, run.validation_losses = resumed
         run.messages.append(f"resumed from {checkpoint} at step {run.start_step}")
@@ -199,6 +217,13 @@ def setup_run(options: TrainOptions) -> TrainRun:
                                 f"or past --steps {options.steps}: nothing left to train; raise "
                                 "--steps to train further")
     return run
+
+
+def _saved_vocab_size(saved: dict[str, JSONValue] | None) -> int | None:
+    """The vocabulary a resumed run's model was built with."""
+    model = saved.get("model") if saved is not None else None
+    size = model.get("vocab_size") if isinstance(model, dict) else None
+    return size if isinstance(size, int) else None
 
 
 def _resume(checkpoint: Path | None, built: RunModel, optimizer: AdamW, sampler: BatchSampler,
