@@ -92,6 +92,10 @@ class TransformerConfig:
     normalization: Normalization = "LayerNorm"
     layernorm_epsilon: float = 1e-5
     qk_layernorm: bool = False
+    # Norms scale by `1 + weight` (weights start at 0), as Gemma's; Megatron-Core's name.
+    layernorm_zero_centered_gamma: bool = False
+    # The token embeddings are multiplied by this before the first layer (Gemma: sqrt(hidden)).
+    embedding_multiplier: float = 1.0
 
     # Linear layers and the MLP.
     add_bias_linear: bool = True
@@ -226,7 +230,10 @@ class TransformerConfig:
         if self.recompute_granularity not in (None, "selective", "full"):
             raise _fail("recompute_granularity", self.recompute_granularity,
                         "must be None, 'selective' or 'full'")
-        for name in ("qk_layernorm", "add_bias_linear", "add_qkv_bias", "gated_linear_unit",
+        _require_float("embedding_multiplier", self.embedding_multiplier, low=0.0,
+                       low_inclusive=False)
+        for name in ("qk_layernorm", "layernorm_zero_centered_gamma", "add_bias_linear",
+                     "add_qkv_bias", "gated_linear_unit",
                      "perform_initialization", "attention_softmax_in_fp32",
                      "rotary_interleaved", "sequence_parallel", "delay_wgrad_compute", "bf16"):
             _require_bool(name, getattr(self, name))

@@ -16,8 +16,8 @@ from protoformer.recipes import Preset, get_preset, list_presets
 
 def test_list_presets_names_every_preset() -> None:
     assert list_presets() == ["tiny", "tiny-gqa", "tiny-mla", "tiny-moe", "llama3-8b",
-                              "llama3-70b", "deepseek-v3-mla", "mixtral-8x7b", "qwen3-30b-a3b",
-                              "deepseek-v3"]
+                              "llama3-70b", "deepseek-v3-mla", "gemma-2b", "mixtral-8x7b",
+                              "qwen3-30b-a3b", "deepseek-v3"]
     for name in list_presets():
         preset = get_preset(name)
         assert isinstance(preset, Preset) and preset.name == name and preset.description

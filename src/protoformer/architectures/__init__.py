@@ -15,6 +15,9 @@ from protoformer.architectures import deepseek_v3, t5
 
 # isort: split
 from protoformer.architectures import mixtral, olmoe, qwen_moe
+
+# isort: split
+from protoformer.architectures import gemma
 from protoformer.architectures.registry import (
     SUPPORTED_ARCHITECTURES,
     CausalLMArchitecture,
@@ -34,6 +37,7 @@ __all__ = [
     "Seq2SeqArchitecture",
     "causal_lm_architecture",
     "deepseek_v3",
+    "gemma",
     "llama",
     "mixtral",
     "olmoe",

@@ -115,7 +115,8 @@ class FusedRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[..., hidden_size]` -> the same shape and dtype."""
-        if x.is_cuda and x.dim() > 0 and x.shape[-1] == self.hidden_size and liger_available():
+        if x.is_cuda and x.dim() > 0 and x.shape[-1] == self.hidden_size and liger_available() \
+                and not self.zero_centered_gamma:
             return fused_rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -131,6 +132,7 @@ class FusedLayerNorm(LayerNorm):
     def forward(self, x: Tensor) -> Tensor:
         """`[..., hidden_size]` -> the same shape and dtype."""
         if x.is_cuda and x.dtype == self.weight.dtype and x.dim() > 0 \
+                and not self.zero_centered_gamma \
                 and x.shape[-1] == self.hidden_size:
             return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
         return super().forward(x)

@@ -56,7 +56,7 @@ def reinitialize_parameters(model: nn.Module, std: float,
                             num_layers_of: Callable[[str], int]) -> None:
     """Every parameter of `model` from scratch, after each submodule's own `reset_parameters`.
 
-    Biases 0; other 1-D weights (norm scales) 1; weights of the linears writing into the
+    Biases 0; other 1-D weights (norm scales) 1 (0 for zero-centered norms); weights of the linears writing into the
     residual stream normal(0, std / sqrt(2 * L)) with `L = num_layers_of(parameter name)` (the
     depth of the stack holding it); every other weight normal(0, std).
     """
@@ -69,7 +69,10 @@ def reinitialize_parameters(model: nn.Module, std: float,
         if leaf == "bias":
             param.zero_()
         elif param.dim() == 1:
-            param.fill_(1.0)
+            # A zero-centered norm (`layernorm_zero_centered_gamma`) scales by 1 + weight.
+            owner_module: object = model.get_submodule(owner)
+            centered = getattr(owner_module, "zero_centered_gamma", False) is True
+            param.fill_(0.0 if centered else 1.0)
         elif owner.rpartition(".")[2] in RESIDUAL_OUTPUT_LINEARS:
             param.normal_(0.0, std / math.sqrt(2.0 * num_layers_of(name)))
         else:

@@ -190,6 +190,10 @@ class GPTModel(nn.Module):
                                  f"input_ids of shape {tuple(input_ids.shape)} ([b, s])")
 
         embeddings = apply_module(self.embedding)(input_ids)  # [b, s, h] ([b, s / tp, h] with SP)
+        if self.config.embedding_multiplier != 1.0:
+            # In the embeddings' dtype, as Gemma's `normalizer`.
+            embeddings = embeddings * torch.tensor(self.config.embedding_multiplier,
+                                                   dtype=embeddings.dtype)
         if self.position_embeddings is not None:
             local_len = embeddings.shape[1]  # this rank's slice under sequence parallelism
             start = offset

@@ -39,19 +39,28 @@ class LayerNorm(nn.Module):
         _check_norm_args("LayerNorm", hidden_size, eps)
         self.hidden_size = hidden_size
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # `layernorm_zero_centered_gamma`: the scale is `1 + weight` (weight starts at 0).
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        start = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = nn.Parameter(start(hidden_size, dtype=config.params_dtype))
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
         _mark_sequence_parallel(config, self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """`[..., hidden_size]` -> the same shape and dtype."""
         _check_last_dim("LayerNorm", x, self.hidden_size)
-        out = F.layer_norm(x.float(), (self.hidden_size,), self.weight.float(), self.bias.float(),
+        out = F.layer_norm(x.float(), (self.hidden_size,), self._scale(), self.bias.float(),
                            self.eps)
         return out.to(x.dtype)
 
+    def _scale(self) -> Tensor:
+        """The float32 scale: `weight`, or `1 + weight` with a zero-centered gamma."""
+        weight = self.weight.float()  # [h]
+        return weight + 1.0 if self.zero_centered_gamma else weight
+
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        centered = ", zero_centered_gamma=True" if self.zero_centered_gamma else ""
+        return f"{self.hidden_size}, eps={self.eps}{centered}"
 
 
 class RMSNorm(nn.Module):
@@ -66,17 +75,26 @@ class RMSNorm(nn.Module):
         _check_norm_args("RMSNorm", hidden_size, eps)
         self.hidden_size = hidden_size
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # `layernorm_zero_centered_gamma` (Gemma): the scale is `1 + weight` (weight starts at 0).
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        start = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = nn.Parameter(start(hidden_size, dtype=config.params_dtype))
         _mark_sequence_parallel(config, self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """`[..., hidden_size]` -> the same shape and dtype."""
         _check_last_dim("RMSNorm", x, self.hidden_size)
-        out = F.rms_norm(x.float(), (self.hidden_size,), self.weight.float(), self.eps)
+        out = F.rms_norm(x.float(), (self.hidden_size,), self._scale(), self.eps)
         return out.to(x.dtype)
 
+    def _scale(self) -> Tensor:
+        """The float32 scale: `weight`, or `1 + weight` with a zero-centered gamma."""
+        weight = self.weight.float()  # [h]
+        return weight + 1.0 if self.zero_centered_gamma else weight
+
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        centered = ", zero_centered_gamma=True" if self.zero_centered_gamma else ""
+        return f"{self.hidden_size}, eps={self.eps}{centered}"
 
 
 def norm_class(config: TransformerConfig) -> LayerNormBuilder:
