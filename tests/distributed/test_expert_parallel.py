@@ -125,3 +125,46 @@ def check_wrong_group_size(rank: int, world_size: int) -> None:
 
 def test_a_config_that_disagrees_with_the_groups_is_refused() -> None:
     run(check_wrong_group_size, 2, timeout_s=120)
+
+
+def check_checkpoint_round_trip(rank: int, world_size: int, run_dir: str) -> None:
+    del world_size
+    from protoformer.train.checkpoint import load_checkpoint
+    from protoformer.train.checkpoint_dist import (
+        load_distributed_checkpoint,
+        save_distributed_checkpoint,
+    )
+
+    pg = ProcessGroups.from_torchrun(ep=2)
+    config = replace(moe_config(), expert_model_parallel_size=2)
+    torch.manual_seed(0)
+    model = build(config, pg)
+    experts = {name: param.detach().clone() for name, param in model.named_parameters()
+               if is_expert_parallel(param)}
+    assert experts
+    gathered: list[object] = [None, None]
+    dist.all_gather_object(gathered, {k: v.tolist() for k, v in experts.items()})
+    assert gathered[0] != gathered[1], "both EP ranks initialised the same experts"
+
+    step_dir = save_distributed_checkpoint(run_dir, 3, model, None, {"note": "ep"}, pg=pg,
+                                           rng_state=None)
+    names = sorted(p.name for p in step_dir.iterdir() if p.name.startswith("model"))
+    assert names == ["model.ep00-of-02.safetensors", "model.ep01-of-02.safetensors"], names
+
+    torch.manual_seed(7)  # another initialisation, then the checkpoint's weights
+    resumed = build(config, pg)
+    load_distributed_checkpoint(step_dir, resumed, pg=pg)
+    for (name, param), (_, again) in zip(model.named_parameters(), resumed.named_parameters(),
+                                         strict=True):
+        close(again.detach(), param.detach(), f"rank {rank}: resumed {name}")
+
+    single = build(moe_config(), None)  # the experts of both ranks merged on one process
+    load_checkpoint(step_dir, single)
+    full = dict(single.named_parameters())
+    for name, param in model.named_parameters():
+        close(param.detach(), reference_part(name, full[name].detach(), param, config, pg),
+              f"rank {rank}: merged {name}")
+
+
+def test_an_expert_parallel_checkpoint_resumes_and_merges_on_one_process(tmp_path: object) -> None:
+    run(check_checkpoint_round_trip, 2, str(tmp_path), timeout_s=180)

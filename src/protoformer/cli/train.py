@@ -36,7 +36,7 @@ _FLAGS = {
     "preset": "preset", "steps": "steps", "data": "data", "batch_size": "batch_size",
     "seq_len": "seq_len", "lr": "lr", "warmup_steps": "warmup_steps",
     "eval_every": "eval_every", "save_every": "save_every", "log_every": "log_every",
-    "seed": "seed", "backend": "backend", "device": "device", "tp": "tp",
+    "seed": "seed", "backend": "backend", "device": "device", "tp": "tp", "ep": "ep",
     "sequence_parallel": "sequence_parallel", "dist_timeout": "dist_timeout",
     "init_from_hf": "init_from_hf", "spec": "spec", "micro_batch_size": "micro_batch_size",
     "tokenizer": "tokenizer",
@@ -141,6 +141,10 @@ def add_parser(commands: _Subparsers) -> None:
                         help="tensor-parallel size: split the model over this many processes "
                              "(launch with torchrun --nproc-per-node N; N / tp data-parallel "
                              f"replicas; default {d.tp})")
+    parser.add_argument("--ep", type=int,
+                        help="expert-parallel size: split an MoE preset's experts over this many "
+                             "data-parallel processes, which exchange tokens by all-to-all "
+                             f"(launch with torchrun; default {d.ep})")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tp > 1, also split norms and dropout along the sequence")
     parser.add_argument("--dist-timeout", type=float,
@@ -263,6 +267,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _sample(result: TrainResult, options: TrainOptions, launch: LaunchEnvironment) -> None:
     """Generate a sample: rank 0 alone, or every tensor-parallel rank together (rank 0 prints)."""
+    if options.ep > 1:
+        if launch.is_rank_zero:
+            print("sample: skipped (the experts are split over the expert-parallel ranks; "
+                  "sample with protoformer generate --checkpoint, which merges them)")
+        return
     if options.tp > 1 and result.model.config.sequence_parallel:
         if launch.is_rank_zero:
             print("sample: skipped (one-token decoding steps cannot be split along the "

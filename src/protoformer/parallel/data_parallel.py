@@ -17,17 +17,26 @@ backward, where DDP's hooks cannot see them; with those the model is left unwrap
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Generator
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from protoformer.parallel.grads import compute_deferred_weight_grads, finalize_model_grads
+from protoformer.parallel.grads import (
+    compute_deferred_weight_grads,
+    finalize_model_grads,
+    is_expert_parallel,
+    reduce_expert_grads,
+)
 from protoformer.parallel.groups import ProcessGroups
 
 __all__ = ["DataParallel", "ReplicatedDataParallel"]
+
+# torch's way to leave parameters out of DDP (unannotated there; this is how it is called).
+_ignore_in_ddp = cast("Callable[[nn.Module, list[str]], None]",
+                      DistributedDataParallel._set_params_and_buffers_to_ignore_for_model)  # pyright: ignore[reportPrivateUsage, reportUnknownMemberType]
 
 
 @runtime_checkable
@@ -64,8 +73,16 @@ class ReplicatedDataParallel:
         self._pg = pg
         self._deferred = delay_wgrad_compute
         self._ddp: DistributedDataParallel | None = None
+        # Under expert parallelism the routed experts differ between EP ranks: DDP neither
+        # broadcasts nor averages them; `finish_grads` reduces them over `pg.expt_dp`.
+        self._experts = [param for param in model.parameters()
+                         if pg.ep_size > 1 and is_expert_parallel(param)]
         if pg.dp_size > 1 and not delay_wgrad_compute:
             device_ids = [device.index] if device.type == "cuda" else None
+            if self._experts:
+                ignored = [name for name, param in model.named_parameters()
+                           if is_expert_parallel(param)]
+                _ignore_in_ddp(model, ignored)
             # Buffers are derived tables, equal everywhere: not broadcast each step. The
             # parameters are broadcast once from the group's first rank when wrapping.
             self._ddp = DistributedDataParallel(model, device_ids=device_ids,
@@ -91,3 +108,5 @@ class ReplicatedDataParallel:
         if self._deferred:
             compute_deferred_weight_grads(self._model)
         finalize_model_grads(self._model, self._pg, reduce_data_parallel=self._ddp is None)
+        if self._ddp is not None and self._experts:
+            reduce_expert_grads([p.grad for p in self._experts if p.grad is not None], self._pg)

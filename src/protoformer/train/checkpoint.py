@@ -43,6 +43,7 @@ from protoformer.train.checkpoint_files import (
     publish_step_directory,
     read_state,
     remove_stale_temps,
+    saved_expert_parallel_size,
     saved_tensor_parallel_size,
     step_directory_name,
     swapped_out_copy,
@@ -179,13 +180,16 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     document = read_state(directory)
     saved_tp = saved_tensor_parallel_size(document)
-    if saved_tp > 1:
+    saved_ep = saved_expert_parallel_size(document)
+    if saved_tp > 1 or saved_ep > 1:
         if optimizer is not None:
+            flags = " ".join(f"--{flag} {size}" for flag, size in (("tp", saved_tp),
+                                                                   ("ep", saved_ep)) if size > 1)
             raise CheckpointError(
-                f"{directory}: saved with tensor parallelism over {saved_tp} ranks (one weight "
-                f"and optimizer file per rank); resume it in a run with the same split: "
-                f"torchrun --nproc-per-node {saved_tp} ... --tp {saved_tp}")
-        load_merged_weights(directory, document, model, saved_tp)
+                f"{directory}: saved split over {saved_tp * saved_ep} rank files (one weight "
+                f"and optimizer file per tensor/expert-parallel rank); resume it in a run with "
+                f"the same split: torchrun ... {flags}")
+        load_merged_weights(directory, document, model, saved_tp, saved_ep)
         return document
     load_shard(directory, document, model, optimizer, model_file=MODEL_FILE,
                optimizer_file=OPTIMIZER_FILE, optimizer_record=document.get("optimizer"))

@@ -7,7 +7,9 @@ rank the usual `model.safetensors`, so a data-parallel-only run writes a checkpo
 single process loads). Rank 0 writes state.json, which also keeps every rank's RNG states,
 and publishes the directory atomically once all shards are written. Resuming needs the
 same tensor-parallel size; nothing is gathered, so a save costs no communication beyond
-barriers and one small gather of JSON. The directory layout and the single-process
+barriers and one small gather of JSON. Under expert parallelism each (tensor-parallel,
+expert-parallel) rank pair writes its own file (`model.ep01-of-02.safetensors`, ...): the
+experts differ between EP ranks. The directory layout and the single-process
 functions these fall back to are in `protoformer.train.checkpoint`.
 """
 
@@ -35,6 +37,7 @@ from protoformer.train.checkpoint_files import (
     publish_step_directory,
     read_state,
     remove_stale_temps,
+    saved_expert_parallel_size,
     saved_tensor_parallel_size,
     shard_file_names,
     step_directory_name,
@@ -75,13 +78,18 @@ def save_distributed_checkpoint(
         remove_stale_temps(root)
         temp.mkdir()
     barrier()
-    model_file, optimizer_file = shard_file_names(pg.tp_rank, pg.tp_size)
+    model_file, optimizer_file = shard_file_names(pg.tp_rank, pg.tp_size, pg.ep_rank,
+                                                  pg.ep_size)
     written: dict[str, JSONValue] = {}
     optimizer_json: JSONValue = None
-    if pg.dp_rank == 0:  # data-parallel replicas hold the same shard
+    # Data-parallel replicas hold the same shard; under expert parallelism the first
+    # `ep` replicas (expert-DP rank 0) hold one EP rank's experts each.
+    writes = pg.dp_rank < pg.ep_size
+    if writes:
         written, optimizer_json = write_shard(temp, model, optimizer, model_file=model_file,
                                               optimizer_file=optimizer_file)
     mine: JSONValue = {"rank": rank, "tp_rank": pg.tp_rank, "dp_rank": pg.dp_rank,
+                       "shard": _shard_key(pg), "writes": writes,
                        "files": written, "optimizer": optimizer_json, "rng": rng_state}
     everyone = all_gather_objects(mine)
     if rank == 0:
@@ -93,20 +101,28 @@ def save_distributed_checkpoint(
             written_files = entry["files"]
             assert isinstance(written_files, dict)
             files.update(written_files)
-            if entry["dp_rank"] == 0 and optimizer is not None:
-                optimizers[str(entry["tp_rank"])] = entry["optimizer"]
+            if entry["writes"] and optimizer is not None:
+                optimizers[str(entry["shard"])] = entry["optimizer"]
             rngs.append(entry["rng"])
         files.update(copy_files(temp, extra_files or {}))
+        single = pg.tp_size == 1 and pg.ep_size == 1
         document: dict[str, JSONValue] = {
             **state, "format": FORMAT_VERSION, "step": step,
-            "optimizer": optimizers.get("0") if pg.tp_size == 1 else None,
+            "optimizer": optimizers.get("0") if single else None,
             "files": files, "rng": rngs[0], "rng_per_rank": rngs,
             "tensor_parallel": {"size": pg.tp_size, "world_size": world_size,
                                 "optimizer": optimizers}}
+        if pg.ep_size > 1:
+            document["expert_parallel"] = {"size": pg.ep_size}
         write_text(temp / STATE_FILE, json.dumps(document, indent=1))
         publish_step_directory(temp, final)
     barrier()  # nobody reads or moves on before the checkpoint is published
     return final
+
+
+def _shard_key(pg: ProcessGroups) -> str:
+    """The key of a shard's optimizer record: "tp_rank" (and ".ep_rank" under EP)."""
+    return str(pg.tp_rank) if pg.ep_size == 1 else f"{pg.tp_rank}.{pg.ep_rank}"
 
 
 def load_distributed_checkpoint(
@@ -131,12 +147,19 @@ def load_distributed_checkpoint(
             f"{directory}: saved with tensor parallelism over {saved_tp} rank(s), but this run "
             f"uses --tp {pg.tp_size}; resume with --tp {saved_tp} (the shards are not "
             "re-split)")
-    if pg.tp_size == 1:
+    saved_ep = saved_expert_parallel_size(document)
+    if saved_ep != pg.ep_size:
+        raise CheckpointError(
+            f"{directory}: saved with expert parallelism over {saved_ep} rank(s), but this run "
+            f"uses --ep {pg.ep_size}; resume with --ep {saved_ep} (the experts are not "
+            "re-split)")
+    if pg.tp_size == 1 and pg.ep_size == 1:
         return load_checkpoint(directory, model, optimizer)
-    model_file, optimizer_file = shard_file_names(pg.tp_rank, pg.tp_size)
+    model_file, optimizer_file = shard_file_names(pg.tp_rank, pg.tp_size, pg.ep_rank,
+                                                  pg.ep_size)
     entry = document.get("tensor_parallel")
     saved = entry.get("optimizer") if isinstance(entry, dict) else None
-    record = saved.get(str(pg.tp_rank)) if isinstance(saved, dict) else None
+    record = saved.get(_shard_key(pg)) if isinstance(saved, dict) else None
     load_shard(directory, document, model, optimizer, model_file=model_file,
                optimizer_file=optimizer_file, optimizer_record=record)
     return document

@@ -40,6 +40,7 @@ __all__ = [
     "read_safetensors",
     "read_state",
     "remove_stale_temps",
+    "saved_expert_parallel_size",
     "saved_tensor_parallel_size",
     "shard_file_names",
     "step_directory_name",
@@ -269,9 +270,19 @@ def saved_tensor_parallel_size(document: Mapping[str, JSONValue]) -> int:
     return size if isinstance(size, int) and size >= 1 else 1
 
 
-def shard_file_names(tp_rank: int, tp_size: int) -> tuple[str, str]:
-    """The model and optimizer file names of tensor-parallel rank `tp_rank` of `tp_size`."""
-    if tp_size == 1:
+def saved_expert_parallel_size(document: Mapping[str, JSONValue]) -> int:
+    """How many expert-parallel ranks a checkpoint's state.json says it was saved from."""
+    entry = document.get("expert_parallel")
+    size = entry.get("size") if isinstance(entry, dict) else None
+    return size if isinstance(size, int) and size >= 1 else 1
+
+
+def shard_file_names(tp_rank: int, tp_size: int, ep_rank: int = 0,
+                     ep_size: int = 1) -> tuple[str, str]:
+    """The model and optimizer file names of tensor-parallel rank `tp_rank` of `tp_size` (and
+    expert-parallel rank `ep_rank` of `ep_size`: each holds its own experts)."""
+    if tp_size == 1 and ep_size == 1:
         return MODEL_FILE, OPTIMIZER_FILE
-    suffix = f".tp{tp_rank:02d}-of-{tp_size:02d}"
+    suffix = f".tp{tp_rank:02d}-of-{tp_size:02d}" if tp_size > 1 else ""
+    suffix += f".ep{ep_rank:02d}-of-{ep_size:02d}" if ep_size > 1 else ""
     return f"model{suffix}.safetensors", f"optimizer{suffix}.safetensors"

@@ -6,6 +6,9 @@ process, the shards are put back together, parameter by parameter, from the spli
 parameter's `ParallelMetadata` (`partition_dim`) on the single-process
 model:
 
+- under expert parallelism (`--ep N`, one file per EP rank too) the routed experts'
+  `[E_local, ...]` weights of the EP ranks are first concatenated along the expert
+  dimension (EP rank order = expert order), everything else is EP rank 0's;
 - replicated parameters (norms, MLA's down-projections): rank 0's copy;
 - split parameters: the shards concatenated along `partition_dim` in rank order;
 - the gated `linear_fc1`: each rank holds its gate rows then its up rows, so the gate parts
@@ -87,20 +90,42 @@ def merge_shards(name: str, shards: Sequence[Tensor], param: Tensor,
     return torch.cat(tuple(shards), dim=dim)
 
 
+def _read_tp_shard(directory: Path, records: Mapping[str, JSONValue], model: nn.Module,
+                   tp_rank: int, tp_size: int, ep_size: int) -> dict[str, Tensor]:
+    """Tensor-parallel rank `tp_rank`'s tensors; under expert parallelism its `ep_size` files
+    joined: routed experts (`expert_parallel` in the single-process model) concatenated along
+    the expert dimension, everything else (equal on every EP rank) from EP rank 0."""
+    parts: list[dict[str, Tensor]] = []
+    for ep_rank in range(ep_size):
+        model_file, _ = shard_file_names(tp_rank, tp_size, ep_rank, ep_size)
+        verify_file(directory / model_file, records.get(model_file))
+        parts.append(read_model_file(directory / model_file))
+    if ep_size == 1:
+        return parts[0]
+    params = dict(model.named_parameters())
+    joined = dict(parts[0])
+    for name in parts[0]:
+        if name in params and parallel_metadata(params[name]).expert_parallel:
+            try:
+                joined[name] = torch.cat([part[name] for part in parts], dim=0)
+            except (KeyError, RuntimeError) as error:
+                raise CheckpointError(f"{directory}: cannot join the {ep_size} expert-parallel "
+                                      f"files of {name} ({error!r})") from error
+    return joined
+
+
 def load_merged_weights(directory: Path, document: Mapping[str, JSONValue], model: nn.Module,
-                        tp_size: int) -> None:
-    """Load the `tp_size` weight shards in `directory` into the single-process `model`.
+                        tp_size: int, ep_size: int = 1) -> None:
+    """Load the `tp_size` (x `ep_size`) weight shards in `directory` into the single-process
+    `model`.
 
     Every shard file is checked against state.json and the merged tensors against the model
     (names and shapes) before the model is touched.
     """
     files = document.get("files")
     records: dict[str, JSONValue] = files if isinstance(files, dict) else {}
-    shards: list[dict[str, Tensor]] = []
-    for rank in range(tp_size):
-        model_file, _ = shard_file_names(rank, tp_size)
-        verify_file(directory / model_file, records.get(model_file))
-        shards.append(read_model_file(directory / model_file))
+    shards = [_read_tp_shard(directory, records, model, rank, tp_size, ep_size)
+              for rank in range(tp_size)]
     names = set(shards[0])
     for rank, tensors in enumerate(shards[1:], start=1):
         if set(tensors) != names:

@@ -22,8 +22,9 @@ __all__ = ["RUN_DEFINING", "TrainOptions", "check_resumable"]
 # Options that define what a run computes; a resumed run must keep them. The value a
 # checkpoint written before an option existed implies for it:
 RUN_DEFINING = ("preset", "backend", "batch_size", "seq_len", "data", "seed", "max_corpus_bytes",
-                "tp", "init_from_hf", "spec", "overrides")
-_IMPLIED: dict[str, JSONValue] = {"tp": 1, "init_from_hf": None, "spec": None, "overrides": []}
+                "tp", "ep", "init_from_hf", "spec", "overrides")
+_IMPLIED: dict[str, JSONValue] = {"tp": 1, "ep": 1, "init_from_hf": None, "spec": None,
+                                  "overrides": []}
 
 
 @dataclass
@@ -57,6 +58,9 @@ class TrainOptions:
     """Show a rich progress bar; None: only when stdout is a terminal."""
     tp: int = 1
     """Tensor-parallel size: ranks the model is split over (launch with torchrun)."""
+    ep: int = 1
+    """Expert-parallel size: ranks the MoE layers' experts are split over (launch with
+    torchrun; the data-parallel replicas exchange tokens with all-to-all)."""
     sequence_parallel: bool = False
     """With `tp` > 1: keep norms and dropout on slices of the sequence (less memory)."""
     dist_timeout: float = DEFAULT_TIMEOUT_S
@@ -108,7 +112,7 @@ class TrainOptions:
         if self.tokenizer is not None:
             self.tokenizer = str(self.tokenizer)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
-                     "save_every", "log_every", "max_corpus_bytes", "tp"):
+                     "save_every", "log_every", "max_corpus_bytes", "tp", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")

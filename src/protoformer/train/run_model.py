@@ -88,6 +88,14 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
             raise ValueError(f"--sequence-parallel needs --seq-len ({options.seq_len}) divisible "
                              f"by --tp ({pg.tp_size})")
         config = dataclasses.replace(config, sequence_parallel=True)
+    if pg.ep_size > 1:
+        if config.num_moe_experts is None:
+            raise ValueError(f"--ep {pg.ep_size} splits the experts of MoE layers, but preset "
+                             f"{preset.name!r} has none; pick an MoE preset or drop --ep")
+        if config.num_moe_experts % pg.ep_size != 0:
+            raise ValueError(f"--ep {pg.ep_size} must divide preset {preset.name!r}'s "
+                             f"num_moe_experts={config.num_moe_experts}")
+        config = dataclasses.replace(config, expert_model_parallel_size=pg.ep_size)
     stored = saved.get("layer_spec") if saved is not None else None
     custom: LayerSpecList | None
     if stored is not None:
@@ -125,6 +133,9 @@ def build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
     if options.tp != 1 or pg.tp_size != 1:
         raise ValueError(f"--init-from-hf loads the whole model on every process; tensor "
                          f"parallelism (--tp {options.tp}) is not supported with it, use --tp 1")
+    if options.ep != 1 or pg.ep_size != 1:
+        raise ValueError(f"--init-from-hf loads the whole model on every process; expert "
+                         f"parallelism (--ep {options.ep}) is not supported with it, use --ep 1")
     if options.backend != "local":
         raise ValueError(f"--init-from-hf builds the model with the 'local' backend (the layers "
                          f"the Hugging Face weights are converted into); --backend "

@@ -104,18 +104,23 @@ def model_parameter_count(model: torch.nn.Module, tp_size: int) -> int:
 
 def _process_groups(launch: LaunchEnvironment, options: TrainOptions) -> ProcessGroups:
     """Tensor- and data-parallel groups for this launch (none for a single process)."""
-    tp = options.tp
+    tp, ep = options.tp, options.ep
     if not launch.is_distributed:
-        if tp > 1:
-            raise ValueError(
-                f"--tp {tp} splits the model over {tp} processes, but this is a single process; "
-                f"launch with: torchrun --nproc-per-node {tp} -m protoformer.cli train --tp {tp} "
-                "...")
+        for flag, size in (("--tp", tp), ("--ep", ep)):
+            if size > 1:
+                raise ValueError(
+                    f"{flag} {size} splits the model over {size} processes, but this is a single "
+                    f"process; launch with: torchrun --nproc-per-node {size} -m protoformer.cli "
+                    f"train {flag} {size} ...")
         return ProcessGroups()
     if launch.world_size % tp != 0:
         raise ValueError(f"--tp {tp} must divide the number of processes {launch.world_size} "
                          "(the rest are data-parallel replicas)")
-    return ProcessGroups.from_torchrun(tp=tp)
+    if (launch.world_size // tp) % ep != 0:
+        raise ValueError(f"--ep {ep} must divide the data-parallel size {launch.world_size // tp} "
+                         f"({launch.world_size} processes / --tp {tp}): expert parallelism "
+                         "splits the data-parallel replicas")
+    return ProcessGroups.from_torchrun(tp=tp, ep=ep)
 
 
 def _saved_run(options: TrainOptions) -> tuple[Path | None, dict[str, JSONValue] | None]:
@@ -152,6 +157,7 @@ def _describe(run: TrainRun) -> list[str]:
         messages.append(
             f"distributed: {run.launch.world_size} processes = tensor-parallel {pg.tp_size} x "
             f"data-parallel {pg.dp_size} ({run.data_parallel.name})"
+            f"{f', experts over {pg.ep_size} expert-parallel ranks' if pg.ep_size > 1 else ''}"
             f"{', sequence-parallel' if model.config.sequence_parallel else ''}"
             f" ({local_params:,} parameters per tensor-parallel rank)")
     return messages

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
@@ -31,6 +35,30 @@ class MoESubmodules(Submodules):
     experts: ExpertsBuilder
     shared_experts: SharedExpertsBuilder | None = None
     token_dispatcher: TokenDispatcherBuilder | None = None
+
+
+@contextlib.contextmanager
+def _expert_rng(ep_rank: int, ep_size: int) -> Generator[None, None, None]:
+    """Under expert parallelism, initialise this EP rank's experts from their own stream.
+
+    Every rank builds the model from the same seed (so replicated weights agree); without
+    this, EP rank 1's experts would repeat rank 0's. The stream is derived from the seed and
+    the EP rank (equal on the replicas holding the same experts), and the default generators
+    are restored afterwards, so the rest of the model is initialised as on every rank.
+    """
+    if ep_size == 1:
+        yield
+        return
+    with _fork_rng():
+        _manual_seed(torch.initial_seed() + _EXPERT_SEED_STRIDE * (ep_rank + 1))
+        yield
+
+
+_EXPERT_SEED_STRIDE = 1_000_003
+# torch leaves these unannotated; this is how they are called here.
+_fork_rng = cast("Callable[[], contextlib.AbstractContextManager[object]]",
+                 torch.random.fork_rng)  # pyright: ignore[reportUnknownMemberType]
+_manual_seed = cast("Callable[[int], object]", torch.manual_seed)  # pyright: ignore[reportUnknownMemberType]
 
 
 class MoELayer(nn.Module):
@@ -70,7 +98,8 @@ class MoELayer(nn.Module):
         # This rank holds experts local_offset .. local_offset + num_local_experts - 1.
         self.local_expert_offset = groups.ep_rank * self.num_local_experts
         self.router = submodules.router(config=config, pg=pg)
-        self.experts = submodules.experts(self.num_local_experts, config, pg=pg)
+        with _expert_rng(groups.ep_rank, ep_size):
+            self.experts = submodules.experts(self.num_local_experts, config, pg=pg)
         if isinstance(self.experts, nn.Module):  # the experts' parameters live here
             mark_expert_parallel(self.experts)
         self.shared_experts = None if submodules.shared_experts is None else \
