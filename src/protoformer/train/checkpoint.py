@@ -183,12 +183,14 @@ def load_checkpoint(
     saved_ep = saved_expert_parallel_size(document)
     if saved_tp > 1 or saved_ep > 1:
         if optimizer is not None:
-            flags = " ".join(f"--{flag} {size}" for flag, size in (("tp", saved_tp),
-                                                                   ("ep", saved_ep)) if size > 1)
+            splits = [(name, flag, size) for name, flag, size in (
+                ("tensor", "tp", saved_tp), ("expert", "ep", saved_ep)) if size > 1]
+            what = " and ".join(name for name, _, _ in splits)
+            flags = " ".join(f"--{flag} {size}" for _, flag, size in splits)
             raise CheckpointError(
-                f"{directory}: saved split over {saved_tp * saved_ep} rank files (one weight "
-                f"and optimizer file per tensor/expert-parallel rank); resume it in a run with "
-                f"the same split: torchrun ... {flags}")
+                f"{directory}: saved with {what} parallelism over {saved_tp * saved_ep} ranks "
+                f"(one weight and optimizer file per rank); resume it in a run with the same "
+                f"split: torchrun --nproc-per-node {saved_tp * saved_ep} ... {flags}")
         load_merged_weights(directory, document, model, saved_tp, saved_ep)
         return document
     load_shard(directory, document, model, optimizer, model_file=MODEL_FILE,

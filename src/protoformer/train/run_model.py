@@ -95,6 +95,9 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
         if config.num_moe_experts % pg.ep_size != 0:
             raise ValueError(f"--ep {pg.ep_size} must divide preset {preset.name!r}'s "
                              f"num_moe_experts={config.num_moe_experts}")
+        if config.sequence_parallel:
+            raise ValueError("--ep with --sequence-parallel is not supported: the experts' "
+                             "gradients would need a tensor-parallel sum; drop one of them")
         config = dataclasses.replace(config, expert_model_parallel_size=pg.ep_size)
     stored = saved.get("layer_spec") if saved is not None else None
     custom: LayerSpecList | None
