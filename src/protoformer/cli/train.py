@@ -44,6 +44,7 @@ _FLAGS = {
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "min_lr": "min_lr",
     "lr_decay_style": "lr_decay_style", "lr_wsd_decay_steps": "lr_wsd_decay_steps",
     "precision": "precision", "tensorboard": "tensorboard", "peak_tflops": "peak_tflops",
+    "fsdp": "fsdp", "reshard_after_forward": "reshard_after_forward",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -147,6 +148,14 @@ def add_parser(commands: _Subparsers) -> None:
                              f"(launch with torchrun; default {d.ep})")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tp > 1, also split norms and dropout along the sequence")
+    parser.add_argument("--fsdp", action="store_true", default=None,
+                        help="shard parameters, gradients and optimizer state over the "
+                             "data-parallel ranks (FSDP2) instead of DDP; checkpoints are "
+                             "sharded (torch.distributed.checkpoint)")
+    parser.add_argument("--no-reshard-after-forward", dest="reshard_after_forward",
+                        action="store_false", default=None,
+                        help="with --fsdp: keep each layer's gathered parameters from forward "
+                             "to backward (more memory, less communication)")
     parser.add_argument("--dist-timeout", type=float,
                         help="seconds a rank waits for the others in a collective before the "
                              f"run fails (default {d.dist_timeout:.0f})")
@@ -276,6 +285,11 @@ def _sample(result: TrainResult, options: TrainOptions, launch: LaunchEnvironmen
         if launch.is_rank_zero:
             print("sample: skipped (one-token decoding steps cannot be split along the "
                   "sequence; train without --sequence-parallel to sample here)")
+        return
+    if options.fsdp and launch.is_distributed:
+        if launch.is_rank_zero:
+            print("sample: skipped (the weights are sharded over the ranks by --fsdp); "
+                  "generate from the checkpoint after exporting it (protoformer export)")
         return
     if options.tp == 1 and not launch.is_rank_zero:
         return  # data-parallel replicas are identical: rank 0 samples alone

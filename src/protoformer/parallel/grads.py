@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from protoformer.parallel.groups import ProcessGroup, ProcessGroups, group_size
 from protoformer.parallel.mappings import all_reduce_in_place
@@ -128,7 +129,14 @@ def _all_reduce_coalesced(tensors: list[Tensor], group: ProcessGroup, *,
             offset += count
 
 
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2's sharded gradients), else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _grads(parameters: Iterable[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, gradient) pairs, each tied parameter once; FSDP2's sharded gradients as
+    their local shards (updated in place through them)."""
     pairs: list[tuple[Tensor, Tensor]] = []
     seen: set[int] = set()
     for param in parameters:
@@ -136,8 +144,13 @@ def _grads(parameters: Iterable[Tensor]) -> list[tuple[Tensor, Tensor]]:
             continue
         seen.add(id(param))
         if param.grad is not None:
-            pairs.append((param, param.grad))
+            pairs.append((param, _local(param.grad)))
     return pairs
+
+
+def _sharded_over_data_parallel(pairs: list[tuple[Tensor, Tensor]]) -> bool:
+    """Whether the gradients are FSDP2 shards (each data-parallel rank holds a part)."""
+    return any(isinstance(param, DTensor) for param, _ in pairs)
 
 
 @torch.no_grad()
@@ -203,7 +216,8 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
     replicated ones count once (their gradients must be complete: call
     `finalize_model_grads` first); rows tagged as duplicates of another rank's are skipped;
     routed experts under expert parallelism contribute their squares summed over `pg.ep`.
-    Gradients are assumed equal across `pg.dp` (already averaged).
+    Gradients are assumed equal across `pg.dp` (already averaged), or, sharded by FSDP2
+    (DTensor parameters), each data-parallel rank's squares are summed over `pg.dp`.
     """
     pg = pg if pg is not None else ProcessGroups()
     pairs = _grads(parameters)
@@ -226,6 +240,10 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
         all_reduce_in_place(split_sq, pg.tp)
     if pg.ep_size > 1:
         all_reduce_in_place(expert_sq, pg.ep)
+    if pg.dp_size > 1 and _sharded_over_data_parallel(pairs):  # FSDP2 (refused with EP)
+        both = torch.stack([split_sq, replicated_sq])  # [2]
+        all_reduce_in_place(both, pg.dp)
+        split_sq, replicated_sq = both[0], both[1]
     return (split_sq + replicated_sq + expert_sq).sqrt()
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from torch import nn
 from torch.optim import Optimizer
 
+from protoformer.parallel.groups import ProcessGroups
+from protoformer.train.checkpoint_dcp import is_sharded_checkpoint, load_sharded_checkpoint
 from protoformer.train.checkpoint_files import (
     CHECKPOINTS_DIR,
     FORMAT_VERSION,
@@ -173,12 +175,15 @@ def load_checkpoint(
     or optimizer is touched, so a bad checkpoint raises `CheckpointError` naming the file and
     the problem and leaves both unchanged. A checkpoint saved with tensor parallelism loads
     its weights into this single-process model by merging the shards
-    (`protoformer.train.checkpoint_merge`); its optimizer state needs the same split.
+    (`protoformer.train.checkpoint_merge`); its optimizer state needs the same split. A
+    sharded (DCP) checkpoint of an FSDP run saved without tensor parallelism loads whole.
     """
     directory = Path(step_dir)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     document = read_state(directory)
+    if is_sharded_checkpoint(document):  # written by an FSDP run: DCP re-slices it
+        return load_sharded_checkpoint(directory, model, optimizer, pg=ProcessGroups())
     saved_tp = saved_tensor_parallel_size(document)
     saved_ep = saved_expert_parallel_size(document)
     if saved_tp > 1 or saved_ep > 1:

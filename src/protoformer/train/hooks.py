@@ -21,6 +21,7 @@ from protoformer.distributed import LaunchEnvironment
 from protoformer.flops import flops_per_token
 from protoformer.interop.hf_tokenizer import TOKENIZER_FILE
 from protoformer.train.checkpoint import save_checkpoint
+from protoformer.train.checkpoint_dcp import save_sharded_checkpoint
 from protoformer.train.checkpoint_dist import save_distributed_checkpoint
 from protoformer.train.dataset import bits_per_byte
 from protoformer.train.loss import evaluate
@@ -237,6 +238,9 @@ class Checkpointing:
                              run.validation_losses, run.data)
         tokenizer = run.tokenizer.file  # the tokenizer travels with every checkpoint
         extra = {TOKENIZER_FILE: tokenizer} if tokenizer is not None else {}
+        if run.options.fsdp:  # (the tokenizer file is not copied into sharded checkpoints)
+            return save_sharded_checkpoint(run.options.out_dir, step, run.model, run.optimizer,
+                                           document, pg=run.pg, rng_state=rng_state())
         if run.launch.is_distributed:
             return save_distributed_checkpoint(run.options.out_dir, step, run.model,
                                                run.optimizer, document, pg=run.pg,

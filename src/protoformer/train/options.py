@@ -73,6 +73,12 @@ class TrainOptions:
     """`PATH=VALUE` edits of the layer spec (of `spec`, else of the preset's recipe)."""
     allow: tuple[str, ...] = ()
     """Module prefixes, besides protoformer's, that the spec's builders may be imported from."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks (FSDP2)
+    instead of replicating them (DDP); checkpoints are then sharded (DCP)."""
+    reshard_after_forward: bool = True
+    """With `fsdp`: free each layer's gathered parameters after its forward (gather again in
+    backward); False keeps them (more memory, less communication)."""
     micro_batch_size: int | None = None
     """Sequences per forward/backward on one replica; the step accumulates the gradients of
     `batch_size / (micro_batch_size * data-parallel size)` micro-batches. None: the whole

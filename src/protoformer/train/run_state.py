@@ -19,8 +19,9 @@ from protoformer.distributed import LaunchEnvironment
 from protoformer.models import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.random import get_rng_tracker
+from protoformer.train.checkpoint_dcp import is_sharded_checkpoint, load_sharded_checkpoint
 from protoformer.train.checkpoint_dist import load_distributed_checkpoint
-from protoformer.train.checkpoint_files import CheckpointError, JSONValue
+from protoformer.train.checkpoint_files import CheckpointError, JSONValue, read_state
 from protoformer.train.checkpoint_state import bytes_from_json, bytes_to_json
 from protoformer.train.data import BatchSampler
 from protoformer.train.dataset import TrainingData
@@ -135,8 +136,12 @@ def resume_run(checkpoint: Path, model: GPTModel, optimizer: AdamW, sampler: Bat
                pg: ProcessGroups, launch: LaunchEnvironment,
                ) -> tuple[int, list[tuple[int, float]], list[tuple[int, float]]]:
     """Load everything a checkpoint holds; returns (step, train losses, validation losses)."""
-    state = load_distributed_checkpoint(checkpoint, model, optimizer, pg=pg)
-    _restore_rng(_rank_rng_state(state, launch, checkpoint))
+    sharded = is_sharded_checkpoint(read_state(checkpoint))
+    if sharded:
+        state = load_sharded_checkpoint(checkpoint, model, optimizer, pg=pg)
+    else:
+        state = load_distributed_checkpoint(checkpoint, model, optimizer, pg=pg)
+    _restore_rng(_rank_rng_state(state, launch, checkpoint, other_world=sharded))
     sampler_state = state.get("sampler")
     drawn = sampler_state.get("batches_drawn") if isinstance(sampler_state, dict) else None
     if not isinstance(sampler_state, dict) or not isinstance(drawn, int):
@@ -152,10 +157,15 @@ def resume_run(checkpoint: Path, model: GPTModel, optimizer: AdamW, sampler: Bat
 
 
 def _rank_rng_state(state: dict[str, JSONValue], launch: LaunchEnvironment,
-                    checkpoint: Path) -> JSONValue:
-    """This rank's RNG states: saved per rank by a multi-process run, else the one entry."""
+                    checkpoint: Path, *, other_world: bool = False) -> JSONValue:
+    """This rank's RNG states: saved per rank by a multi-process run, else the one entry.
+
+    With `other_world` (a sharded checkpoint, which resumes on another layout) a run of
+    another size takes rank 0's states (dropout masks then differ from the saved run's)."""
     per_rank = state.get("rng_per_rank")
     saved_world = len(per_rank) if isinstance(per_rank, list) else 1
+    if saved_world != launch.world_size and other_world:
+        return per_rank[0] if isinstance(per_rank, list) else state.get("rng")
     if saved_world != launch.world_size:
         raise CheckpointError(
             f"{checkpoint}: saved by a run of {saved_world} process(es), but this run has "

@@ -19,6 +19,7 @@ from protoformer.backends import get_backend
 from protoformer.distributed import LaunchEnvironment, init_distributed
 from protoformer.models import GPTModel
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
+from protoformer.parallel.fsdp import FullyShardedDataParallel, mixed_precision_policy
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.parameters import parallel_metadata
 from protoformer.parallel.random import model_parallel_manual_seed
@@ -204,12 +205,19 @@ def setup_run(options: TrainOptions) -> TrainRun:
     if pg.dp_rank > 0:  # replicas start equal but draw their own dropout masks
         model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
                                    pg.tp_rank)
+    data_parallel: DataParallel | None = None
+    if options.fsdp:  # sharded before the optimizer is built on the (DTensor) shards
+        data_parallel = FullyShardedDataParallel(
+            model, pg, device, mp_policy=mixed_precision_policy(
+                "bf16" if device.type == "cuda" else "fp32"),
+            reshard_after_forward=options.reshard_after_forward)
     optimizer = build_optimizer(model, options)
     schedule = options.schedule()
     resumed = _resume(checkpoint, built, optimizer, sampler, pg, launch, options)
-    # Wrapped after loading: DDP broadcasts the (loaded) weights from the first replica.
-    data_parallel = ReplicatedDataParallel(
-        model, pg, device, delay_wgrad_compute=model.config.delay_wgrad_compute)
+    if data_parallel is None:
+        # Wrapped after loading: DDP broadcasts the (loaded) weights from the first replica.
+        data_parallel = ReplicatedDataParallel(
+            model, pg, device, delay_wgrad_compute=model.config.delay_wgrad_compute)
     run = TrainRun(options=options, launch=launch, device=device, pg=pg, data=data,
                    sampler=sampler, validation=validation, built=built, optimizer=optimizer,
                    schedule=schedule, data_parallel=data_parallel, micro_batches=micro_batches,
