@@ -128,7 +128,7 @@ def layer_slots(backend: BackendSpecProvider, config: TransformerConfig) -> None
         input_layernorm=norm,
         self_attention=attention,
         pre_mlp_layernorm=norm,
-        mlp=attention,  # pyright: ignore[reportArgumentType]  # one-checker: mypy types a functools.partial as `(*Any, **Any) -> SelfAttention`, and SelfAttention's forward (extra parameters all optional) does fit MLPInterface; pyright checks the partial's signature, where `layer_number` is required
+        mlp=attention,  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
     )
     TransformerLayerSubmodules(
         input_layernorm=backend.row_parallel_linear(),  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]

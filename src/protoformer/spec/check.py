@@ -45,16 +45,44 @@ def _as_partial(value: object) -> functools.partial[object] | None:
     return partial
 
 
+_SHOWN = 120  # characters of a user value quoted in a message
+
+
+def clip(text: str, limit: int = _SHOWN) -> str:
+    """`text` cut to `limit` characters (with "..."), so a huge value cannot flood a message."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def safe_repr(value: object) -> str:
+    """`repr(value)` cut to a short prefix; a `__repr__` that raises gives `<T object>`."""
+    try:
+        text = repr(value)
+    except Exception:  # a user object's __repr__ may raise: name its type instead
+        return f"<{type(value).__qualname__} object>"
+    return clip(text)
+
+
 def describe_builder(builder: object) -> str:
-    """A short name for a builder value with its source file and line, for messages."""
+    """A short name for a builder value with its source file and line, for messages.
+
+    Never raises: a user object whose attributes or repr raise is described by its type.
+    """
+    try:
+        return _describe(builder, depth=0)
+    except Exception:  # a hostile __getattr__/__repr__ must not replace the real error
+        return f"a {type(builder).__qualname__} object"
+
+
+def _describe(builder: object, *, depth: int) -> str:
     partial = _as_partial(builder)
-    if partial is not None:
-        inner = describe_builder(partial.func)
-        bound = [*(repr(a) for a in partial.args), *(f"{k}=..." for k in partial.keywords)]
+    if partial is not None and depth < 20:
+        inner = _describe(partial.func, depth=depth + 1)
+        bound = [*(safe_repr(a) for a in partial.args),
+                 *(f"{clip(str(k), 40)}=..." for k in partial.keywords)]
         return f"functools.partial({inner}, {', '.join(bound)})"
     name = getattr(builder, "__qualname__", None) or type(builder).__qualname__
     module = getattr(builder, "__module__", None) or type(builder).__module__
-    return f"{module}.{name} ({_location(builder)})"
+    return f"{clip(str(module))}.{clip(str(name))} ({_location(builder)})"
 
 
 def _location(obj: object) -> str:
@@ -63,7 +91,7 @@ def _location(obj: object) -> str:
     try:
         source = inspect.getsourcefile(target)
         _, line = inspect.getsourcelines(target)
-    except (OSError, TypeError):
+    except Exception:  # no source (builtins, REPL) or a hostile object: no location
         return "source unknown"
     return f"{source}:{line}"
 
@@ -76,13 +104,46 @@ def _unwrap_partial(builder: object) -> object:
     return builder
 
 
+_END = object()
+_MAX_WRAPPED = 100  # how far a `__wrapped__` chain is followed before it counts as a loop
+
+
+def _has_wrapped_loop(obj: object) -> bool:
+    """Whether following `__wrapped__` from `obj` never ends (`f.__wrapped__ = f`).
+
+    `typing.get_type_hints` follows the chain without a bound and would spin forever;
+    `inspect.signature` raises ValueError on such a loop instead.
+    """
+    seen: set[int] = set()
+    current = obj
+    for _ in range(_MAX_WRAPPED):
+        if id(current) in seen:
+            return True
+        seen.add(id(current))
+        current = getattr(current, "__wrapped__", _END)
+        if current is _END:
+            return False
+    return True
+
+
+def type_hints(obj: object) -> dict[str, object]:
+    """`typing.get_type_hints(obj)`, or {} when the annotations cannot be evaluated.
+
+    Annotations of user code may not resolve (names under `if TYPE_CHECKING:`) or may be
+    hostile (a `__wrapped__` loop): the checks that need them are then skipped, never hung.
+    """
+    if _has_wrapped_loop(obj):
+        return {}
+    try:
+        hints: dict[str, object] = typing.get_type_hints(obj)
+    except Exception:  # unresolvable user annotations: nothing to compare against
+        return {}
+    return hints
+
+
 def _return_hint(func: object) -> object:
     """The evaluated return annotation of `func`, or None when absent or unresolvable."""
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # annotations of user code may not resolve: skip the check
-        return None
-    return hints.get("return")
+    return type_hints(func).get("return")
 
 
 def _built_by_class(cls: type) -> object:
@@ -272,27 +333,45 @@ def _cache_key(builder: object) -> object:
 
     Recipes build fresh `functools.partial` objects on every call, so keying partials by
     identity would recompute every rebuild. A partial's outcome depends only on the wrapped
-    callable, how many positionals it binds, and the names (and, for records and enums, the
-    types) of the keywords it binds, never on their values.
+    callable, how many positionals it binds, the names and types of the keywords it binds,
+    and the values of those that are plain scalars (checked against `Literal[...]`).
     """
     bound = _as_partial(builder)
     if bound is not None:
         keywords: dict[str, object] = dict(bound.keywords)
         return ("partial", bound.func, len(bound.args),
-                tuple(sorted((name, type(value)) for name, value in keywords.items())))
+                tuple(sorted((name, type(value), value if type(value) in _SCALARS else None)
+                             for name, value in keywords.items())))
     return builder
+
+
+_SCALARS = (bool, int, float, str, type(None))
 
 
 def _mismatches(builder: object, protocol: type) -> tuple[str, ...]:
     try:
         key = (_cache_key(builder), protocol)
         cached = _cache.get(key)
-    except TypeError:  # unhashable builder (an instance with __eq__): check every time
+    except Exception:  # unhashable (or hostile __hash__/__eq__) builder: check every time
         return tuple(_compute_mismatches(builder, protocol))
     if cached is None:
         cached = tuple(_compute_mismatches(builder, protocol))
         _cache[key] = cached
     return cached
+
+
+def _error_text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # an exception whose __str__ raises
+        return "(no message)"
+
+
+def _is_callable(value: object) -> bool:
+    try:
+        return callable(value)
+    except Exception:  # a hostile __class__ property: not a builder we can use
+        return False
 
 
 def _compute_mismatches(builder: object, protocol: type) -> list[str]:
@@ -303,8 +382,7 @@ def _compute_mismatches(builder: object, protocol: type) -> list[str]:
         return ["is a module instance; a slot takes the class (or a functools.partial of it) "
                 "and the parent builds the module"]
     call = _protocol_call(protocol)
-    if call is None:
-        raise TypeError(f"{protocol.__qualname__} is not a Builder protocol: it has no __call__")
+    assert call is not None, "check_builder tests the protocol first"
     target = _target(builder)
     problems: list[str] = []
     if target.signature is None:
@@ -345,36 +423,51 @@ def _unbindable_partial_problems(builder: object) -> list[str]:
 
 
 def _bound_keyword_problems(builder: object) -> list[str]:
-    """Keywords bound by a partial whose value is not of the record/enum type the builder declares.
+    """Keywords bound by a partial whose value does not fit the annotation the builder declares.
 
-    Only dataclass records (such as a `submodules=` Submodules record) and enums are checked:
-    for them an `isinstance` test is exact, whereas numbers and callables are left to the
-    static checkers.
+    Checked where an `isinstance`-like test is exact: dataclass records (such as a
+    `submodules=` Submodules record), enums, and the simple annotations `int`, `float`,
+    `str`, `bool`, `None`, `Literal[...]` and unions of them, judged as pyright judges them
+    (a `bool` is an `int`, an `int` is a `float`; `Literal[1]` takes `1`, not `True`). Other
+    annotations (callables, tensors, generics) are left to the static checkers.
     """
     bound = _as_partial(builder)
     if bound is None:
         return []
     base = _unwrap_partial(bound)
     func: object = getattr(base, "__init__") if isinstance(base, type) else base  # noqa: B009 - mypy rejects .__init__ on an instance
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:  # unresolvable user annotations: nothing to compare against
-        return []
+    hints = type_hints(func)
     problems: list[str] = []
     keywords: dict[str, object] = dict(bound.keywords)
     for name, value in keywords.items():
-        options = [o for o in _options(hints.get(name)) if o is not type(None)]
-        if value is None and len(options) < len(_options(hints.get(name))):
+        hint = hints.get(name)
+        if hint is None:
             continue
-        checkable = [o for o in options if isinstance(o, type)
-                     and (dataclasses.is_dataclass(o) or issubclass(o, enum.Enum))]
-        if len(checkable) != len(options) or not checkable:
-            continue
-        if not isinstance(value, tuple(checkable)):
-            expected = " | ".join(c.__qualname__ for c in checkable)
-            problems.append(f"binds {name}= to a {type(value).__qualname__}, but the builder "
-                            f"declares {name}: {expected}")
+        accepts = [_accepts(option, value) for option in _options(hint)]
+        if None in accepts or any(accepts):
+            continue  # an option we do not judge, or one that takes the value
+        given = (f"{name}={safe_repr(value)} (a {type(value).__qualname__})"
+                 if type(value) in _SCALARS else f"{name}= to a {type(value).__qualname__}")
+        problems.append(f"binds {given}, but the builder declares {name}: "
+                        f"{clip(_hint_name(hint))}")
     return problems
+
+
+def _accepts(option: object, value: object) -> bool | None:
+    """Whether a value fits one member of a union annotation; None when we do not judge it."""
+    if option is type(None) or option is None:
+        return value is None
+    if typing.get_origin(option) is typing.Literal:
+        return any(type(value) is type(allowed) and value == allowed
+                   for allowed in typing.get_args(option))
+    if option is float:  # pyright's promotion: an int (so a bool) is a float too
+        return isinstance(value, (int, float))
+    simple = next((kind for kind in (int, str, bool) if option is kind), None)
+    if simple is not None:
+        return isinstance(value, simple)
+    if isinstance(option, type) and (dataclasses.is_dataclass(option) or issubclass(option, enum.Enum)):
+        return isinstance(value, option)
+    return None
 
 
 def _protocol_call(protocol: type) -> Callable[..., object] | None:
@@ -399,10 +492,19 @@ def check_builder(builder: object, protocol: type, *, slot: str | None = None) -
     instance. Every mismatch is reported, each on its own line; results are cached per
     (builder, protocol).
     """
-    problems = _mismatches(builder, protocol)
+    if _protocol_call(protocol) is None:
+        raise TypeError(f"{protocol.__qualname__} is not a Builder protocol: it has no __call__")
+    where = f"{slot}: " if slot else ""
+    try:
+        problems = _mismatches(builder, protocol)
+    except Exception as error:  # user code ran (a property, __getattr__, __signature__...)
+        raise SpecError(
+            f"{where}{describe_builder(builder)} cannot be checked against "
+            f"{protocol.__qualname__}: inspecting it raised {type(error).__name__}: "
+            f"{clip(_error_text(error))}; a builder must be a class, function or "
+            "functools.partial whose signature and annotations can be read") from error
     if not problems:
         return
-    where = f"{slot}: " if slot else ""
-    shown = describe_builder(builder) if callable(builder) else repr(builder)
+    shown = describe_builder(builder) if _is_callable(builder) else safe_repr(builder)
     lines = "\n".join(f"  - {p}" for p in problems)
     raise SpecError(f"{where}{shown} does not satisfy {protocol.__qualname__}:\n{lines}")

@@ -6,7 +6,7 @@ import dataclasses
 import types
 import typing
 
-from protoformer.spec.check import SpecError, check_builder
+from protoformer.spec.check import SpecError, check_builder, clip
 
 __all__ = ["Submodules", "slot_protocols", "validate_submodules"]
 
@@ -29,9 +29,10 @@ def slot_protocols(cls: type) -> dict[str, tuple[type[object] | None, bool]]:
         return cached
     try:
         hints = typing.get_type_hints(cls)
-    except NameError as error:
+    except Exception as error:  # NameError mostly; user annotations may raise anything
         raise SpecError(
-            f"{cls.__qualname__}: cannot evaluate the slot annotations ({error}); every name "
+            f"{cls.__qualname__}: cannot evaluate the slot annotations "
+            f"({type(error).__name__}: {clip(str(error))}); every name "
             "used in a Submodules annotation must be importable at runtime in its module "
             "(not only under `if TYPE_CHECKING:`)") from error
     result: dict[str, tuple[type[object] | None, bool]] = {}

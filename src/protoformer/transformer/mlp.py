@@ -99,7 +99,15 @@ class MLPSubmodules(Submodules):
 
 
 class MLPInterface(Protocol):
-    """A built MLP: `[s, b, h]` -> (`[s, b, h]`, output bias or None for a fused add)."""
+    """A built MLP: `[s, b, h]` -> (`[s, b, h]`, output bias or None for a fused add).
+
+    `input_size` (Megatron-Core's name) is the width the MLP reads. Besides saying what the
+    layer feeds it, it keeps the MLP and attention interfaces apart for every checker: their
+    `forward`s accept the same call, so without it mypy (which sees a `functools.partial` as
+    `(*Any, **Any) -> SelfAttention`) would let an attention layer fill the `mlp` slot.
+    """
+
+    input_size: int
 
     def forward(self, hidden_states: Tensor, /) -> tuple[Tensor, Tensor | None]: ...
 
@@ -165,7 +173,7 @@ class MLP(nn.Module):
         if ffn % tp_size != 0:
             raise ValueError(f"ffn_hidden_size={ffn} must be divisible by the tensor-parallel "
                              f"size {tp_size}; choose an ffn_hidden_size that is a multiple of it")
-        self.input_size = input_size if input_size is not None else config.hidden_size
+        self.input_size: int = input_size if input_size is not None else config.hidden_size
         gated = config.gated_linear_unit
         fc1_size = 2 * ffn if gated else ffn
         fc1_init = init_method_normal(config.init_method_std)
