@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MLATransformerConfig", "TransformerConfig"]
+__all__ = ["MAX_SIZES", "MLATransformerConfig", "TransformerConfig", "size_problem"]
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
 RecomputeGranularity = Literal["selective", "full"]
@@ -31,14 +31,50 @@ _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
 def _fail(name: str, value: object, rule: str) -> ValueError:
-    return ValueError(f"TransformerConfig.{name}={value!r}: {rule}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 120 else shown[:117] + "..."
+    return ValueError(f"TransformerConfig.{name}={shown}: {rule}")
+
+
+MAX_SIZES: dict[str, int] = {
+    "num_layers": 10_000,
+    "hidden_size": 1 << 20,
+    "num_attention_heads": 1 << 16,
+    "num_query_groups": 1 << 16,
+    "kv_channels": 1 << 16,
+    "ffn_hidden_size": 1 << 24,
+    "q_lora_rank": 1 << 20,
+    "kv_lora_rank": 1 << 20,
+    "qk_head_dim": 1 << 16,
+    "qk_pos_emb_head_dim": 1 << 16,
+    "v_head_dim": 1 << 16,
+    "original_max_position_embeddings": 1 << 26,
+    "vocab_size": 1 << 26,
+    "max_sequence_length": 1 << 26,
+}
+"""The largest value each size may take: far beyond any real model (Llama-3.1-405B has 126
+layers, hidden 16384, ffn 53248; the largest vocabularies hold ~10^6 tokens), small enough
+that arithmetic on it and the tables built from it stay cheap. A size read from a file is
+checked against these before anything is allocated; the memory estimate
+(`protoformer.memory`) then judges whether the model fits."""
+
+
+def size_problem(name: str, value: object, *, minimum: int = 1) -> str | None:
+    """Why `value` is not an acceptable size `name` (an int in [minimum, MAX_SIZES[name]])."""
+    maximum = MAX_SIZES.get(name)
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum:_}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an int {bounds}"
+    if value < minimum or (maximum is not None and value > maximum):
+        return f"must be an int {bounds}"
+    return None
 
 
 def _require_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(name, value, f"must be an int >= {minimum}")
-    if value < minimum:
-        raise _fail(name, value, f"must be >= {minimum}")
+    problem = size_problem(name, value, minimum=minimum)
+    if problem is not None:
+        raise _fail(name, value, problem)
+    assert isinstance(value, int)
     return value
 
 

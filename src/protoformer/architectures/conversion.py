@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from protoformer.config import TransformerConfig
+from protoformer.config import TransformerConfig, size_problem
+from protoformer.jsonio import clip
 from protoformer.transformer.mlp import gelu_tanh
 
 __all__ = [
@@ -133,15 +134,40 @@ class Seq2SeqModelInfo:
     tied: bool
 
 
+HF_SIZE_KEYS: dict[str, str] = {
+    "hidden_size": "hidden_size", "d_model": "hidden_size",
+    "num_hidden_layers": "num_layers", "num_layers": "num_layers",
+    "num_decoder_layers": "num_layers",
+    "num_attention_heads": "num_attention_heads", "num_heads": "num_attention_heads",
+    "num_key_value_heads": "num_query_groups",
+    "head_dim": "kv_channels", "d_kv": "kv_channels",
+    "intermediate_size": "ffn_hidden_size", "d_ff": "ffn_hidden_size",
+    "moe_intermediate_size": "ffn_hidden_size",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_sequence_length",
+    "original_max_position_embeddings": "max_sequence_length",
+    "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_head_dim", "qk_rope_head_dim": "qk_pos_emb_head_dim",
+    "v_head_dim": "v_head_dim",
+}
+"""config.json keys that are sizes -> the protoformer size whose bound (`MAX_SIZES`) they
+share. `ConfigReader.get_int` checks them when they are read, so every architecture's reader
+refuses `hidden_size: 1000000000` or `num_attention_heads: 0` in one line naming the key,
+before any arithmetic or allocation uses the value."""
+
+
 class ConfigReader:
-    """Typed access to a config.json mapping, with errors that name the key and the value."""
+    """Typed access to a config.json mapping, with errors that name the key and the value.
+
+    Sizes (`HF_SIZE_KEYS`) are bounds-checked as they are read.
+    """
 
     def __init__(self, values: Mapping[str, object], where: str) -> None:
         self.values = values
         self.where = where
 
     def _fail(self, key: str, value: object, expected: str) -> HFConversionError:
-        return HFConversionError(f"{self.where}: {key}={value!r} must be {expected}")
+        return HFConversionError(f"{self.where}: {key}={clip(repr(value))} must be {expected}")
 
     def present(self, key: str) -> bool:
         """Whether `key` is set to something other than null."""
@@ -156,6 +182,11 @@ class ConfigReader:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._fail(key, value, "an integer")
+        size = HF_SIZE_KEYS.get(key)
+        problem = size_problem(size, value) if size is not None else None
+        if problem is not None:
+            raise HFConversionError(f"{self.where}: {key}={value} {problem} (the config.json "
+                                    "is corrupt or not a real model's)")
         return value
 
     def get_optional_int(self, key: str) -> int | None:

@@ -85,6 +85,9 @@ def add_parser(commands: _Subparsers) -> None:
     parser.add_argument("--allow", metavar="PREFIX", action="append", default=[],
                         help="allow importing the checkpoint's layer-spec builders from modules "
                              "under PREFIX (as the run's train --allow did; repeatable)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load a --checkpoint whose state.json records no checksums (edited "
+                             "or foreign); the weights are then not checked for corruption")
     parser.set_defaults(handler=run)
 
 
@@ -109,11 +112,13 @@ def token_bytes(token: int) -> bytes:
     return bytes([token]) if 0 <= token < 256 else _REPLACEMENT
 
 
-def load_model(checkpoint: Path, *, device: str = "auto", allow: Sequence[str] = ()
-               ) -> tuple[GPTModel, Path]:
-    """Rebuild the checkpoint's model and load its weights; returns (model, step directory)."""
+def load_model(checkpoint: Path, *, device: str = "auto", allow: Sequence[str] = (),
+               verify: bool = True) -> tuple[GPTModel, Path]:
+    """Rebuild the checkpoint's model and load its weights; returns (model, step directory).
+
+    `verify=False` loads weights whose checksums state.json does not record."""
     step_dir = resolve_checkpoint(checkpoint)
-    return _load_from(step_dir, read_state(step_dir), device, allow), step_dir
+    return _load_from(step_dir, read_state(step_dir), device, allow, verify=verify), step_dir
 
 
 def _build_saved_model(step_dir: Path, state: dict[str, JSONValue], device: str,
@@ -143,9 +148,9 @@ def _build_saved_model(step_dir: Path, state: dict[str, JSONValue], device: str,
 
 
 def _load_from(step_dir: Path, state: dict[str, JSONValue], device: str,
-               allow: Sequence[str] = ()) -> GPTModel:
+               allow: Sequence[str] = (), *, verify: bool = True) -> GPTModel:
     model = _build_saved_model(step_dir, state, device, allow)
-    load_checkpoint(step_dir, model)
+    load_checkpoint(step_dir, model, verify=verify)
     return model.eval()
 
 
@@ -297,7 +302,8 @@ def _run_checkpoint(args: argparse.Namespace, prompts: Sequence[str]) -> None:
     if vocab_size is not None:  # before the (slower) model build
         for encoded in prompt_bytes:
             check_prompt_bytes(encoded, vocab_size)
-    model = _load_from(step_dir, state, str(args.device), [str(a) for a in args.allow])
+    model = _load_from(step_dir, state, str(args.device), [str(a) for a in args.allow],
+                       verify=not args.no_verify)
     if len(prompts) > 1:
         _batch_generation(model, [list(encoded) for encoded in prompt_bytes], args,
                           echoes=prompts, text=lambda ids: b"".join(

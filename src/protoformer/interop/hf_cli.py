@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from protoformer.interop.hf import from_hf, hf_model_info
 from protoformer.interop.hf_files import read_config
 from protoformer.interop.hf_t5 import t5_from_hf
 from protoformer.interop.hf_tokenizer import HFTokenizer, load_tokenizer
+from protoformer.jsonio import JSONFileError, read_json_file
 from protoformer.models import GPTModel, T5Model
 
 __all__ = ["HFCheckpoint", "HFSeq2SeqCheckpoint", "is_t5_checkpoint", "load_hf_for_cli",
@@ -57,8 +57,8 @@ def _eos_token_ids(directory: Path, config: JSONDict) -> tuple[int, ...]:
     generation = directory / "generation_config.json"
     if generation.is_file():
         try:
-            loaded: object = json.loads(generation.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            loaded: object = read_json_file(generation, what=generation.name)
+        except (OSError, JSONFileError):
             loaded = None
         if isinstance(loaded, dict):
             ids = _token_ids(loaded.get("eos_token_id"))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]  # JSON object

@@ -23,6 +23,7 @@ from protoformer.architectures.conversion import (
     TensorRule,
     json_object,
 )
+from protoformer.jsonio import JSONFileError, clip, read_json_file
 
 __all__ = [
     "INDEX_FILE",
@@ -106,9 +107,11 @@ def _is_plain_file_name(name: str) -> bool:
 
 def _json_object(path: Path) -> JSONDict:
     try:
-        value: object = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HFConversionError(f"{path}: cannot read it as JSON ({error})") from error
+        value = read_json_file(path, what=path.name)  # bounded size and depth
+    except OSError as error:
+        raise HFConversionError(f"{path}: cannot read it ({error.strerror or error})") from error
+    except JSONFileError as error:
+        raise HFConversionError(str(error)) from None
     try:
         return json_object(value)
     except TypeError:
@@ -140,16 +143,16 @@ class SafetensorsSource:
             self._where_is: dict[str, str] = {}
             for name, file in weight_map.items():  # pyright: ignore[reportUnknownVariableType]  # JSON object
                 if not isinstance(name, str) or not isinstance(file, str):
-                    raise HFConversionError(f"{index}: weight_map entry {name!r}: {file!r} must "
+                    raise HFConversionError(f"{index}: weight_map entry {name!r:.120}: {file!r:.120} must "
                                             "map a tensor name to a file name")
                 if not _is_plain_file_name(file):  # no "../x", "/abs" or "sub/x": stay in directory
-                    raise HFConversionError(f"{index}: weight_map entry {name!r} names {file!r}; "
+                    raise HFConversionError(f"{index}: weight_map entry {clip(repr(name))} names {clip(repr(file))}; "
                                             f"shards must be plain file names in {directory}")
                 self._where_is[name] = file
             missing = sorted({f for f in self._where_is.values() if not (directory / f).is_file()})
             if missing:
                 raise HFConversionError(f"{index} lists shard(s) that are not in {directory}: "
-                                        f"{', '.join(missing)}")
+                                        f"{clip(', '.join(missing), 300)}")
         elif single.is_file():
             self._where_is = {name: SINGLE_FILE for name in self._file(SINGLE_FILE).keys()}
         else:

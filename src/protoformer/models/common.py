@@ -8,7 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from protoformer.config import TransformerConfig
+from protoformer.config import TransformerConfig, size_problem
+from protoformer.jsonio import clip
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import ColumnParallelLinear
 from protoformer.parallel.protocols import InitMethod
@@ -21,10 +22,12 @@ RESIDUAL_OUTPUT_LINEARS = ("linear_proj", "linear_fc2")
 
 
 def check_sizes(model: str, **sizes: int) -> None:
-    """A ValueError unless every size (e.g. `vocab_size`, `max_sequence_length`) is an int >= 1."""
+    """A ValueError unless every size (e.g. `vocab_size`, `max_sequence_length`) is an int >= 1
+    and at most its bound in `protoformer.config.MAX_SIZES` (where it has one)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
-            raise ValueError(f"{model}: {name}={value!r} must be an int >= 1")
+        problem = size_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"{model}: {name}={clip(repr(value))} {problem}")
 
 
 def check_token_ids(model: str, name: str, ids: Tensor, vocab_size: int) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
 from protoformer.kernels.linear_cross_entropy import fused_linear_cross_entropy
+from protoformer.memory import check_fits, estimate_model_memory
 from protoformer.models.common import (
     check_sizes,
     check_token_ids,
@@ -80,6 +81,11 @@ class GPTModel(nn.Module):
     ) -> None:
         super().__init__()
         check_sizes("GPTModel", vocab_size=vocab_size, max_sequence_length=max_sequence_length)
+        check_fits(estimate_model_memory(
+            config, vocab_size, tied_embeddings=share_embeddings_and_output_weights,
+            max_sequence_length=max_sequence_length,
+            learned_positions=position_embedding_type == "learned_absolute",
+            tp_size=pg.tp_size if pg is not None else 1), None, what="GPTModel")
         if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
             raise ValueError(f"GPTModel: position_embedding_type={position_embedding_type!r}; "
                              f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")

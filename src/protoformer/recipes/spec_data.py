@@ -95,5 +95,13 @@ def layer_spec_from_data(
 def stored_layer_spec(data: JSONValue, *, allow: Sequence[str] = (), where: str = "checkpoint",
                       num_layers: int | None = None) -> LayerSpecList:
     """The layer spec (or per-layer list) `protoformer.spec.to_dict` stored (in a checkpoint),
-    rebuilt and checked."""
-    return _layer_spec(from_dict(data, allow=allow_list(allow)), where, num_layers)
+    rebuilt and checked.
+
+    A refusal names `where` (the checkpoint's state.json), so the user knows the spec came
+    from the checkpoint and not from a `--spec` file of theirs.
+    """
+    try:
+        spec = from_dict(data, allow=allow_list(allow))
+    except SpecError as error:
+        raise SpecError(f"{where} (the layer spec stored in the checkpoint): {error}") from error
+    return _layer_spec(spec, where, num_layers)

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from protoformer.spec.check import SpecError
+from protoformer.jsonio import JSONFileError, json_depth_problem, loads_bounded, read_bounded_text
+from protoformer.spec.check import SpecError, clip
 from protoformer.spec.names import DEFAULT_ALLOW
 from protoformer.spec.serialize import from_dict, to_dict
 from protoformer.spec.submodules import Submodules
@@ -26,6 +27,10 @@ from protoformer.spec.toml_writer import toml_document
 __all__ = ["SpecFormat", "dumps_spec", "load_spec", "loads_spec", "save_spec"]
 
 SpecFormat = Literal["json", "toml", "yaml"]
+MAX_SPEC_BYTES = 16 * 1024 * 1024
+"""Largest spec file read (16 MiB; a whole model's spec is a few KiB)."""
+MAX_SPEC_DEPTH = 256
+"""Deepest nesting of a spec file's data (each nested record adds about four levels)."""
 _SUFFIXES: dict[str, SpecFormat] = {
     ".json": "json", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
 
@@ -71,7 +76,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, value in pairs:
         if key in result:
-            raise SpecError(f"duplicate key {key!r} in a JSON object")
+            raise SpecError(f"duplicate key {clip(repr(key))} in a JSON object")
         result[key] = value
     return result
 
@@ -98,15 +103,24 @@ def loads_spec(text: str, format: SpecFormat = "json", *,
     _check_format(format)
     try:
         if format == "json":
-            data: object = json.loads(text, object_pairs_hook=_no_duplicates)
+            data: object = loads_bounded(text, max_depth=MAX_SPEC_DEPTH, source=source,
+                                         object_pairs_hook=_no_duplicates)
         elif format == "toml":
             data = _parse_toml(text)
         else:
             data = _yaml().safe_load(text)
+    except JSONFileError as error:
+        raise SpecError(str(error)) from None
     except SpecError as error:
         raise SpecError(f"{source}: {error}") from error
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply to be a spec") from None
     except Exception as error:  # each parser has its own error type; all mean "malformed file"
-        raise SpecError(f"{source}: not a valid {format.upper()} file: {error}") from error
+        raise SpecError(f"{source}: not a valid {format.upper()} file: "
+                        f"{clip(str(error), 300)}") from error
+    problem = json_depth_problem(data, MAX_SPEC_DEPTH)
+    if problem is not None:
+        raise SpecError(f"{source}: {problem}; a spec nests a few levels per record")
     try:
         return from_dict(data, allow=allow)
     except SpecError as error:
@@ -133,7 +147,7 @@ def load_spec(path: str | os.PathLike[str], *, allow: Sequence[str] = DEFAULT_AL
     source = Path(path)
     fmt = _format_of(source, format)
     try:
-        text = source.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise SpecError(f"{source}: not a UTF-8 text file ({error})") from error
+        text = read_bounded_text(source, max_bytes=MAX_SPEC_BYTES, what="spec file")
+    except JSONFileError as error:
+        raise SpecError(str(error)) from None
     return loads_spec(text, fmt, allow=allow, source=str(source))

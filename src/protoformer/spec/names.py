@@ -15,7 +15,7 @@ import sys
 import types
 from collections.abc import Sequence
 
-from protoformer.spec.check import SpecError
+from protoformer.spec.check import SpecError, clip, safe_repr
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -30,9 +30,13 @@ DEFAULT_ALLOW: tuple[str, ...] = ("protoformer.",)
 """Module prefixes names may be resolved from unless told otherwise: protoformer itself."""
 
 
+MAX_NAME_LENGTH = 1000
+"""Longest "module:QualName" accepted; longer text is refused before it is looked at."""
+
+
 def where(path: str) -> str:
     """The "slot.path: " that starts an error message about that place in a spec."""
-    return f"{path}: " if path else "spec root: "
+    return f"{clip(path, 200)}: " if path else "spec root: "
 
 
 def join_path(path: str, name: str) -> str:
@@ -42,8 +46,7 @@ def join_path(path: str, name: str) -> str:
 
 def short_repr(value: object) -> str:
     """`repr(value)`, cut to 120 characters for messages."""
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
+    return safe_repr(value)
 
 
 def is_named_builder(value: object) -> bool:
@@ -65,14 +68,14 @@ def _name_problem(module: str, names: Sequence[str]) -> str | None:
     """Why "module:names" is not an acceptable name, or None."""
     for part in module.split("."):
         if not is_identifier(part) or part.startswith("__"):
-            return f"module path '{module}' is not a dotted sequence of (non-dunder) identifiers"
+            return f"module path '{clip(module)}' is not a dotted sequence of (non-dunder) identifiers"
     if not names:
         return "the name after ':' is empty"
     for name in names:
         if not is_identifier(name):
-            return f"'{name}' is not an identifier"
+            return f"'{clip(name)}' is not an identifier"
         if name.startswith("_"):
-            return f"'{name}' is private or a dunder name; only public names can be resolved"
+            return f"'{clip(name)}' is private or a dunder name; only public names can be resolved"
     return None
 
 
@@ -134,11 +137,12 @@ def _is_allowed(module: str, prefixes: tuple[str, ...]) -> bool:
 def _refusal(text: str, module: str, prefixes: tuple[str, ...], path: str, *,
              imported: bool) -> SpecError:
     shown = ", ".join(repr(p + ".") for p in prefixes) or "(none)"
+    module = clip(module)
     subject = (f"it is defined in module {module!r}, which is" if imported
                else f"module {module!r} is")
     done = "" if imported else " Nothing was imported."
     return SpecError(
-        f"{where(path)}'{text}' is refused: {subject} outside the allowed module prefixes "
+        f"{where(path)}'{clip(text)}' is refused: {subject} outside the allowed module prefixes "
         f"({shown}).{done} If you trust it, allow it: allow=(..., {module!r}) "
         f"(CLI: --allow {module})")
 
@@ -155,34 +159,38 @@ def resolve_reference(text: object, *, allow: Sequence[str] = DEFAULT_ALLOW,
     if not isinstance(text, str):
         raise SpecError(f"{where(path)}expected a name 'package.module:Name', got "
                         f"{short_repr(text)}")
+    if len(text) > MAX_NAME_LENGTH:
+        raise SpecError(f"{where(path)}'{clip(text)}' ({len(text)} characters) is not a name "
+                        f"'package.module:Name': names are at most {MAX_NAME_LENGTH} characters")
+    shown = clip(text)
     module, sep, qualname = text.partition(":")
     names = qualname.split(".") if qualname else []
     problem = "there is no ':' between module and name" if not sep else _name_problem(module, names)
     if problem is not None:
-        raise SpecError(f"{where(path)}'{text}' is not a valid name 'package.module:Name': "
+        raise SpecError(f"{where(path)}'{shown}' is not a valid name 'package.module:Name': "
                         f"{problem}")
     if not _is_allowed(module, prefixes):
         raise _refusal(text, module, prefixes, path, imported=False)
     try:
         found: object = importlib.import_module(module)
     except Exception as error:  # an allowed module that fails to import is a bad spec
-        raise SpecError(f"{where(path)}'{text}': cannot import {module!r}: "
+        raise SpecError(f"{where(path)}'{shown}': cannot import {clip(module)!r}: "
                         f"{type(error).__name__}: {error}") from error
     for index, name in enumerate(names):
         if index > 0 and not isinstance(found, type):
-            raise SpecError(f"{where(path)}'{text}': '{'.'.join(names[:index])}' is not a "
+            raise SpecError(f"{where(path)}'{shown}': '{'.'.join(names[:index])}' is not a "
                             "class; a name may only reach through classes")
         try:
             found = getattr(found, name)
         except AttributeError:
-            owner = f"{module}:{'.'.join(names[:index])}" if index else f"module {module!r}"
-            raise SpecError(f"{where(path)}'{text}': {owner} has no attribute "
+            owner = f"{module}:{'.'.join(names[:index])}" if index else f"module {clip(module)!r}"
+            raise SpecError(f"{where(path)}'{shown}': {owner} has no attribute "
                             f"'{name}'") from None
         except Exception as error:
-            raise SpecError(f"{where(path)}'{text}': looking up '{name}' failed: "
+            raise SpecError(f"{where(path)}'{shown}': looking up '{name}' failed: "
                             f"{type(error).__name__}: {error}") from error
     if isinstance(found, types.ModuleType):
-        raise SpecError(f"{where(path)}'{text}' names a module; name a class or "
+        raise SpecError(f"{where(path)}'{shown}' names a module; name a class or "
                         "function in it")
     home = getattr(found, "__module__", None)
     if is_named_builder(found) and (not isinstance(home, str) or not _is_allowed(home, prefixes)):
@@ -195,6 +203,6 @@ def resolve_builder(text: object, *, allow: Sequence[str] = DEFAULT_ALLOW,
     """`resolve_reference`, requiring a class or function (what a builder slot holds)."""
     found = resolve_reference(text, allow=allow, path=path)
     if not is_named_builder(found):
-        raise SpecError(f"{where(path)}'{text}' is a {type(found).__qualname__}, not a class "
+        raise SpecError(f"{where(path)}'{clip(str(text))}' is a {type(found).__qualname__}, not a class "
                         "or function")
     return found

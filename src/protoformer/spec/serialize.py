@@ -244,8 +244,8 @@ def _check_keys(data: dict[str, object], required: set[str], optional: set[str],
     missing = sorted(required - data.keys())
     unknown = sorted(data.keys() - required - optional)
     if missing or unknown:
-        problems = [f"missing key(s) {missing}"] if missing else []
-        problems += [f"unknown key(s) {unknown}"] if unknown else []
+        problems = [f"missing key(s) {short_repr(missing)}"] if missing else []
+        problems += [f"unknown key(s) {short_repr(unknown)}"] if unknown else []
         also = f" and optionally {sorted(optional)}" if optional else ""
         raise SpecError(f"{where(path)}{'; '.join(problems)} (expected the keys "
                         f"{sorted(required)}{also})")
@@ -255,9 +255,9 @@ def _tag_of(data: dict[str, object], path: str) -> str | None:
     tags = [key for key in data if key in _TAGS]
     reserved = [key for key in data if key.startswith("__") and key not in _TAGS]
     if reserved:
-        raise SpecError(f"{where(path)}unknown tag(s) {reserved}; tags are {list(_TAGS)}")
+        raise SpecError(f"{where(path)}unknown tag(s) {short_repr(reserved)}; tags are {list(_TAGS)}")
     if len(tags) > 1:
-        raise SpecError(f"{where(path)}an object carries several tags {tags}")
+        raise SpecError(f"{where(path)}an object carries several tags {short_repr(tags)}")
     return tags[0] if tags else None
 
 
@@ -270,16 +270,16 @@ class _Decoder:
                            "a record {'__submodules__': 'module:Class', 'fields': {...}}")
         if RECORD not in mapping:
             raise SpecError(f"{where(path)}a record needs '{RECORD}': 'module:Class', got keys "
-                            f"{sorted(mapping)}")
+                            f"{short_repr(sorted(mapping))}")
         _check_keys(mapping, {RECORD, "fields"}, set(), path)
         cls = resolve_reference(mapping[RECORD], allow=self.allow, path=path)
         if not isinstance(cls, type) or not issubclass(cls, Submodules):
-            raise SpecError(f"{where(path)}'{mapping[RECORD]}' is not a Submodules record class")
+            raise SpecError(f"{where(path)}{short_repr(mapping[RECORD])} is not a Submodules record class")
         fields = _as_dict(mapping["fields"], join_path(path, "fields"), "a mapping of slot names")
         init_fields = {f.name: f for f in record_fields(cls)}
         unknown = sorted(fields.keys() - init_fields.keys())
         if unknown:
-            raise SpecError(f"{where(path)}{cls.__qualname__} has no field(s) {unknown}; its "
+            raise SpecError(f"{where(path)}{cls.__qualname__} has no field(s) {short_repr(unknown)}; its "
                             f"fields are {list(init_fields)}")
         missing = [name for name, f in init_fields.items() if name not in fields and
                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -366,10 +366,10 @@ class _Decoder:
         class_name, _, member = content.rpartition(".")
         cls = resolve_reference(class_name, allow=self.allow, path=path)
         if not isinstance(cls, type) or not issubclass(cls, enum.Enum):
-            raise SpecError(f"{where(path)}'{class_name}' is not an Enum class")
+            raise SpecError(f"{where(path)}{short_repr(class_name)} is not an Enum class")
         members = dict(cls.__members__)
         if member not in members:
-            raise SpecError(f"{where(path)}{cls.__qualname__} has no member {member!r}; members: "
+            raise SpecError(f"{where(path)}{cls.__qualname__} has no member {short_repr(member)}; members: "
                             f"{list(members)}")
         return members[member]
 
@@ -377,7 +377,9 @@ class _Decoder:
 def _decode_dtype(content: object, path: str) -> object:
     import torch
 
-    found: object = getattr(torch, content, None) if isinstance(content, str) and \
+    # vars(), not getattr(): torch imports submodules lazily on attribute access, and a name
+    # such as "onnx" must be refused without importing anything.
+    found: object = vars(torch).get(content) if isinstance(content, str) and \
         is_identifier(content) and not content.startswith("_") else None
     if not isinstance(found, torch.dtype):
         raise SpecError(f"{where(path)}{short_repr(content)} is not a torch dtype name (e.g. "

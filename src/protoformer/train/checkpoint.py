@@ -168,6 +168,8 @@ def load_checkpoint(
     step_dir: str | Path,
     model: nn.Module,
     optimizer: Optimizer | None = None,
+    *,
+    verify: bool = True,
 ) -> dict[str, JSONValue]:
     """Load weights (and optimizer state) from a step directory; return its state.json.
 
@@ -177,6 +179,8 @@ def load_checkpoint(
     its weights into this single-process model by merging the shards
     (`protoformer.train.checkpoint_merge`); its optimizer state needs the same split. A
     sharded (DCP) checkpoint of an FSDP run saved without tensor parallelism loads whole.
+    A file that state.json records no checksum for is refused unless `verify=False`, which
+    skips the size and checksum comparison (the user asked to load an unverified copy).
     """
     directory = Path(step_dir)
     if not directory.is_dir():
@@ -196,8 +200,9 @@ def load_checkpoint(
                 f"{directory}: saved with {what} parallelism over {saved_tp * saved_ep} ranks "
                 f"(one weight and optimizer file per rank); resume it in a run with the same "
                 f"split: torchrun --nproc-per-node {saved_tp * saved_ep} ... {flags}")
-        load_merged_weights(directory, document, model, saved_tp, saved_ep)
+        load_merged_weights(directory, document, model, saved_tp, saved_ep, verify=verify)
         return document
     load_shard(directory, document, model, optimizer, model_file=MODEL_FILE,
-               optimizer_file=OPTIMIZER_FILE, optimizer_record=document.get("optimizer"))
+               optimizer_file=OPTIMIZER_FILE, optimizer_record=document.get("optimizer"),
+               verify=verify)
     return document

@@ -4,13 +4,14 @@ Writes are fsynced and a finished step directory is published with one `os.repla
 `protoformer.train.checkpoint` for the layout and why a crash leaves the previous checkpoint
 intact). Reads check each file (present, its size and checksum as recorded in state.json, a
 readable safetensors or JSON file) and raise `CheckpointError` naming the file and the problem.
+A file without a checksum record is refused unless the caller asks to skip verification
+(`verify=False`, the CLI's `--no-verify`); state.json is read within size and depth limits.
 What the files hold is `protoformer.train.checkpoint_state`'s business.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from typing import Protocol, TypeAlias, cast
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariableType]  # os.PathLike left unparameterised upstream
 from torch import Tensor
+
+from protoformer.jsonio import JSONFileError, read_json_file
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -58,6 +61,10 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+MAX_STATE_BYTES = 64 * 1024 * 1024
+"""Largest state.json read (64 MiB): options, optimizer scalars and RNG states are far less."""
+MAX_STATE_DEPTH = 100
+"""Deepest nesting of state.json accepted (it nests a handful of levels)."""
 TEMP_PREFIX = ".tmp-"
 """Names starting with it are unfinished writes, removed by the next save."""
 
@@ -206,15 +213,14 @@ def read_state(step_dir: str | Path) -> dict[str, JSONValue]:
     """The parsed state.json of a step directory."""
     path = Path(step_dir) / STATE_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        document = cast("JSONValue", read_json_file(
+            path, max_bytes=MAX_STATE_BYTES, max_depth=MAX_STATE_DEPTH, what=STATE_FILE))
     except FileNotFoundError as error:
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete") from error
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: cannot read ({error})") from error
-    try:
-        document: JSONValue = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error.strerror or error})") from error
+    except JSONFileError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(document, dict) or not isinstance(document.get("step"), int):
         raise CheckpointError(f"{path}: expected a JSON object with an integer 'step'")
     if document.get("format") != FORMAT_VERSION:
@@ -223,12 +229,23 @@ def read_state(step_dir: str | Path) -> dict[str, JSONValue]:
     return document
 
 
-def verify_file(path: Path, record: JSONValue) -> None:
-    """Check that `path` exists and matches its state.json `record` (size and sha256)."""
+def verify_file(path: Path, record: JSONValue, *, verify: bool = True) -> None:
+    """Check that `path` exists and matches its state.json `record` (size and sha256).
+
+    A missing or malformed record is refused: without it flipped bytes would load silently.
+    `verify=False` skips the size and checksum comparison (the user asked for it).
+    """
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-    if not isinstance(record, dict):
-        return  # nothing recorded: safetensors' own checks still apply
+    if not verify:
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) \
+            or not isinstance(record.get("sha256"), str):
+        raise CheckpointError(
+            f"{path}: {STATE_FILE} records no size and sha256 for this file (its 'files' entry "
+            "is missing or malformed), so its contents cannot be verified; the checkpoint was "
+            "edited or not written by protoformer. To load it anyway, skip verification "
+            "(--no-verify, or verify=False)")
     size = path.stat().st_size
     if record.get("bytes") != size:
         raise CheckpointError(f"{path}: {size} bytes, but {record.get('bytes')} were written; "

@@ -91,14 +91,15 @@ def merge_shards(name: str, shards: Sequence[Tensor], param: Tensor,
 
 
 def _read_tp_shard(directory: Path, records: Mapping[str, JSONValue], model: nn.Module,
-                   tp_rank: int, tp_size: int, ep_size: int) -> dict[str, Tensor]:
+                   tp_rank: int, tp_size: int, ep_size: int, *,
+                   verify: bool = True) -> dict[str, Tensor]:
     """Tensor-parallel rank `tp_rank`'s tensors; under expert parallelism its `ep_size` files
     joined: routed experts (`expert_parallel` in the single-process model) concatenated along
     the expert dimension, everything else (equal on every EP rank) from EP rank 0."""
     parts: list[dict[str, Tensor]] = []
     for ep_rank in range(ep_size):
         model_file, _ = shard_file_names(tp_rank, tp_size, ep_rank, ep_size)
-        verify_file(directory / model_file, records.get(model_file))
+        verify_file(directory / model_file, records.get(model_file), verify=verify)
         parts.append(read_model_file(directory / model_file))
     if ep_size == 1:
         return parts[0]
@@ -115,7 +116,7 @@ def _read_tp_shard(directory: Path, records: Mapping[str, JSONValue], model: nn.
 
 
 def load_merged_weights(directory: Path, document: Mapping[str, JSONValue], model: nn.Module,
-                        tp_size: int, ep_size: int = 1) -> None:
+                        tp_size: int, ep_size: int = 1, *, verify: bool = True) -> None:
     """Load the `tp_size` (x `ep_size`) weight shards in `directory` into the single-process
     `model`.
 
@@ -124,7 +125,8 @@ def load_merged_weights(directory: Path, document: Mapping[str, JSONValue], mode
     """
     files = document.get("files")
     records: dict[str, JSONValue] = files if isinstance(files, dict) else {}
-    shards = [_read_tp_shard(directory, records, model, rank, tp_size, ep_size)
+    shards = [_read_tp_shard(directory, records, model, rank, tp_size, ep_size,
+                             verify=verify)
               for rank in range(tp_size)]
     names = set(shards[0])
     for rank, tensors in enumerate(shards[1:], start=1):

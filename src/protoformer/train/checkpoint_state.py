@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from protoformer.jsonio import JSONFileError, loads_bounded
 from protoformer.train.checkpoint_files import (
     STATE_FILE,
     CheckpointError,
@@ -159,9 +160,9 @@ def read_model_file(path: Path) -> dict[str, Tensor]:
     """The tensors of a model file, tied weights (stored once) under each of their names."""
     tensors, metadata = read_safetensors(path)
     try:
-        aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: metadata '{_ALIASES_KEY}' is not valid JSON") from error
+        aliases = loads_bounded(metadata.get(_ALIASES_KEY, "{}"), source=f"{path}: metadata")
+    except JSONFileError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(aliases, dict):
         raise CheckpointError(f"{path}: metadata '{_ALIASES_KEY}' is not a JSON object")
     for alias, name in aliases.items():  # pyright: ignore[reportUnknownVariableType]  # parsed JSON
@@ -229,19 +230,19 @@ def _optimizer_state(path: Path, record: JSONValue, optimizer: Optimizer) -> dic
 
 def load_shard(directory: Path, document: Mapping[str, JSONValue], model: nn.Module,
                optimizer: Optimizer | None, *, model_file: str, optimizer_file: str,
-               optimizer_record: JSONValue) -> None:
+               optimizer_record: JSONValue, verify: bool = True) -> None:
     """Load `model_file` (and `optimizer_file`, whose non-tensor state is `optimizer_record`).
 
     Both files are checked against the records in `document` (state.json) before the model or
-    optimizer is touched.
+    optimizer is touched; `verify=False` skips the size and checksum comparison.
     """
     files = document.get("files")
     records: dict[str, JSONValue] = files if isinstance(files, dict) else {}
-    verify_file(directory / model_file, records.get(model_file))
+    verify_file(directory / model_file, records.get(model_file), verify=verify)
     weights = _model_tensors(directory / model_file, model)
     optimizer_state: dict[str, object] | None = None
     if optimizer is not None:
-        verify_file(directory / optimizer_file, records.get(optimizer_file))
+        verify_file(directory / optimizer_file, records.get(optimizer_file), verify=verify)
         optimizer_state = _optimizer_state(directory / optimizer_file, optimizer_record, optimizer)
     if optimizer is not None and optimizer_state is not None:
         # First: torch checks the parameter groups only here, and a refusal must leave the
