@@ -87,6 +87,7 @@ class MoELayer(nn.Module):
                 f"MoESubmodules.shared_experts is {'None' if submodules.shared_experts is None else 'set'}; "
                 "give both (shared experts) or neither")
         self.config = config
+        self.input_size: int = config.hidden_size  # MLPInterface: the width the layer reads
         groups = pg if pg is not None else ProcessGroups()
         ep_size = config.expert_model_parallel_size
         if groups.ep_size != ep_size:
