@@ -61,7 +61,7 @@ def read_bounded_text(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise JSONFileError(f"{path}: not UTF-8 text (byte {error.start}); the {what} is "
+        raise JSONFileError(f"{path}: not a UTF-8 text file (byte {error.start}); the {what} is "
                             "corrupt") from None
 
 
