@@ -62,11 +62,12 @@ checked against these before anything is allocated; the memory estimate
 def size_problem(name: str, value: object, *, minimum: int = 1) -> str | None:
     """Why `value` is not an acceptable size `name` (an int in [minimum, MAX_SIZES[name]])."""
     maximum = MAX_SIZES.get(name)
-    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum:_}"
     if isinstance(value, bool) or not isinstance(value, int):
-        return f"must be an int {bounds}"
-    if value < minimum or (maximum is not None and value > maximum):
-        return f"must be an int {bounds}"
+        return f"must be an int >= {minimum}"
+    if value < minimum:
+        return f"must be >= {minimum}"
+    if maximum is not None and value > maximum:
+        return f"must be at most {maximum:_} (no real model comes near)"
     return None
 
 
