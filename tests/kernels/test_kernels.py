@@ -138,7 +138,7 @@ def test_linear_cross_entropy_mean_reduction_matches_reference(device: str) -> N
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(loss, (hidden, weight))
     for got, want in zip(grads, torch.autograd.grad(expected, (hidden, weight)), strict=True):
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_cross_entropy(hidden, weight, target, reduction="sum")  # type: ignore[arg-type]
 

@@ -233,6 +233,8 @@ def config_document(options: TrainOptions) -> dict[str, object]:
         flag = flag_of.get(item.name)
         if flag is not None:
             values[flag.replace("_", "-")] = getattr(options, item.name)
+    # The one negative flag: its key holds the negation of the option.
+    values["no-reshard-after-forward"] = not values.pop("reshard-after-forward")
     if options.init_from_hf is not None:
         del values["preset"]  # the Hugging Face checkpoint chooses the model
     values["min-lr"] = options.schedule().min_lr
