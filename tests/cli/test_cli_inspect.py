@@ -82,7 +82,7 @@ def test_t5_small_report_counts_and_flops_match_closed_forms(capsys: pytest.Capt
     assert "per source token" in out and "per target token" in out
 
 
-@pytest.mark.parametrize("name", ["t5-small", "t5-base", "t5-v1_1-xl"])
+@pytest.mark.parametrize("name", ["t5-small", "t5-base", "t5-v1_1-xl", "mt5-small"])
 def test_t5_presets_have_the_parameter_count_of_the_transformers_model(name: str) -> None:
     transformers = pytest.importorskip("transformers")
     from protoformer.cli.inspect import inspect_t5_preset

@@ -7,6 +7,7 @@ weights (logits and loss in float32, greedy generations); round trips compare te
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,20 @@ BASE = {"vocab_size": VOCAB, "d_model": 32, "d_kv": 12, "d_ff": 40, "num_layers"
 VARIANTS = {
     "t5": {"feed_forward_proj": "relu"},  # tied head, scaled decoder output
     "t5-v1.1": {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+    # mT5: the T5 v1.1 layout; transformers 5 ties its head and never scales the output.
+    "mt5": {"feed_forward_proj": "gated-gelu"},
 }
+HF_CLASSES = {"t5": "T5ForConditionalGeneration", "t5-v1.1": "T5ForConditionalGeneration",
+              "mt5": "MT5ForConditionalGeneration"}
 
 
 def hf_t5(variant: str, *, seed: int = 0, std: float = 0.3) -> Any:
     import transformers
 
-    config = transformers.T5Config(**BASE, **VARIANTS[variant])
+    config_class = transformers.MT5Config if variant == "mt5" else transformers.T5Config
+    config = config_class(**BASE, **VARIANTS[variant])
     torch.manual_seed(seed)
-    model = transformers.T5ForConditionalGeneration(config).eval()
+    model = getattr(transformers, HF_CLASSES[variant])(config).eval()
     with torch.no_grad():  # larger weights than T5's init: outputs far from uniform
         for parameter in model.parameters():
             parameter.normal_(0.0, std)
@@ -82,7 +88,7 @@ def test_logits_and_loss_match_transformers(variant: str) -> None:
     torch.testing.assert_close(loss.mean(), hf_loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("variant", "std"), [("t5", 0.3), ("t5-v1.1", 0.6)])
+@pytest.mark.parametrize(("variant", "std"), [("t5", 0.3), ("t5-v1.1", 0.6), ("mt5", 0.6)])
 def test_greedy_generation_matches_transformers(variant: str, std: float) -> None:
     hf = hf_t5(variant, seed=2, std=std)  # weights whose greedy output is not one repeated token
     model = t5_from_hf(hf).eval()
@@ -115,7 +121,9 @@ def test_saved_directory_loads_in_transformers_and_back(variant: str, tmp_path: 
     hf = hf_t5(variant)
     model = t5_from_hf(hf).eval()
     save_t5_hf(model, tmp_path)
-    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == \
+        [HF_CLASSES[variant]]
+    reloaded = getattr(transformers, HF_CLASSES[variant]).from_pretrained(tmp_path).eval()
     again = t5_from_hf(tmp_path).eval()
     assert isinstance(again, T5Model)
     encoder_ids, decoder_ids, attention_mask = batch()

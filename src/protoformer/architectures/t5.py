@@ -33,14 +33,22 @@ from protoformer.architectures.llama import qkv_rule
 from protoformer.architectures.registry import register_seq2seq_architecture
 from protoformer.config import TransformerConfig
 from protoformer.models.t5 import T5Model
+from protoformer.recipes.t5_presets import T5Preset, register_t5_preset
 from protoformer.spec import not_none
+from protoformer.transformer.mlp import gelu_tanh
 
 __all__ = ["T5Architecture", "read_t5_config", "t5_tensor_rules"]
 
 
 def read_t5_config(values: Mapping[str, object], *, model_type: str, hf_class: str,
-                   dtype: torch.dtype, tied: bool) -> Seq2SeqModelInfo:
-    """A T5-layout config.json mapping -> `Seq2SeqModelInfo` (parameters in `dtype`)."""
+                   dtype: torch.dtype, tied: bool,
+                   scales_tied_output: bool = True) -> Seq2SeqModelInfo:
+    """A T5-layout config.json mapping -> `Seq2SeqModelInfo` (parameters in `dtype`).
+
+    `scales_tied_output=False` (mT5): the decoder output is never scaled unless the config
+    says `scale_decoder_outputs` (transformers 5 never scales mT5; 4.x only for a config
+    with `tie_word_embeddings=true`, which published mT5 checkpoints do not have).
+    """
     reader = ConfigReader(values, f"{hf_class} config")
     projection = reader.get_str("feed_forward_proj", "relu")
     parts = projection.split("-")
@@ -70,6 +78,8 @@ def read_t5_config(values: Mapping[str, object], *, model_type: str, hf_class: s
 
     if "scale_decoder_outputs" in values:  # transformers >= 5 records it
         scale = reader.get_bool("scale_decoder_outputs", True)
+    elif not scales_tied_output:
+        scale = False
     else:  # older configs: T5 v1.1 says tie_word_embeddings=false and is not scaled
         scale = reader.get_bool("tie_word_embeddings", True)
     return Seq2SeqModelInfo(
@@ -137,9 +147,12 @@ def t5_tensor_rules(info: Seq2SeqModelInfo) -> list[TensorRule]:
     return rules
 
 
-def _check_exportable(model: T5Model, hf_class: str) -> None:
+def _check_exportable(model: T5Model, hf_class: str, *, scales_tied_output: bool) -> None:
     config = model.config
     problems: list[str] = []
+    if model.scale_decoder_outputs and not scales_tied_output:
+        problems.append(f"scale_decoder_outputs=True ({hf_class} never scales the decoder "
+                        "output)")
     if model.position_embedding_type != "relative":
         problems.append(f"position_embedding_type={model.position_embedding_type!r} (T5 uses "
                         "'relative')")
@@ -161,21 +174,26 @@ def _check_exportable(model: T5Model, hf_class: str) -> None:
 @dataclass(frozen=True)
 class T5Architecture:
     """A T5-layout encoder-decoder (`Seq2SeqArchitecture`): T5 itself, or mT5 (`model_type`
-    "mt5", the T5 v1.1 layout with a larger vocabulary)."""
+    "mt5", the T5 v1.1 layout with a larger vocabulary).
+
+    `scales_tied_output`: whether a config with `tie_word_embeddings=true` (and no
+    `scale_decoder_outputs`) scales the decoder output by `d_model ** -0.5` (T5: yes; mT5: no).
+    """
 
     model_type: str
     hf_class: str
+    scales_tied_output: bool = True
 
     def read_config(self, values: Mapping[str, object], dtype: torch.dtype, *,
                     tied: bool) -> Seq2SeqModelInfo:
         return read_t5_config(values, model_type=self.model_type, hf_class=self.hf_class,
-                              dtype=dtype, tied=tied)
+                              dtype=dtype, tied=tied, scales_tied_output=self.scales_tied_output)
 
     def tensor_rules(self, info: Seq2SeqModelInfo) -> list[TensorRule]:
         return t5_tensor_rules(info)
 
     def write_config(self, model: T5Model) -> JSONDict:
-        _check_exportable(model, self.hf_class)
+        _check_exportable(model, self.hf_class, scales_tied_output=self.scales_tied_output)
         config, encoder = model.config, model.encoder_config
         act = activation_name(config)
         projection = ("gated-gelu" if act == "gelu_new" else f"gated-{act}") \
@@ -198,3 +216,20 @@ class T5Architecture:
 
 
 register_seq2seq_architecture(T5Architecture("t5", "T5ForConditionalGeneration"))
+register_seq2seq_architecture(T5Architecture("mt5", "MT5ForConditionalGeneration",
+                                             scales_tied_output=False))
+
+
+# ------------------------------------------------------------------ presets of published sizes
+def _mt5(num_layers: int) -> TransformerConfig:
+    # google/mt5-small: d_model 512, 6 heads of 64, gated-GeLU (tanh) MLP of 1024, RMSNorm.
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=512, num_attention_heads=6, kv_channels=64,
+        ffn_hidden_size=1024, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        add_bias_linear=False, gated_linear_unit=True, activation_func=gelu_tanh,
+        softmax_scale=1.0, attention_dropout=0.1, hidden_dropout=0.1)
+
+
+register_t5_preset(T5Preset(
+    "mt5-small", "mT5 small (8 + 8 layers, d_model 512, 6 heads of 64, gated-GeLU MLP 1024, "
+    "vocab 250112, untied unscaled head)", _mt5, 8, 8, 250112, 1024, False))

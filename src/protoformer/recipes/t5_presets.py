@@ -8,6 +8,7 @@ meta device) and as a starting point for your own configs; weights come from `t5
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
 from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.mlp import gelu_tanh
 
-__all__ = ["T5Preset", "get_t5_preset", "list_t5_presets"]
+__all__ = ["T5Preset", "get_t5_preset", "list_t5_presets", "register_t5_preset"]
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,28 @@ _PRESETS: dict[str, T5Preset] = {
 }
 
 
+def register_t5_preset(preset: T5Preset) -> None:
+    """Add `preset` under its name (an architecture module registers its published sizes;
+    a name is registered once)."""
+    if preset.name in _PRESETS:
+        raise ValueError(f"encoder-decoder preset {preset.name!r} is already registered")
+    _PRESETS[preset.name] = preset
+
+
+def _load_family_presets() -> None:
+    # Families (protoformer.architectures, above the recipes) register their presets on import.
+    importlib.import_module("protoformer.architectures")
+
+
 def list_t5_presets() -> list[str]:
     """The names `get_t5_preset` accepts."""
+    _load_family_presets()
     return list(_PRESETS)
 
 
 def get_t5_preset(name: str) -> T5Preset:
     """The encoder-decoder preset called `name`; `ValueError` listing the known names otherwise."""
+    _load_family_presets()
     preset = _PRESETS.get(name)
     if preset is None:
         raise ValueError(f"unknown encoder-decoder preset {name!r}; known: {', '.join(_PRESETS)}")
