@@ -20,7 +20,7 @@ __all__ = ["MAX_SIZES", "MLATransformerConfig", "TransformerConfig", "size_probl
 
 Normalization = Literal["LayerNorm", "RMSNorm"]
 RecomputeGranularity = Literal["selective", "full"]
-RopeScaling = Literal["llama3", "linear", "dynamic"]
+RopeScaling = Literal["llama3", "linear", "dynamic", "longrope"]
 MLARopeType = Literal["rope", "yarn"]
 RouterScoreFunction = Literal["softmax", "sigmoid"]
 RouterDtype = Literal["fp32", "fp64"]
@@ -156,7 +156,13 @@ class TransformerConfig:
     # Rotary position embedding (read by the model, which builds one table for all layers).
     # `rope_scaling`: "llama3" (Llama 3.1 frequency bands), "linear" (frequencies divided by
     # `rope_scaling_factor`) or "dynamic" (NTK: the base grows once a sequence passes
-    # `rope_original_max_position_embeddings`).
+    # `rope_original_max_position_embeddings`) or "longrope" (Phi-3's LongRoPE: each frequency
+    # divided by its `rope_short_factor`, or by its `rope_long_factor` once a sequence passes
+    # `rope_original_max_position_embeddings`; one factor per rotary channel pair).
+    # `rotary_percent` < 1 rotates only the first fraction of each head's channels (partial
+    # rotary: HF `partial_rotary_factor`, GPT-NeoX `rotary_pct`).
+    # `rope_attention_factor` multiplies cos and sin (so the rotated channels of queries and
+    # keys): LongRoPE's attention scaling; 1 for the others.
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
     rotary_interleaved: bool = False
@@ -165,6 +171,9 @@ class TransformerConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int = 8192
+    rope_short_factor: tuple[float, ...] | None = None
+    rope_long_factor: tuple[float, ...] | None = None
+    rope_attention_factor: float = 1.0
 
     # Parallelism and performance.
     sequence_parallel: bool = False
@@ -248,9 +257,10 @@ class TransformerConfig:
         _require_float("rotary_base", self.rotary_base, low=0.0, low_inclusive=False)
         _require_float("rotary_percent", self.rotary_percent, low=0.0, high=1.0,
                        low_inclusive=False, high_inclusive=True)
-        if self.rope_scaling not in (None, "llama3", "linear", "dynamic"):
+        if self.rope_scaling not in (None, "llama3", "linear", "dynamic", "longrope"):
             raise _fail("rope_scaling", self.rope_scaling,
-                        "must be None, 'llama3', 'linear' or 'dynamic'")
+                        "must be None, 'llama3', 'linear', 'dynamic' or 'longrope'")
+        self._validate_longrope()
         _require_float("rope_scaling_factor", self.rope_scaling_factor, low=1.0)
         _require_float("rope_low_freq_factor", self.rope_low_freq_factor, low=0.0,
                        low_inclusive=False)
@@ -281,6 +291,25 @@ class TransformerConfig:
         if not callable(self.activation_func):
             raise _fail("activation_func", self.activation_func,
                         "must be a callable Tensor -> Tensor such as torch.nn.functional.gelu")
+
+    def _validate_longrope(self) -> None:
+        _require_float("rope_attention_factor", self.rope_attention_factor, low=0.0,
+                       low_inclusive=False)
+        factors = (("rope_short_factor", self.rope_short_factor),
+                   ("rope_long_factor", self.rope_long_factor))
+        if self.rope_scaling != "longrope":
+            for name, value in factors:
+                if value is not None:
+                    raise _fail(name, value, "is only used with rope_scaling='longrope'; "
+                                "set it to None")
+            return
+        pairs = int(self.head_dim * self.rotary_percent) // 2
+        for name, value in factors:
+            if not isinstance(value, tuple) or len(value) != pairs:  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+                raise _fail(name, value, f"must be a tuple of {pairs} numbers (one per rotary "
+                            "channel pair) with rope_scaling='longrope'")
+            for item in value:
+                _require_float(f"{name} entry", item, low=0.0, low_inclusive=False)
 
     def _validate_moe(self) -> None:
         experts = self.num_moe_experts

@@ -18,6 +18,9 @@ from protoformer.architectures import mixtral, olmoe, qwen_moe
 
 # isort: split
 from protoformer.architectures import gemma
+
+# isort: split
+from protoformer.architectures import phi3
 from protoformer.architectures.registry import (
     SUPPORTED_ARCHITECTURES,
     CausalLMArchitecture,
@@ -41,6 +44,7 @@ __all__ = [
     "llama",
     "mixtral",
     "olmoe",
+    "phi3",
     "qwen_moe",
     "register_architecture",
     "register_seq2seq_architecture",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +33,16 @@ __all__ = [
     "UnsupportedHFModelError",
     "activation_for",
     "activation_name",
+    "checked_config",
     "dense_mlp_layer_rules",
     "format_layer_list",
     "gate_up_rule",
+    "hf_model_info",
     "json_object",
     "mlp_rules",
     "model_rules",
     "owned",
+    "read_partial_rotary_factor",
     "read_rope",
     "same",
 ]
@@ -252,6 +255,45 @@ class ConfigReader:
             raise self._fail(key, value, "an object") from None
 
 
+ConfigT = TypeVar("ConfigT", bound=TransformerConfig)
+
+
+def checked_config(reader: ConfigReader, make: Callable[[], ConfigT]) -> ConfigT:
+    """`make()` (a config built from `reader`'s values), with `TransformerConfig`'s validation
+    errors reported as `HFConversionError`s naming the config (errors of the reader itself
+    already name the key and pass through)."""
+    try:
+        return make()
+    except (HFConversionError, UnsupportedHFModelError):
+        raise
+    except ValueError as error:  # TransformerConfig's validation
+        raise HFConversionError(f"{reader.where}: {error}") from error
+
+
+def hf_model_info(reader: ConfigReader, config: TransformerConfig, *, model_type: str,
+                  architecture: str, described_fields: tuple[str, ...] = DESCRIBED_FIELDS,
+                  max_sequence_length: int | None = None, tied_by_default: bool = False,
+                  rope_interleave: bool = True, extra_layers: int = 0,
+                  fused_experts: bool = False) -> HFModelInfo:
+    """The `HFModelInfo` a causal family's `read_config` returns: `config` with the model
+    sizes every config.json states (`vocab_size`, `max_position_embeddings` unless
+    `max_sequence_length` is given, `tie_word_embeddings` defaulting to `tied_by_default`)."""
+    return HFModelInfo(
+        model_type=model_type,
+        architecture=architecture,
+        config=config,
+        vocab_size=reader.get_int("vocab_size"),
+        max_sequence_length=(max_sequence_length if max_sequence_length is not None
+                             else reader.get_int("max_position_embeddings")),
+        tie_word_embeddings=reader.get_bool("tie_word_embeddings", tied_by_default),
+        hf_config=dict(reader.values),
+        described_fields=described_fields,
+        rope_interleave=rope_interleave,
+        extra_layers=extra_layers,
+        fused_experts=fused_experts,
+    )
+
+
 def activation_for(reader: ConfigReader) -> Callable[[Tensor], Tensor]:
     """The function for the config's `hidden_act` (default `silu`)."""
     name = reader.get_str("hidden_act", "silu")
@@ -263,12 +305,15 @@ def activation_for(reader: ConfigReader) -> Callable[[Tensor], Tensor]:
     return function
 
 
-def read_rope(reader: ConfigReader) -> tuple[str, float, ConfigReader]:
+def read_rope(reader: ConfigReader, *,
+              partial_rotary: bool = False) -> tuple[str, float, ConfigReader]:
     """The rotary settings: (`rope_type`, `rope_theta`, a reader over the rope parameters).
 
     Transformers 5 keeps them in `rope_parameters` (with `rope_theta` inside); older
     config.json files have a top-level `rope_theta` and a `rope_scaling` object whose type
     may be under `type`. As in transformers 5, `rope_scaling` wins when both are present.
+    A `partial_rotary_factor` other than 1 is refused unless `partial_rotary` (the family
+    reads it with `read_partial_rotary_factor`).
     """
     params = reader.get_mapping("rope_scaling") or reader.get_mapping("rope_parameters") or {}
     nested = [key for key, value in params.items() if isinstance(value, Mapping)]
@@ -279,13 +324,22 @@ def read_rope(reader: ConfigReader) -> tuple[str, float, ConfigReader]:
     rope = ConfigReader(params, f"{reader.where} rope parameters")
     rope_type = rope.get_str("rope_type", rope.get_str("type", "default"))
     theta = rope.get_float("rope_theta", reader.get_float("rope_theta", 10000.0))
-    partial = rope.get_float("partial_rotary_factor",
-                             reader.get_float("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    partial = read_partial_rotary_factor(reader, rope)
+    if partial != 1.0 and not partial_rotary:
         raise UnsupportedHFModelError(
             f"{reader.where}: partial_rotary_factor={partial} is not supported; the "
             f"{reader.where} layers rotate whole heads only")
     return rope_type, theta, rope
+
+
+def read_partial_rotary_factor(reader: ConfigReader, rope: ConfigReader,
+                              key: str = "partial_rotary_factor") -> float:
+    """The fraction of each head's channels that rotate (`rope` parameters first, then the
+    top-level `key`), in (0, 1]."""
+    partial = rope.get_float("partial_rotary_factor", reader.get_float(key, 1.0))
+    if not 0.0 < partial <= 1.0:
+        raise HFConversionError(f"{reader.where}: {key}={partial} must be in (0, 1]")
+    return partial
 
 
 def activation_name(config: TransformerConfig) -> str:

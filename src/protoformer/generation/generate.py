@@ -227,14 +227,28 @@ class _EagerDecoder:
 
     def __init__(self, model: GPTModel, max_sequence_length: int) -> None:
         self.forward = apply_module(model)
+        self.max_sequence_length = max_sequence_length
         self.context = InferenceContext(max_batch_size=1, max_sequence_length=max_sequence_length)
+        rotary = model.rotary_pos_emb
+        self.recompute_after = rotary.recompute_after if rotary is not None else None
+        self.fed: Tensor | None = None  # [b, n] every token fed so far (for a recompute)
 
     def prefill(self, prompt_ids: Tensor, max_new_tokens: int) -> Tensor:
         del max_new_tokens  # the context was sized for it
+        self.fed = prompt_ids
         return self.forward(prompt_ids, inference_context=self.context)[:, -1]  # [b, v]
 
     def step(self, tokens: Tensor) -> Tensor:
-        return self.forward(tokens.view(-1, 1), inference_context=self.context)[:, -1]  # [b, v]
+        new = tokens.view(-1, 1)  # [b, 1]
+        assert self.fed is not None, "prefill first"
+        self.fed = torch.cat((self.fed, new), dim=1)  # [b, n + 1]
+        if self.recompute_after is not None and self.fed.shape[1] == self.recompute_after + 1:
+            # The rotary angles of every position just changed (LongRoPE): the cached keys
+            # are stale, so run the whole sequence again into a fresh cache.
+            self.context = InferenceContext(max_batch_size=1,
+                                            max_sequence_length=self.max_sequence_length)
+            return self.forward(self.fed, inference_context=self.context)[:, -1]  # [b, v]
+        return self.forward(new, inference_context=self.context)[:, -1]  # [b, v]
 
 
 def _graph_decoder(model: GPTModel, batch_size: int, total: int, cuda_graph: bool | None,

@@ -70,10 +70,10 @@ def _check_supported(model: GPTModel) -> None:
     if model.pg.tp_size != 1:
         raise ValueError("GraphDecoder runs on one tensor-parallel rank; the model has "
                          f"tp_size={model.pg.tp_size}")
-    if model.config.rope_scaling == "dynamic":
-        raise ValueError("GraphDecoder rotates with one rotary table for every step; dynamic "
-                         "rope scaling changes the table with the length: decode eagerly "
-                         "(generate(..., cuda_graph=False))")
+    if model.config.rope_scaling in ("dynamic", "longrope"):
+        raise ValueError("GraphDecoder rotates with one rotary table for every step; "
+                         f"{model.config.rope_scaling!r} rope scaling changes the table with the "
+                         "length: decode eagerly (generate(..., cuda_graph=False))")
     for layer in model.decoder.layers:
         if not isinstance(layer, TransformerLayer) or layer.cross_attention is not None \
                 or not isinstance(layer.self_attention, SelfAttention):

@@ -22,6 +22,7 @@ Cross-attention's `linear_kv` uses the same grouping without queries: `[key of g
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -235,8 +236,11 @@ class SelfAttention(Attention):
         `[s, 1 | b, 1, rot]`; `config.apply_rope_fusion` uses one Triton kernel per tensor
         on CUDA (same math elsewhere), which takes one angle row per position."""
         interleaved = self.config.rotary_interleaved
-        rotate = fused_apply_rotary_pos_emb if self.config.apply_rope_fusion \
-            else apply_rotary_pos_emb
+        mscale = self.config.rope_attention_factor  # LongRoPE scales cos and sin
+        plain = functools.partial(apply_rotary_pos_emb, mscale=mscale)
+        # The fused kernel has no mscale: it serves the unscaled tables only.
+        rotate = fused_apply_rotary_pos_emb if self.config.apply_rope_fusion and mscale == 1.0 \
+            else plain
         if freqs.shape[1] != 1 and freqs.shape[0] == 1:
             # One token per row at its own position (static decoding): swap the unit sequence
             # dim with the batch, so each row is a position of its own (views, no copies).
@@ -246,7 +250,7 @@ class SelfAttention(Attention):
                     rotate(key.transpose(0, 1), angles,
                            rotary_interleaved=interleaved).transpose(0, 1))
         if freqs.shape[1] != 1:
-            rotate = apply_rotary_pos_emb  # per-row angles of several positions: plain math
+            rotate = plain  # per-row angles of several positions: plain math
         return (rotate(query, freqs, rotary_interleaved=interleaved),  # [s, b, np, hn]
                 rotate(key, freqs, rotary_interleaved=interleaved))  # [s, b, ng, hn]
 

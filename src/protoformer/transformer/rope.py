@@ -33,11 +33,16 @@ class RotaryEmbedding(nn.Module):
     `original_max_position_embeddings` `L`: for `n` positions the base is
     `rotary_base * (factor * n / L - (factor - 1)) ** (rot_dim / (rot_dim - 2))`, so a table
     depends on its length (as transformers' "dynamic" rope, whose cached keys keep the angles
-    they were rotated with). `seq_len_interpolation_factor` divides the positions
+    they were rotated with); `"longrope"` (Phi-3's LongRoPE) divides frequency `i` by
+    `short_factor[i]`, or by `long_factor[i]` for a table longer than `L` (again per table
+    length, as transformers picks the factors by the largest position of each forward).
+    `attention_factor` is not applied here: `apply_rotary_pos_emb(mscale=...)` multiplies
+    cos and sin by it. `seq_len_interpolation_factor` divides the positions
     (linear position interpolation).
     """
 
     inv_freq: Tensor
+    long_inv_freq: Tensor
 
     def __init__(
         self,
@@ -51,6 +56,8 @@ class RotaryEmbedding(nn.Module):
         low_freq_factor: float = 1.0,
         high_freq_factor: float = 4.0,
         original_max_position_embeddings: int = 8192,
+        short_factor: tuple[float, ...] | None = None,
+        long_factor: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         if kv_channels < 1:
@@ -74,9 +81,15 @@ class RotaryEmbedding(nn.Module):
         self.rotary_interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
         kind: RopeScaling | None = "llama3" if rope_scaling is True else (rope_scaling or None)
-        if kind not in (None, "llama3", "linear", "dynamic"):
+        if kind not in (None, "llama3", "linear", "dynamic", "longrope"):
             raise ValueError(f"RotaryEmbedding(rope_scaling={rope_scaling!r}): expected None, "
-                             "'llama3', 'linear' or 'dynamic'")
+                             "'llama3', 'linear', 'dynamic' or 'longrope'")
+        if kind == "longrope":
+            for name, factors in (("short_factor", short_factor), ("long_factor", long_factor)):
+                if factors is None or len(factors) != rot_dim // 2:
+                    raise ValueError(f"RotaryEmbedding(rope_scaling='longrope'): {name} must "
+                                     f"hold {rot_dim // 2} factors (one per rotary channel "
+                                     f"pair), got {factors!r}")
         self.rope_scaling = kind
         self.rotary_base = rotary_base
         self.rope_scaling_factor = rope_scaling_factor
@@ -86,6 +99,11 @@ class RotaryEmbedding(nn.Module):
         # otherwise run torch's reference kernels, which cost about a second on first use.
         with torch.device("cpu"):
             inv_freq = _inv_freq(rot_dim, rotary_base)  # [rot_dim / 2]
+            long_inv_freq = inv_freq
+            if kind == "longrope":
+                assert short_factor is not None and long_factor is not None
+                long_inv_freq = _inv_freq(rot_dim, rotary_base, factors=long_factor)
+                inv_freq = _inv_freq(rot_dim, rotary_base, factors=short_factor)
             if kind == "linear":
                 inv_freq = inv_freq / rope_scaling_factor
             elif kind == "llama3":
@@ -100,6 +118,17 @@ class RotaryEmbedding(nn.Module):
         # Not persistent: it is a pure function of the constructor arguments, so checkpoints
         # need not carry it (and stay loadable when the formula's float rounding changes).
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # LongRoPE's frequencies past the original length (equal to inv_freq otherwise).
+        self.register_buffer("long_inv_freq", long_inv_freq.to(inv_freq.device),
+                             persistent=False)
+
+    @property
+    def recompute_after(self) -> int | None:
+        """The sequence length past which the angles of *every* position change (LongRoPE's
+        switch to the long factors), or None. Keys cached at or below that length were
+        rotated by the short factors: decoding that crosses it re-runs the whole sequence,
+        as transformers' Phi-3 generation does."""
+        return self.original_max_position_embeddings if self.rope_scaling == "longrope" else None
 
     def forward(self, max_seq_len: int, offset: int = 0) -> Tensor:
         """Angles `[max_seq_len, 1, 1, rot_dim]` (float32) for positions `offset + 0 ...`."""
@@ -117,6 +146,8 @@ class RotaryEmbedding(nn.Module):
             growth = factor * length / self.original_max_position_embeddings - (factor - 1.0)
             inv_freq = _inv_freq(dim, self.rotary_base * growth ** (dim / (dim - 2)),
                                  device=inv_freq.device)  # [rot_dim / 2]
+        if self.rope_scaling == "longrope" and length > self.original_max_position_embeddings:
+            inv_freq = self.long_inv_freq.float()  # [rot_dim / 2]
         freqs = torch.outer(positions, inv_freq)  # [s, rot_dim / 2]
         if self.rotary_interleaved:
             emb = freqs.repeat_interleave(2, dim=-1)  # [s, rot_dim]: f0, f0, f1, f1, ...
@@ -130,10 +161,14 @@ class RotaryEmbedding(nn.Module):
                 f"interleaved={self.rotary_interleaved}{scaling}")
 
 
-def _inv_freq(rot_dim: int, base: float, device: torch.device | None = None) -> Tensor:
+def _inv_freq(rot_dim: int, base: float, device: torch.device | None = None, *,
+              factors: tuple[float, ...] | None = None) -> Tensor:
     """`base ** (-2i / rot_dim)` for `i < rot_dim / 2`, float32 (the exponent is computed as
-    transformers does, integer steps divided by `rot_dim`)."""
+    transformers does, integer steps divided by `rot_dim`), divided by `factors[i]` if given."""
     steps = torch.arange(0, rot_dim, 2, dtype=torch.int64, device=device).float()  # [rot_dim / 2]
+    if factors is not None:
+        scale = torch.tensor(factors, dtype=torch.float32, device=device)  # [rot_dim / 2]
+        return 1.0 / (scale * base ** (steps / rot_dim))
     return 1.0 / (base ** (steps / rot_dim))
 
 
@@ -183,6 +218,8 @@ def rotary_emb_from_config(config: TransformerConfig) -> RotaryEmbedding:
         low_freq_factor=config.rope_low_freq_factor,
         high_freq_factor=config.rope_high_freq_factor,
         original_max_position_embeddings=config.rope_original_max_position_embeddings,
+        short_factor=config.rope_short_factor,
+        long_factor=config.rope_long_factor,
     )
 
 
