@@ -19,13 +19,18 @@ average with `finalize_model_grads(model, pg, reduce_data_parallel=True)` instea
 
 `fail_fast` turns an exception on one rank into the end of the whole run: the rank prints its
 error (with its rank) and exits non-zero at once, without running collectives or destructors
-that would wait for the other ranks; `torchrun` then stops the others.
+that would wait for the other ranks; `torchrun` then stops the others. A user error (a bad
+option, file or spec) is one line per failing rank; other errors keep their traceback, and
+`PROTOFORMER_DEBUG=1` (the CLI's `--debug`) shows tracebacks for all. A rank that hangs
+instead of raising is ended by `protoformer.watchdog.Watchdog`, which needs the process ids
+of the node's other ranks (`local_peer_pids`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Generator, Mapping
@@ -41,19 +46,30 @@ from torch.nn.parallel import DistributedDataParallel
 from protoformer.parallel.groups import ProcessGroups
 
 __all__ = [
+    "DEBUG_VARIABLE",
     "DEFAULT_TIMEOUT_S",
     "LaunchEnvironment",
     "all_gather_objects",
     "barrier",
+    "debug_enabled",
     "destroy_distributed",
     "fail_fast",
     "init_distributed",
+    "local_peer_pids",
     "resolve_device",
     "wrap_data_parallel",
 ]
 
 DEFAULT_TIMEOUT_S = 600.0
 """How long a collective may wait for the other ranks before it raises (seconds)."""
+
+DEBUG_VARIABLE = "PROTOFORMER_DEBUG"
+"""Set to 1 (or pass the CLI's --debug) to print tracebacks for user errors too."""
+
+
+def debug_enabled() -> bool:
+    """Whether `PROTOFORMER_DEBUG` asks for tracebacks of every error."""
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "")
 _T = TypeVar("_T")
@@ -195,6 +211,19 @@ def init_distributed(
     return launch, resolved
 
 
+def local_peer_pids() -> list[int]:
+    """The process ids of the other ranks on this node (a collective: call on every rank).
+
+    Empty without a process group. The watchdog kills these when this rank sees no progress,
+    so that a stopped rank, deaf to torchrun's SIGTERM, is not left behind.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    here = socket.gethostname()
+    everyone = all_gather_objects((here, os.getpid()))
+    return [pid for host, pid in everyone if host == here and pid != os.getpid()]
+
+
 def destroy_distributed() -> None:
     """Leave the process group (if any). Call on every rank at the end of a successful run."""
     if dist.is_available() and dist.is_initialized():
@@ -202,13 +231,17 @@ def destroy_distributed() -> None:
 
 
 @contextlib.contextmanager
-def fail_fast(launch: LaunchEnvironment | None = None) -> Generator[None, None, None]:
+def fail_fast(launch: LaunchEnvironment | None = None, *,
+              user_errors: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError),
+              ) -> Generator[None, None, None]:
     """End the whole multi-process run when this rank raises, instead of leaving others hanging.
 
     In a distributed launch an exception escaping the block is printed to stderr with this
-    rank's number and traceback, and the process exits with status 1 at once (`os._exit`:
-    no collective, no process-group teardown that would wait for the other ranks); torchrun
-    sees the failure and stops every other rank. A single process re-raises as usual.
+    rank's number, and the process exits with status 1 at once (`os._exit`: no collective,
+    no process-group teardown that would wait for the other ranks); torchrun sees the failure
+    and stops every other rank. One of `user_errors` (a mistake in what the user gave) is one
+    line, `[rank R/W] error: ...`; anything else (a bug) comes with its traceback, as does
+    every error when `debug_enabled()`. A single process re-raises as usual.
     """
     launch = launch if launch is not None else LaunchEnvironment.from_env()
     try:
@@ -220,15 +253,21 @@ def fail_fast(launch: LaunchEnvironment | None = None) -> Generator[None, None, 
     except BaseException as error:  # KeyboardInterrupt too: the other ranks must stop as well
         if not launch.is_distributed:
             raise
-        _die(launch, f"{type(error).__name__}: {error}", traceback.format_exc())
+        if isinstance(error, user_errors):
+            details = traceback.format_exc() if debug_enabled() else ""
+            _die(launch, _one_line(str(error) or type(error).__name__), details)
+        _die(launch, f"{type(error).__name__}: {_one_line(str(error))}", traceback.format_exc())
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _die(launch: LaunchEnvironment, message: str, details: str) -> None:
     if details:
         sys.stderr.write(details)
-    sys.stderr.write(f"[rank {launch.rank}/{launch.world_size}] error: {message}\n"
-                     f"[rank {launch.rank}/{launch.world_size}] stopping this rank; torchrun "
-                     "stops the others\n")
+    sys.stderr.write(f"[rank {launch.rank}/{launch.world_size}] error: {message}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(1)

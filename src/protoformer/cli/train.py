@@ -22,7 +22,8 @@ from protoformer.cli.spec_args import add_spec_arguments
 from protoformer.cli.train_config import ConfigFileAction, resolved_config, toml_text
 from protoformer.distributed import LaunchEnvironment, barrier, destroy_distributed, fail_fast
 from protoformer.generation import generate
-from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
+from protoformer.spec import SpecError
+from protoformer.train.checkpoint import CheckpointError, JSONValue, latest_checkpoint, read_state
 from protoformer.train.loop import TrainOptions, TrainResult, train
 from protoformer.train.schedule import DECAY_STYLES
 
@@ -263,7 +264,9 @@ def _summary(result: TrainResult) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     launch = LaunchEnvironment.from_env()
-    with fail_fast(launch):  # under torchrun: one rank's error ends every rank
+    # Under torchrun: one rank's error ends every rank, in one line for a user error.
+    with fail_fast(launch, user_errors=(SpecError, CheckpointError, ValueError, OSError,
+                                        ImportError)):
         options = options_from_args(args)
         result = train(options, resolved_config=toml_text(config_document(options)))
         if launch.is_rank_zero:

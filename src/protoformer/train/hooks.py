@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -44,7 +45,9 @@ __all__ = [
 ]
 
 FAULT_INJECTION_VARIABLE = "PROTOFORMER_FAULT_INJECT"
-"""`rank=R,step=S`: rank R raises at step S (to test that one rank's failure ends the job)."""
+"""`rank=R,step=S`: rank R raises at step S (to test that one rank's failure ends the job);
+`rank=R,step=S,action=stop`: rank R stops itself with SIGSTOP instead (a hung rank: alive,
+stuck, deaf to SIGTERM), to test that the watchdog ends the job."""
 
 
 @dataclass(frozen=True)
@@ -61,28 +64,35 @@ class StepReport:
 
 
 class FaultInjection:
-    """Raise on this rank at the step `PROTOFORMER_FAULT_INJECT` names (tests a failing rank)."""
+    """Raise (or stop) on this rank at the step `PROTOFORMER_FAULT_INJECT` names (tests a
+    failing or a hung rank)."""
 
     def __init__(self, launch: LaunchEnvironment) -> None:
         self._launch = launch
-        self.step = self._parse(launch)
+        self.step, self.stop = self._parse(launch)
 
     @staticmethod
-    def _parse(launch: LaunchEnvironment) -> int | None:
+    def _parse(launch: LaunchEnvironment) -> tuple[int | None, bool]:
         text = os.environ.get(FAULT_INJECTION_VARIABLE, "").strip()
         if not text:
-            return None
+            return None, False
         fields = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
         try:
             rank, step = int(fields["rank"]), int(fields["step"])
         except (KeyError, ValueError):
-            raise ValueError(f"{FAULT_INJECTION_VARIABLE}={text!r}: expected rank=R,step=S") \
-                from None
-        return step if rank == launch.rank else None
+            raise ValueError(f"{FAULT_INJECTION_VARIABLE}={text!r}: expected "
+                             "rank=R,step=S[,action=raise|stop]") from None
+        action = fields.get("action", "raise")
+        if action not in ("raise", "stop"):
+            raise ValueError(f"{FAULT_INJECTION_VARIABLE}={text!r}: action is raise or stop")
+        return (step if rank == launch.rank else None), action == "stop"
 
     def before_step(self, step: int) -> None:
         """`step` counts the steps completed before this one."""
         if self.step is not None and step + 1 == self.step:
+            if self.stop:
+                os.kill(os.getpid(), signal.SIGSTOP)  # every thread of this rank stops here
+                return
             raise RuntimeError(f"fault injected on rank {self._launch.rank} at step {self.step} "
                                f"({FAULT_INJECTION_VARIABLE})")
 

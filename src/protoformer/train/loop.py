@@ -129,20 +129,24 @@ def train(
     run = setup_run(options)
     rank_zero = run.launch.is_rank_zero
     show_bar = sys.stdout.isatty() if options.progress is None else options.progress
-    with TrainProgress(total=options.steps, completed=run.start_step,
-                       enabled=show_bar and rank_zero, silent=not rank_zero,
-                       bytes_per_token=run.data.bytes_per_token) as progress, \
-            MetricsLog(options.out_dir, enabled=rank_zero, tensorboard=options.tensorboard,
-                       resume_step=run.start_step if options.resume else None) as metrics:
-        if resolved_config is not None and rank_zero:
-            path = options.out_dir / CONFIG_FILE
-            path.write_text(resolved_config, encoding="utf-8")
-            progress.note(f"config ({path}): " + ", ".join(
-                line for line in resolved_config.splitlines() if line.strip()))
-        for message in run.messages:
-            progress.note(message)
-        loss_log = _run_steps(run, progress, metrics, on_step)
-        loss_curve = _plot(run, progress)
+    try:
+        with TrainProgress(total=options.steps, completed=run.start_step,
+                           enabled=show_bar and rank_zero, silent=not rank_zero,
+                           bytes_per_token=run.data.bytes_per_token) as progress, \
+                MetricsLog(options.out_dir, enabled=rank_zero, tensorboard=options.tensorboard,
+                           resume_step=run.start_step if options.resume else None) as metrics:
+            if resolved_config is not None and rank_zero:
+                path = options.out_dir / CONFIG_FILE
+                path.write_text(resolved_config, encoding="utf-8")
+                progress.note(f"config ({path}): " + ", ".join(
+                    line for line in resolved_config.splitlines() if line.strip()))
+            for message in run.messages:
+                progress.note(message)
+            loss_log = _run_steps(run, progress, metrics, on_step)
+            loss_curve = _plot(run, progress)
+    finally:
+        if run.watchdog is not None:
+            run.watchdog.stop()
     return TrainResult(model=run.model, tokenizer=run.tokenizer, train_losses=run.train_losses,
                        validation_losses=run.validation_losses, checkpoint=run.checkpoint,
                        loss_curve=loss_curve, steps_run=max(options.steps - run.start_step, 0),
@@ -173,9 +177,12 @@ def _run_steps(run: TrainRun, progress: TrainProgress, metrics: MetricsLog,
                             grad_clip=options.grad_clip, pg=run.pg, device=run.device,
                             aux_losses=run.model.moe_aux_losses if moe else None,
                             after_optimizer_step=run.model.update_expert_bias if moe else None)
+        run.beat(f"step {step + 1}")
         report = evaluation.after_step(loss_log.record(step + 1, output, lr, step_started))
+        run.beat(f"step {step + 1} loss and evaluation")
         progress_log.after_step(report)
         checkpointing.after_step(report)
+        run.beat(f"step {step + 1} checkpoint")
         if on_step is not None:
             on_step(StepMetrics(report.step, report.loss, report.lr, report.grad_norm,
                                 report.tokens_per_second, report.validation_loss))

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import AdamW
 
 from protoformer.backends import get_backend
-from protoformer.distributed import LaunchEnvironment, init_distributed
+from protoformer.distributed import LaunchEnvironment, init_distributed, local_peer_pids
 from protoformer.models import GPTModel
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
 from protoformer.parallel.fsdp import FullyShardedDataParallel, mixed_precision_policy
@@ -40,6 +40,7 @@ from protoformer.train.run_state import check_same_corpus, resume_run
 from protoformer.train.schedule import LRSchedule
 from protoformer.train.step import micro_batch_count
 from protoformer.train.tokenizer import BYTE_VOCAB_SIZE, RunTokenizer
+from protoformer.watchdog import Watchdog
 
 __all__ = ["TrainRun", "build_optimizer", "model_parameter_count", "setup_run"]
 
@@ -67,6 +68,12 @@ class TrainRun:
     train_losses: list[tuple[int, float]] = field(default_factory=list[tuple[int, float]])
     validation_losses: list[tuple[int, float]] = field(default_factory=list[tuple[int, float]])
     messages: list[str] = field(default_factory=list[str])
+    watchdog: Watchdog | None = None  # under torchrun: ends the job when progress stops
+
+    def beat(self, what: str) -> None:
+        """Report progress to the watchdog (a no-op in a single process)."""
+        if self.watchdog is not None:
+            self.watchdog.beat(what)
 
     @property
     def model(self) -> GPTModel:
@@ -164,11 +171,43 @@ def _describe(run: TrainRun) -> list[str]:
     return messages
 
 
+def _start_watchdog(launch: LaunchEnvironment, options: TrainOptions) -> Watchdog | None:
+    """Under torchrun, a running watchdog bounding the run by `options.dist_timeout`."""
+    if not launch.is_distributed:
+        return None
+    watchdog = Watchdog(options.dist_timeout, rank=launch.rank, world_size=launch.world_size,
+                        peers=local_peer_pids())
+    watchdog.start()
+    return watchdog
+
+
 def setup_run(options: TrainOptions) -> TrainRun:
-    """Everything before the first step (collective under torchrun: call on every rank)."""
+    """Everything before the first step (collective under torchrun: call on every rank).
+
+    Under torchrun the returned run's watchdog is running (stop it when done: `train` does);
+    if setup fails it is stopped before the error propagates.
+    """
     check_run_directory(options.out_dir, resume=options.resume, overwrite=options.overwrite)
     launch, device = init_distributed(options.device, timeout=options.dist_timeout)
+    watchdog = _start_watchdog(launch, options)
+    try:
+        run = _setup(options, launch, device, watchdog)
+    except BaseException:
+        if watchdog is not None:
+            watchdog.stop()
+        raise
+    run.watchdog = watchdog
+    return run
+
+
+def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.device,
+           watchdog: Watchdog | None) -> TrainRun:
+    def beat(what: str) -> None:
+        if watchdog is not None:
+            watchdog.beat(what)
+
     pg = _process_groups(launch, options)
+    beat("process groups")
     micro_batches = micro_batch_count(options.batch_size, options.micro_batch_size, pg.dp_size)
     checkpoint, saved = _saved_run(options)
     tokenizer = resolve_run_tokenizer(tokenizer=options.tokenizer, data=options.data,
@@ -188,6 +227,7 @@ def setup_run(options: TrainOptions) -> TrainRun:
     sampler = BatchSampler(data.train, options.batch_size, options.seq_len, seed=options.seed)
     validation = validation_batches(data.validation, options.batch_size, options.seq_len,
                                     options.eval_batches)
+    beat("data loaded")
     bf16 = uses_bf16(options.precision, device)
 
     # The same seed on every rank: every tensor-parallel rank initialises the same full weights
@@ -201,6 +241,7 @@ def setup_run(options: TrainOptions) -> TrainRun:
         built = build_preset_model(preset, get_backend(options.backend), device, pg, options,
                                    saved, checkpoint, vocab_size=vocab_size, bf16=bf16)
     model = built.model
+    beat("model built")
     model.train()
     if pg.dp_rank > 0:  # replicas start equal but draw their own dropout masks
         model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
@@ -214,6 +255,7 @@ def setup_run(options: TrainOptions) -> TrainRun:
     optimizer = build_optimizer(model, options)
     schedule = options.schedule()
     resumed = _resume(checkpoint, built, optimizer, sampler, pg, launch, options)
+    beat("checkpoint loaded" if resumed is not None else "optimizer built")
     if data_parallel is None:
         # Wrapped after loading: DDP broadcasts the (loaded) weights from the first replica.
         data_parallel = ReplicatedDataParallel(
