@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Generator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_sampling", "inference", "prompt_tensor", "sample_next_token", "seeded_generator",
+__all__ = ["MAX_SEED", "check_sampling", "check_seed", "inference", "prompt_tensor", "sample_next_token", "seeded_generator",
            "token_list"]
 
 
@@ -31,10 +32,24 @@ def prompt_tensor(prompt_ids: Sequence[int] | Tensor, vocab_size: int) -> Tensor
     return prompt
 
 
+MAX_SEED = 2**62
+"""Largest seed accepted: torch takes 64-bit seeds, and derived seeds (per rank, per
+replica) add offsets to the one given."""
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """`seed` if it is an int in [0, MAX_SEED]; a ValueError naming the range otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        shown = repr(seed) if len(repr(seed)) <= 40 else repr(seed)[:37] + "..."
+        raise ValueError(f"{name}={shown}: must be an integer from 0 to 2**62 ({MAX_SEED})")
+    return seed
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """A ValueError naming the sampling option that is out of range."""
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    if not (temperature >= 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0 means "
+                         "greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k}: must be >= 1 (or None for no limit)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -73,7 +88,9 @@ def sample_next_token(
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with `seed` (fresh entropy when None)."""
+    """A CPU generator seeded with `seed` (fresh entropy when None); `seed` in [0, MAX_SEED]."""
+    if seed is not None:
+        check_seed(seed)
     generator = torch.Generator()
     if seed is None:
         generator.seed()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import cast
 
 from protoformer.distributed import DEFAULT_TIMEOUT_S
+from protoformer.generation.sampling import MAX_SEED
 from protoformer.train.checkpoint_files import CheckpointError, JSONValue
 from protoformer.train.schedule import DECAY_STYLES, LRSchedule
 
@@ -126,6 +127,10 @@ class TrainOptions:
         if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int)
                                   or micro < 1):
             raise ValueError(f"micro_batch_size={self.micro_batch_size!r}: must be an integer >= 1")
+        seed = cast("object", self.seed)  # from a CLI or a checkpoint: checked
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed={str(self.seed)[:40]}: must be an integer from 0 to 2**62 "
+                             f"({MAX_SEED})")
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
         if not (self.lr > 0.0 and math.isfinite(self.lr)):

@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 
 from protoformer.backends import BackendSpecProvider
-from protoformer.interop import from_hf, hf_config_dict, hf_model_info, model_from_hf_config
+from protoformer.config import TransformerConfig
+from protoformer.interop import (
+    from_hf,
+    hf_config_dict,
+    hf_model_info,
+    model_from_hf_config,
+    parse_hf_config,
+)
+from protoformer.interop.hf_files import read_config
+from protoformer.memory import check_fits, estimate_model_memory
 from protoformer.models import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.recipes import Preset
@@ -27,7 +36,7 @@ from protoformer.train.data import BYTE_VOCAB_SIZE
 from protoformer.train.options import TrainOptions
 
 __all__ = ["VOCAB_PADDING", "RunModel", "build_hf_model", "build_preset_model", "check_sizes",
-           "run_vocab_size"]
+           "check_training_memory", "run_vocab_size"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,17 @@ def check_sizes(name: str, vocab_size: int, max_sequence_length: int,
     if options.seq_len > max_sequence_length:
         raise ValueError(f"seq_len={options.seq_len} exceeds {name}'s "
                          f"max_sequence_length={max_sequence_length}")
+
+
+def check_training_memory(config: TransformerConfig, vocab_size: int, *, tied: bool,
+                          device: torch.device, tp_size: int, name: str) -> None:
+    """Refuse, before building, a model whose weights, gradients and AdamW state do not fit in
+    `device`'s free memory (`protoformer.memory`; one line naming the estimate)."""
+    estimate = estimate_model_memory(config, vocab_size, tied_embeddings=tied, tp_size=tp_size,
+                                     training=True)
+    check_fits(estimate, device, what=f"training {name}" + (
+        f" (per tensor-parallel rank of {tp_size})" if tp_size > 1 else ""),
+        hint="train a smaller preset, split it over more ranks (--tp) or use a larger device")
 
 
 def _json_copy(values: object) -> dict[str, JSONValue]:
@@ -144,6 +164,9 @@ def build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
                          f"the Hugging Face weights are converted into); --backend "
                          f"{options.backend!r} is not supported with it")
     stored = saved.get("hf_config") if saved is not None else None
+    info = parse_hf_config(stored if isinstance(stored, dict) else read_config(source))
+    check_training_memory(info.config, info.vocab_size, tied=info.tie_word_embeddings,
+                          device=device, tp_size=1, name=str(source))
     if isinstance(stored, dict):
         model = model_from_hf_config(stored, device=device)
     else:

@@ -35,6 +35,7 @@ from protoformer.train.run_model import (
     build_preset_model,
     check_sizes,
     run_vocab_size,
+    check_training_memory,
 )
 from protoformer.train.run_state import check_same_corpus, resume_run
 from protoformer.train.schedule import LRSchedule
@@ -220,6 +221,8 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
             tp_size=options.tp)
         check_sizes(f"preset {preset.name!r}", vocab_size, preset.max_sequence_length,
                     options, tokenizer_vocab_size=tokenizer.vocab_size)
+        check_training_memory(preset.config(), vocab_size, tied=preset.tie_embeddings,
+                              device=device, tp_size=pg.tp_size, name=f"preset {preset.name!r}")
     data = load_training_data(options.data, tokenizer, sequence_length=options.seq_len,
                               max_corpus_bytes=options.max_corpus_bytes)
     if saved is not None and checkpoint is not None:
@@ -268,6 +271,7 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
     if resumed is not None:
         run.start_step, run.train_losses, run.validation_losses = resumed
         run.messages.append(f"resumed from {checkpoint} at step {run.start_step}")
+        run.messages.extend(_schedule_change(saved, options, run.start_step))
         if run.start_step >= options.steps:  # the loop runs no step
             run.messages.append(f"note: the checkpoint is already at step {run.start_step}, at "
                                 f"or past --steps {options.steps}: nothing left to train; raise "
@@ -280,6 +284,20 @@ def _saved_vocab_size(saved: dict[str, JSONValue] | None) -> int | None:
     model = saved.get("model") if saved is not None else None
     size = model.get("vocab_size") if isinstance(model, dict) else None
     return size if isinstance(size, int) else None
+
+
+def _schedule_change(saved: dict[str, JSONValue] | None, options: TrainOptions,
+                     start_step: int) -> list[str]:
+    """A note when a resumed run's --steps differs from the run's original: the learning-rate
+    schedule is a function of the total, so from here on it is not the original curve."""
+    original = saved.get("train_options") if saved is not None else None
+    steps = original.get("steps") if isinstance(original, dict) else None
+    if not isinstance(steps, int) or steps == options.steps:
+        return []
+    return [f"note: --steps {options.steps} differs from the {steps} this run was started "
+            f"with; the learning-rate schedule (warmup, then cosine decay until the last step) "
+            f"now ends at step {options.steps}, so from step {start_step} on the learning rate "
+            f"differs from the original run's"]
 
 
 def _resume(checkpoint: Path | None, built: RunModel, optimizer: AdamW, sampler: BatchSampler,
