@@ -34,8 +34,8 @@ from protoformer.train.run_model import (
     build_hf_model,
     build_preset_model,
     check_sizes,
-    run_vocab_size,
     check_training_memory,
+    run_vocab_size,
 )
 from protoformer.train.run_state import check_same_corpus, resume_run
 from protoformer.train.schedule import LRSchedule
