@@ -152,6 +152,11 @@ class TransformerConfig:
     # Attention.
     softmax_scale: float | None = None
     attention_softmax_in_fp32: bool = True
+    # Soft-capping (Gemma 2): the scaled attention scores become `c * tanh(scores / c)`
+    # before the mask and softmax; None leaves them as they are. Hugging Face's name.
+    attn_logit_softcapping: float | None = None
+    # The output logits become `c * tanh(logits / c)` (Gemma 2), in the model and the loss.
+    final_logit_softcapping: float | None = None
 
     # Rotary position embedding (read by the model, which builds one table for all layers).
     # `rope_scaling`: "llama3" (Llama 3.1 frequency bands), "linear" (frequencies divided by
@@ -254,6 +259,10 @@ class TransformerConfig:
         _require_float("hidden_dropout", self.hidden_dropout, low=0.0, high=1.0)
         if self.softmax_scale is not None:
             _require_float("softmax_scale", self.softmax_scale, low=0.0, low_inclusive=False)
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = getattr(self, name)
+            if cap is not None:
+                _require_float(name, cap, low=0.0, low_inclusive=False)
         _require_float("rotary_base", self.rotary_base, low=0.0, low_inclusive=False)
         _require_float("rotary_percent", self.rotary_percent, low=0.0, high=1.0,
                        low_inclusive=False, high_inclusive=True)

@@ -60,5 +60,5 @@ def test_unsupported_gemma_features_are_named() -> None:
     values = gemma().config.to_dict()
     with pytest.raises(UnsupportedHFModelError, match="use_bidirectional_attention"):
         parse_hf_config({**values, "use_bidirectional_attention": True})
-    with pytest.raises(UnsupportedHFModelError, match="gemma2"):
-        parse_hf_config({**values, "model_type": "gemma2"})
+    with pytest.raises(UnsupportedHFModelError, match="multimodal"):
+        parse_hf_config({**values, "model_type": "gemma3"})

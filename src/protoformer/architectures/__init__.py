@@ -21,6 +21,12 @@ from protoformer.architectures import gemma
 
 # isort: split
 from protoformer.architectures import phi3
+
+# isort: split
+from protoformer.architectures import gemma2
+
+# isort: split
+from protoformer.architectures import gemma3, olmo2
 from protoformer.architectures.registry import (
     SUPPORTED_ARCHITECTURES,
     CausalLMArchitecture,
@@ -41,8 +47,11 @@ __all__ = [
     "causal_lm_architecture",
     "deepseek_v3",
     "gemma",
+    "gemma2",
+    "gemma3",
     "llama",
     "mixtral",
+    "olmo2",
     "olmoe",
     "phi3",
     "qwen_moe",

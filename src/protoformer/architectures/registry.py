@@ -46,6 +46,7 @@ __all__ = [
     "Seq2SeqArchitecture",
     "causal_lm_architecture",
     "default_export_architectures",
+    "refuse_model_type",
     "register_architecture",
     "register_seq2seq_architecture",
     "registered_model_types",
@@ -139,6 +140,8 @@ class Seq2SeqArchitecture(Protocol):
 SUPPORTED_ARCHITECTURES: dict[str, str] = {}
 _CAUSAL: dict[str, CausalLMArchitecture] = {}
 _SEQ2SEQ: dict[str, Seq2SeqArchitecture] = {}
+# model_type -> why it is refused (a family's unsupported relative, e.g. a multimodal variant).
+_REFUSED: dict[str, str] = {}
 
 
 def _claim(model_type: str, hf_class: str) -> None:
@@ -160,6 +163,12 @@ def register_seq2seq_architecture(architecture: Seq2SeqArchitecture) -> None:
     """`register_architecture` for an encoder-decoder architecture."""
     _claim(architecture.model_type, architecture.hf_class)
     _SEQ2SEQ[architecture.model_type] = architecture
+
+
+def refuse_model_type(model_type: str, reason: str) -> None:
+    """Make `causal_lm_architecture` refuse `model_type` with `reason` (completing "Hugging Face
+    model_type=... "), for a relative of a supported family that protoformer cannot build."""
+    _REFUSED[model_type] = reason
 
 
 def registered_model_types() -> list[str]:
@@ -192,6 +201,8 @@ def causal_lm_architecture(values: Mapping[str, object]) -> CausalLMArchitecture
         raise UnsupportedHFModelError(
             f"Hugging Face model_type={kind!r} is an encoder-decoder model; load it with "
             "protoformer.interop.t5_from_hf, which returns a T5Model")
+    if isinstance(kind, str) and kind in _REFUSED:
+        raise UnsupportedHFModelError(f"Hugging Face model_type={kind!r} {_REFUSED[kind]}")
     raise UnsupportedHFModelError(
         f"Hugging Face model_type={kind!r}{_named(values)} is not supported; protoformer.interop "
         f"converts {supported_list()}; encoder-decoder: {supported_list(encoder_decoder=True)}")

@@ -63,6 +63,8 @@ class GPTModel(nn.Module):
     `s` (`inference_context.increment(s)`).
 
     `share_embeddings_and_output_weights` ties the output layer to the embedding weight.
+    `config.final_logit_softcapping = c` soft-caps the logits, `c * tanh(logits / c)`, before
+    they are returned or enter the loss (Gemma 2).
     `parallel_output=True` keeps the output layer's logits split over tensor-parallel ranks
     (they are gathered only when logits are returned); `False` gathers them in the layer.
     """
@@ -234,13 +236,15 @@ class GPTModel(nn.Module):
                 # The output layer all-gathers the sequence (dim 0) first: keep [s, b, h].
                 logits, _ = apply_module(self.output_layer)(
                     hidden_states, weight=weight, runtime_gather_output=True)  # [s, b, v]
-                result = logits.transpose(0, 1).contiguous()  # [b, s, v]
+                result = _softcap(logits, self.config.final_logit_softcapping)
+                result = result.transpose(0, 1).contiguous()  # [b, s, v]
             else:
                 # A linear layer does not care about the leading dims: transpose the small
                 # hidden states rather than copy the vocabulary-wide logits afterwards.
                 result, _ = apply_module(self.output_layer)(
                     hidden_states.transpose(0, 1), weight=weight,
                     runtime_gather_output=True)  # [b, s, v]
+                result = _softcap(result, self.config.final_logit_softcapping)
         elif self._fuses_output_and_loss():
             # The output layer and the loss in one chunked step: never the full [s, b, v] logits.
             output_weight = weight if weight is not None else self.output_layer.weight
@@ -251,6 +255,7 @@ class GPTModel(nn.Module):
             result = loss if loss_reduction == "mean" else loss.transpose(0, 1).contiguous()  # [b, s]
         else:
             logits, _ = apply_module(self.output_layer)(hidden_states, weight=weight)  # [s, b, v / tp] or [s, b, v]
+            logits = _softcap(logits, self.config.final_logit_softcapping)  # elementwise: any split
             split = self.parallel_output and self.pg.tp_size > 1
             loss = vocab_parallel_cross_entropy(
                 logits, labels.transpose(0, 1), self.pg.tp if split else None)  # [s, b]
@@ -274,8 +279,10 @@ class GPTModel(nn.Module):
 
     def _fuses_output_and_loss(self) -> bool:
         """`config.cross_entropy_loss_fusion` applies: one rank holds the whole vocabulary
-        (no sequence-parallel gather), and the output weight's gradient is not deferred."""
+        (no sequence-parallel gather), the output weight's gradient is not deferred, and the
+        logits are not soft-capped (the fused loss never forms them)."""
         return (self.config.cross_entropy_loss_fusion and self.pg.tp_size == 1
+                and self.config.final_logit_softcapping is None
                 and not self.config.delay_wgrad_compute and self.output_layer.bias is None)
 
     def _check_static_decoding(self, context: InferenceContext, input_ids: Tensor,
@@ -318,6 +325,11 @@ class GPTModel(nn.Module):
         if self.rotary_pos_emb is not None:
             with torch.device(device):
                 self.rotary_pos_emb = rotary_emb_from_config(self.config)
+
+
+def _softcap(logits: Tensor, cap: float | None) -> Tensor:
+    """`cap * tanh(logits / cap)` (Gemma 2's final-logit soft-capping), or `logits` for None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def mixed_precision_context(config: TransformerConfig,

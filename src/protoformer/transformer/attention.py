@@ -23,8 +23,10 @@ Cross-attention's `linear_kv` uses the same grouping without queries: `[key of g
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from protoformer.config import TransformerConfig
@@ -50,7 +52,7 @@ from protoformer.transformer.kv_cache import (
 )
 from protoformer.transformer.masks import check_window_size
 from protoformer.transformer.norm import LayerNormBuilder
-from protoformer.transformer.rope import apply_rotary_pos_emb
+from protoformer.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb
 
 __all__ = [
     "Attention",
@@ -125,6 +127,11 @@ class SelfAttention(Attention):
     layer keeps only the last `W` positions' keys/values (`kv_cache.append_to_window_cache`),
     so its cache stops growing. A recipe sets it per layer, e.g.
     `partial(SelfAttention, submodules=..., window_size=4096)`.
+
+    `rotary_base=B` gives the layer a rotary table of its own with base `B` (no scaling; the
+    config's head size, rotary fraction and layout), used in place of the model's table over
+    the same positions: Gemma 3's sliding layers rotate with `rope_local_base_freq` while its
+    global layers use the model's table.
     """
 
     def __init__(
@@ -136,10 +143,18 @@ class SelfAttention(Attention):
         *,
         pg: ProcessGroups | None = None,
         window_size: int | None = None,
+        rotary_base: float | None = None,
     ) -> None:
         super().__init__(config, layer_number, attn_mask_type, "self", pg=pg)
         _require_submodules("SelfAttention", submodules, SelfAttentionSubmodules)
         self.window_size = check_window_size(window_size, owner="SelfAttention")
+        self.rotary_pos_emb: RotaryEmbedding | None = None
+        if rotary_base is not None:
+            number = isinstance(rotary_base, (int, float)) and not isinstance(rotary_base, bool)  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            if not number or not math.isfinite(rotary_base) or not rotary_base > 0.0:
+                raise ValueError(f"SelfAttention(rotary_base={rotary_base!r}): must be a finite "
+                                 "number > 0, or None to use the model's rotary table")
+            self.rotary_pos_emb = self._own_rotary_table(float(rotary_base))
         hn = self.hidden_size_per_attention_head
         heads, layout_groups = config.num_attention_heads, self.num_layout_groups
         # Query heads per key/value head on this rank (np/ng, or np/tp when replicated).
@@ -152,6 +167,19 @@ class SelfAttention(Attention):
                                  k_layernorm=submodules.k_layernorm,
                                  core_attention=submodules.core_attention,
                                  linear_proj=submodules.linear_proj)
+
+    def _own_rotary_table(self, base: float) -> RotaryEmbedding:
+        config = self.config
+        return RotaryEmbedding(config.head_dim, rotary_percent=config.rotary_percent,
+                               rotary_interleaved=config.rotary_interleaved, rotary_base=base)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Refill this layer's own rotary table, if it has one (`to_empty` leaves the buffer
+        uninitialised; the model's `init_weights` runs this)."""
+        if self.rotary_pos_emb is not None:
+            fresh = self._own_rotary_table(self.rotary_pos_emb.rotary_base)
+            self.rotary_pos_emb.inv_freq.copy_(fresh.inv_freq)
 
     def get_query_key_value_tensors(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`[s, b, h]` -> query `[s, b, np, hn]`, key and value `[s, b, ng, hn]` (this rank's heads)."""
@@ -195,6 +223,9 @@ class SelfAttention(Attention):
         if static and attention_mask is not None:
             raise ValueError("static-shape decoding (InferenceContext.positions) builds its own "
                              "mask from the positions; pass attention_mask=None")
+        if rotary_pos_emb is not None and self.rotary_pos_emb is not None:
+            # This layer's own base, over the positions of the model's table.
+            rotary_pos_emb = apply_module(self.rotary_pos_emb)(rotary_pos_emb.shape[0])
         if rotary_pos_emb is not None:
             hn = self.hidden_size_per_attention_head
             freqs = _rotary_positions(rotary_pos_emb, offset, s, hn)  # [s, 1, 1, rot]

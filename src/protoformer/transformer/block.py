@@ -12,7 +12,7 @@ from protoformer.parallel.groups import ProcessGroups
 from protoformer.spec import apply_module
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.layer import TransformerLayer, TransformerLayerSubmodules
-from protoformer.transformer.norm import LayerNormInterface
+from protoformer.transformer.norm import IdentityOp, LayerNormInterface
 
 __all__ = ["LayerSpecs", "TransformerBlock", "per_layer_specs"]
 
@@ -54,7 +54,9 @@ class TransformerBlock(nn.Module):
     keeps the per-layer list.
 
     The final norm (`post_layer_norm`, needed by pre-norm models) is built by the last layer's
-    `input_layernorm` builder, so it is the same kind of norm as the layers'.
+    `input_layernorm` builder, so it is the same kind of norm as the layers' (its
+    `post_mlp_layernorm` builder when the pre-norm slot holds `IdentityOp`: OLMo 2's layers
+    normalize only their branches' outputs, and the model still ends in a norm).
     """
 
     def __init__(
@@ -74,8 +76,12 @@ class TransformerBlock(nn.Module):
         )
         self.final_layernorm: LayerNormInterface | None = None
         if post_layer_norm:
-            self.final_layernorm = self.layer_specs[-1].input_layernorm(
-                config.hidden_size, config=config, eps=config.layernorm_epsilon)
+            last = self.layer_specs[-1]
+            norm = last.input_layernorm
+            if norm is IdentityOp and last.post_mlp_layernorm is not None:
+                norm = last.post_mlp_layernorm  # post-norm layers (OLMo 2): a norm of that kind
+            self.final_layernorm = norm(config.hidden_size, config=config,
+                                        eps=config.layernorm_epsilon)
 
     def forward(
         self,

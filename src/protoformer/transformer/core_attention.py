@@ -21,6 +21,9 @@ Shared semantics
   sliding-window attention); the window mask is materialized, so SDPA runs its masked
   kernels (flash attention takes no arbitrary mask).
 - `attention_bias` (floating, broadcastable to `[b, np, sq, sk]`) is added to the scaled scores.
+- Soft-capping (`config.attn_logit_softcapping = c`, Gemma 2): the scaled scores become
+  `c * tanh(scores / c)` before masks and bias apply. SDPA cannot soft-cap, so `SDPAttention`
+  computes such layers explicitly (as `DotProductAttention`, materializing the scores).
 - Scale: the `softmax_scale` argument, else `config.softmax_scale`, else `1 / sqrt(hn)`.
 - Dropout on the probabilities with `attention_dropout` (else `config.attention_dropout`), only
   in training mode.
@@ -100,15 +103,61 @@ class _CoreAttentionBase(nn.Module):
         self.softmax_scale = scale
         self.pg = pg if pg is not None else ProcessGroups()
         self.window_size = check_window_size(window_size, owner=name)
+        self.attn_logit_softcapping = config.attn_logit_softcapping
 
     def extra_repr(self) -> str:
         window = "" if self.window_size is None else f", window_size={self.window_size}"
+        if self.attn_logit_softcapping is not None:
+            window += f", attn_logit_softcapping={self.attn_logit_softcapping}"
         return (f"layer_number={self.layer_number}, attn_mask_type={self.attn_mask_type.name}, "
                 f"attention_dropout={self.attention_dropout}, softmax_scale={self.softmax_scale}"
                 f"{window}")
 
     def _scale_for(self, head_dim: int) -> float:
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def _math_attention(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                        is_plain_causal: bool) -> Tensor:
+        """Explicit scores, (soft-capped,) masked softmax, weighted values: `[sq, b, np, hn]`,
+        `[sk, b, ng, hn]`, `[sk, b, ng, hv]` and the resolved mask -> `[sq, b, np * hv]`."""
+        sq, batch, heads, hn = query.shape
+        sk, groups, hv = key.shape[0], key.shape[2], value.shape[3]
+        if is_plain_causal:
+            mask = causal_mask(sq, sk, query.device)
+
+        # Heads of one group are contiguous, so grouping is a view, never a copy of key/value.
+        per_group = heads // groups
+        grouped_query = query.view(sq, batch, groups, per_group, hn)  # [sq, b, ng, r, hn]
+        scores = torch.einsum("qbgrd,kbgd->bgrqk", grouped_query, key)  # [b, ng, r, sq, sk]
+        scores = scores.reshape(batch, heads, sq, sk)  # [b, np, sq, sk]
+        if self.config.attention_softmax_in_fp32:
+            scores = scores.float()
+        scores = scores * self._scale_for(hn)
+        cap = self.attn_logit_softcapping
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap  # in (-cap, cap), before the mask
+
+        blocked_rows: Tensor | None = None
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(mask, float("-inf"))
+            else:
+                scores = scores + mask.to(scores.dtype)
+            # Softmax of an all -inf row is 0/0; give it finite scores, then zero its output.
+            blocked_rows = fully_blocked_rows(mask)  # [b | 1, np | 1, sq, 1]
+            scores = scores.masked_fill(blocked_rows, 0.0)
+        probs = torch.softmax(scores, dim=-1)  # [b, np, sq, sk]
+        if blocked_rows is not None:
+            probs = probs.masked_fill(blocked_rows, 0.0)
+        probs = probs.to(value.dtype)
+        if self.training and self.attention_dropout > 0.0:
+            # This rank's heads: a mask of its own (the per-rank stream under tensor parallelism).
+            with tensor_parallel_rng_fork(self.pg.tp):
+                probs = F.dropout(probs, p=self.attention_dropout, training=True)
+
+        grouped_probs = probs.view(batch, groups, per_group, sq, sk)  # [b, ng, r, sq, sk]
+        context = torch.einsum("bgrqk,kbgd->qbgrd", grouped_probs, value)  # [sq, b, ng, r, hv]
+        return context.reshape(sq, batch, heads * hv)  # [sq, b, np * hv]
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int, int]:
         """Validate the shapes; return `(b, np, sq, sk)`."""
@@ -194,42 +243,9 @@ class DotProductAttention(_CoreAttentionBase):
     ) -> Tensor:
         """`[sq, b, np, hn]`, `[sk, b, ng, hn]`, `[sk, b, ng, hv]` -> `[sq, b, np * hv]`."""
         batch, heads, sq, sk = self._check_inputs(query, key, value)
-        groups, hv = key.shape[2], value.shape[3]
         mask, is_plain_causal = self._effective_mask(
             attention_mask, attn_mask_type, attention_bias, (batch, heads, sq, sk), query.device)
-        if is_plain_causal:
-            mask = causal_mask(sq, sk, query.device)
-
-        # Heads of one group are contiguous, so grouping is a view, never a copy of key/value.
-        per_group = heads // groups
-        grouped_query = query.view(sq, batch, groups, per_group, query.shape[3])  # [sq, b, ng, r, hn]
-        scores = torch.einsum("qbgrd,kbgd->bgrqk", grouped_query, key)  # [b, ng, r, sq, sk]
-        scores = scores.reshape(batch, heads, sq, sk)  # [b, np, sq, sk]
-        if self.config.attention_softmax_in_fp32:
-            scores = scores.float()
-        scores = scores * self._scale_for(query.shape[3])
-
-        blocked_rows: Tensor | None = None
-        if mask is not None:
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(mask, float("-inf"))
-            else:
-                scores = scores + mask.to(scores.dtype)
-            # Softmax of an all -inf row is 0/0; give it finite scores, then zero its output.
-            blocked_rows = fully_blocked_rows(mask)  # [b | 1, np | 1, sq, 1]
-            scores = scores.masked_fill(blocked_rows, 0.0)
-        probs = torch.softmax(scores, dim=-1)  # [b, np, sq, sk]
-        if blocked_rows is not None:
-            probs = probs.masked_fill(blocked_rows, 0.0)
-        probs = probs.to(value.dtype)
-        if self.training and self.attention_dropout > 0.0:
-            # This rank's heads: a mask of its own (the per-rank stream under tensor parallelism).
-            with tensor_parallel_rng_fork(self.pg.tp):
-                probs = F.dropout(probs, p=self.attention_dropout, training=True)
-
-        grouped_probs = probs.view(batch, groups, per_group, sq, sk)  # [b, ng, r, sq, sk]
-        context = torch.einsum("bgrqk,kbgd->qbgrd", grouped_probs, value)  # [sq, b, ng, r, hv]
-        return context.reshape(sq, batch, heads * hv)  # [sq, b, np * hv]
+        return self._math_attention(query, key, value, mask, is_plain_causal)
 
 
 class SDPAttention(_CoreAttentionBase):
@@ -258,6 +274,9 @@ class SDPAttention(_CoreAttentionBase):
         groups, hv = key.shape[2], value.shape[3]
         mask, is_plain_causal = self._effective_mask(
             attention_mask, attn_mask_type, attention_bias, (batch, heads, sq, sk), query.device)
+        if self.attn_logit_softcapping is not None:
+            # No SDPA kernel soft-caps the scores: the explicit computation does.
+            return self._math_attention(query, key, value, mask, is_plain_causal)
 
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]

@@ -38,14 +38,20 @@ class TransformerLayerSubmodules(Submodules):
 
     `cross_attention` (with its optional `pre_cross_attn_layernorm`; None means no norm) is
     for decoder layers that attend to an encoder's output.
+
+    `post_self_attn_layernorm` / `post_mlp_layernorm` normalize a branch's output before it
+    is added to the residual stream (None: no norm): Gemma 2/3's "sandwich" norms, and with
+    `IdentityOp` in the pre-norm slots OLMo 2's post-norm layers.
     """
 
     input_layernorm: LayerNormBuilder
     self_attention: SelfAttentionBuilder
+    post_self_attn_layernorm: LayerNormBuilder | None = None
     pre_cross_attn_layernorm: LayerNormBuilder | None = None
     cross_attention: CrossAttentionBuilder | None = None
     pre_mlp_layernorm: LayerNormBuilder
     mlp: MLPBuilder
+    post_mlp_layernorm: LayerNormBuilder | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +103,9 @@ class TransformerLayerBuilder(Protocol):
 class TransformerLayer(nn.Module):
     """Pre-norm layer: `x + attn(norm(x))` [+ `cross_attn(norm(.), context)`], then `+ mlp(norm(.))`.
 
+    With post-norms a branch's output is normalized before the residual add:
+    `x + post_norm(attn(norm(x)))` (the branch's output bias is added before that norm).
+
     Each residual branch ends in `bias_dropout_add` with `config.hidden_dropout` (active only
     in training). With `config.recompute_granularity == "full"` the whole layer is
     recomputed in the backward pass instead of keeping its activations (training only).
@@ -125,6 +134,8 @@ class TransformerLayer(nn.Module):
 
         self.input_layernorm = submodules.input_layernorm(hidden, config=config, eps=eps)
         self.self_attention = submodules.self_attention(config, layer_number=layer_number, pg=pg)
+        self.post_self_attn_layernorm = _optional_norm(submodules.post_self_attn_layernorm,
+                                                       hidden, config, eps)
         self.pre_cross_attn_layernorm: LayerNormInterface | None = None
         if submodules.pre_cross_attn_layernorm is not None:
             self.pre_cross_attn_layernorm = submodules.pre_cross_attn_layernorm(
@@ -135,6 +146,8 @@ class TransformerLayer(nn.Module):
                 config, layer_number=layer_number, pg=pg)
         self.pre_mlp_layernorm = submodules.pre_mlp_layernorm(hidden, config=config, eps=eps)
         self.mlp = submodules.mlp(config, pg=pg)
+        self.post_mlp_layernorm = _optional_norm(submodules.post_mlp_layernorm, hidden, config,
+                                                 eps)
 
     def forward(
         self,
@@ -177,6 +190,7 @@ class TransformerLayer(nn.Module):
         out, bias = apply_module(self.self_attention)(
             normed, attention_mask, rotary_pos_emb=rotary_pos_emb,
             inference_context=inference_context)
+        out, bias = _post_norm(self.post_self_attn_layernorm, out, bias)
         hidden_states = self._bias_dropout_add(out, bias, hidden_states)
 
         if self.cross_attention is not None:
@@ -192,6 +206,7 @@ class TransformerLayer(nn.Module):
 
         normed = apply_module(self.pre_mlp_layernorm)(hidden_states)
         out, bias = apply_module(self.mlp)(normed)
+        out, bias = _post_norm(self.post_mlp_layernorm, out, bias)
         return self._bias_dropout_add(out, bias, hidden_states)  # [s, b, h]
 
     def _bias_dropout_add(self, x: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
@@ -202,3 +217,16 @@ class TransformerLayer(nn.Module):
             with tensor_parallel_rng_fork(self.pg.tp):
                 return bias_dropout_add(x, bias, residual, prob=p, training=training)
         return bias_dropout_add(x, bias, residual, prob=p, training=training)
+
+
+def _optional_norm(builder: LayerNormBuilder | None, hidden: int, config: TransformerConfig,
+                   eps: float) -> LayerNormInterface | None:
+    return builder(hidden, config=config, eps=eps) if builder is not None else None
+
+
+def _post_norm(norm: LayerNormInterface | None, out: Tensor,
+               bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A branch's output `[s, b, h]` through its post-norm (its bias added first), if any."""
+    if norm is None:
+        return out, bias
+    return apply_module(norm)(out if bias is None else out + bias), None

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from protoformer.config import TransformerConfig
 from protoformer.parallel.parameters import mark_sequence_parallel
 
-__all__ = ["LayerNorm", "LayerNormBuilder", "LayerNormInterface", "RMSNorm", "norm_class"]
+__all__ = ["IdentityOp", "LayerNorm", "LayerNormBuilder", "LayerNormInterface", "RMSNorm",
+           "norm_class"]
 
 
 class LayerNormInterface(Protocol):
@@ -95,6 +96,25 @@ class RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         centered = ", zero_centered_gamma=True" if self.zero_centered_gamma else ""
         return f"{self.hidden_size}, eps={self.eps}{centered}"
+
+
+class IdentityOp(nn.Module):
+    """A norm slot left empty: returns its input (Megatron-Core's name), e.g. the pre-norms of
+    OLMo 2's post-norm layers. Satisfies `LayerNormBuilder`; has no parameters."""
+
+    def __init__(self, hidden_size: int, *, config: TransformerConfig, eps: float = 1e-6) -> None:
+        super().__init__()
+        del config, eps  # nothing to normalize with
+        _check_norm_args("IdentityOp", hidden_size, 1.0)
+        self.hidden_size = hidden_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`[..., hidden_size]` -> `x` itself."""
+        _check_last_dim("IdentityOp", x, self.hidden_size)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}"
 
 
 def norm_class(config: TransformerConfig) -> LayerNormBuilder:

@@ -1,0 +1,378 @@
+"""Gemma 2 decoders <-> protoformer layers with sandwich norms, soft-capping and sliding windows.
+
+Gemma 2 is Gemma (`architectures.gemma`: embeddings scaled by `sqrt(hidden_size)`, `(1 + w)`
+RMSNorm, gated tanh-GeLU MLP, `head_dim` independent of the hidden size) plus:
+
+- sandwich norms: each branch's output is normalized before the residual add
+  (`post_self_attn_layernorm` / `post_mlp_layernorm` slots, checkpoint names
+  `post_attention_layernorm` / `post_feedforward_layernorm`; the pre-MLP norm is the
+  checkpoint's `pre_feedforward_layernorm`);
+- alternating sliding-window and global layers (`layer_types`, default: even layers slide by
+  `sliding_window`), one layer spec per layer;
+- attention-logit soft-capping (`config.attn_logit_softcapping`) and final-logit
+  soft-capping (`config.final_logit_softcapping`);
+- the softmax scale `query_pre_attn_scalar ** -0.5` (`config.softmax_scale`).
+
+`gemma2_layer_spec` is shared with Gemma 3 (`architectures.gemma3`), which adds per-head
+q/k norms and a rotary base of its own for the sliding layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from protoformer.architectures.conversion import (
+    DESCRIBED_FIELDS,
+    ConfigReader,
+    HFConversionError,
+    HFModelInfo,
+    JSONDict,
+    TensorRule,
+    UnsupportedHFModelError,
+    activation_for,
+    activation_name,
+    mlp_rules,
+    same,
+)
+from protoformer.architectures.llama import dense_attention_rules
+from protoformer.architectures.registry import ModelSizes, register_architecture
+from protoformer.backends.base import BackendSpecProvider
+from protoformer.config import TransformerConfig
+from protoformer.recipes.gpt import mlp_spec
+from protoformer.recipes.presets import Preset, register_preset
+from protoformer.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from protoformer.transformer.block import LayerSpecs
+from protoformer.transformer.enums import AttnMaskType
+from protoformer.transformer.layer import TransformerLayerSubmodules
+from protoformer.transformer.mlp import MLP, gelu_tanh
+
+__all__ = [
+    "GEMMA2_DESCRIBED_FIELDS",
+    "Gemma2Architecture",
+    "gemma2_layer_spec",
+    "gemma2_layer_specs",
+    "gemma_config_values",
+    "gemma_exportable_problems",
+    "gemma_family_config",
+    "gemma_windows",
+    "refuse_gemma_options",
+    "sandwich_rules",
+]
+
+_HF_CLASS = "Gemma2ForCausalLM"
+
+GEMMA2_DESCRIBED_FIELDS: tuple[str, ...] = (
+    *DESCRIBED_FIELDS, "num_query_groups", "kv_channels", "layernorm_zero_centered_gamma",
+    "embedding_multiplier", "attn_logit_softcapping", "final_logit_softcapping")
+
+
+# ------------------------------------------------------------------ the layer recipe
+def gemma2_layer_spec(backend: BackendSpecProvider, config: TransformerConfig, *,
+                      window_size: int | None = None,
+                      rotary_base: float | None = None) -> TransformerLayerSubmodules:
+    """A Gemma 2/3 layer: pre- and post-norms around both branches (four norms of the
+    config's kind), causal self-attention (per-head q/k norms with `config.qk_layernorm`),
+    an MLP. `window_size` makes it a sliding layer; `rotary_base` gives its attention a
+    rotary base of its own (Gemma 3's local layers)."""
+    norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm")
+    qk_norm = backend.layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=True) \
+        if config.qk_layernorm else None
+    attention = SelfAttentionSubmodules(
+        linear_qkv=backend.column_parallel_linear(),
+        core_attention=backend.core_attention(),
+        linear_proj=backend.row_parallel_linear(),
+        q_layernorm=qk_norm,
+        k_layernorm=qk_norm,
+    )
+    return TransformerLayerSubmodules(
+        input_layernorm=norm,
+        self_attention=functools.partial(
+            SelfAttention, submodules=attention, attn_mask_type=AttnMaskType.padding_causal,
+            window_size=window_size, rotary_base=rotary_base),
+        post_self_attn_layernorm=norm,
+        pre_mlp_layernorm=norm,
+        mlp=functools.partial(MLP, submodules=mlp_spec(backend, config)),
+        post_mlp_layernorm=norm,
+    )
+
+
+def gemma2_layer_specs(backend: BackendSpecProvider, config: TransformerConfig,
+                       windows: Sequence[int | None], *,
+                       local_rotary_base: float | None = None) -> LayerSpecs:
+    """One `gemma2_layer_spec` per layer: layer `i` slides by `windows[i]` (None: global);
+    with `local_rotary_base` the sliding layers rotate with that base."""
+    if len(windows) != config.num_layers:
+        raise ValueError(f"gemma2_layer_specs: {len(windows)} windows for "
+                         f"{config.num_layers} layers; give one (or None) per layer")
+    return [gemma2_layer_spec(backend, config, window_size=window,
+                              rotary_base=local_rotary_base if window is not None else None)
+            for window in windows]
+
+
+def gemma_windows(reader: ConfigReader, num_layers: int, *,
+                  pattern: int) -> tuple[int | None, ...]:
+    """Each layer's window: `layer_types` if given, else every `pattern`-th layer global and
+    the others sliding by `sliding_window` (transformers' default); None for a window at
+    least `max_position_embeddings` long (it blocks nothing)."""
+    window = reader.get_optional_int("sliding_window")
+    kinds = reader.get_layer_types(num_layers)
+    if kinds is None:
+        kinds = ["full_attention" if (index + 1) % pattern == 0 else "sliding_attention"
+                 for index in range(num_layers)]
+    if window is None and "sliding_attention" in kinds:
+        raise HFConversionError(f"{reader.where}: layer_types has sliding_attention layers "
+                                "but sliding_window is null")
+    if window is not None and window < 1:
+        raise HFConversionError(f"{reader.where}: sliding_window={window} must be >= 1")
+    if window is None or window >= reader.get_int("max_position_embeddings"):
+        return (None,) * num_layers
+    return tuple(window if kind == "sliding_attention" else None for kind in kinds)
+
+
+# ------------------------------------------------------------------ config: HF -> protoformer
+def refuse_gemma_options(reader: ConfigReader) -> None:
+    """The Gemma 2/3 options protoformer does not represent, refused by name."""
+    if reader.get_bool("attention_bias", False):
+        raise UnsupportedHFModelError(
+            f"{reader.where}: attention_bias=true puts a bias on o_proj but not on the MLP, "
+            "which protoformer's add_bias_linear cannot represent")
+    if reader.get_bool("use_bidirectional_attention", False):
+        raise UnsupportedHFModelError(f"{reader.where}: use_bidirectional_attention=true is not "
+                                      "supported; protoformer's Gemma layers are causal")
+
+
+def gemma_family_config(reader: ConfigReader, dtype: torch.dtype, *, rotary_base: float,
+                        qk_layernorm: bool, attn_softcap: float | None,
+                        final_softcap: float | None) -> TransformerConfig:
+    """The `TransformerConfig` of a Gemma 2/3 config.json."""
+    hidden = reader.get_int("hidden_size")
+    heads = reader.get_int("num_attention_heads")
+    head_dim = reader.get_int("head_dim", 256)  # transformers' default for Gemma 2 and 3
+    scalar = reader.get_float("query_pre_attn_scalar", 256.0)
+    if not scalar > 0.0:
+        raise HFConversionError(f"{reader.where}: query_pre_attn_scalar={scalar} must be > 0")
+    activation = activation_for(ConfigReader(
+        {"hidden_act": reader.get_str("hidden_activation", "gelu_pytorch_tanh")}, reader.where))
+    try:
+        return TransformerConfig(
+            num_layers=reader.get_int("num_hidden_layers"),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
+            kv_channels=head_dim,
+            ffn_hidden_size=reader.get_int("intermediate_size"),
+            normalization="RMSNorm",
+            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+            layernorm_zero_centered_gamma=True,
+            qk_layernorm=qk_layernorm,
+            add_bias_linear=False,
+            gated_linear_unit=True,
+            activation_func=activation,
+            init_method_std=reader.get_float("initializer_range", 0.02),
+            perform_initialization=False,
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            attention_dropout=reader.get_float("attention_dropout", 0.0),
+            hidden_dropout=0.0,
+            softmax_scale=scalar ** -0.5,
+            attn_logit_softcapping=attn_softcap,
+            final_logit_softcapping=final_softcap,
+            rotary_base=rotary_base,
+            embedding_multiplier=math.sqrt(hidden),
+        )
+    except ValueError as error:  # TransformerConfig's validation names the field
+        raise HFConversionError(f"{reader.where}: {error}") from error
+
+
+def _optional_cap(reader: ConfigReader, key: str, default: float | None) -> float | None:
+    if key not in reader.values:
+        return default
+    return reader.get_float(key) if reader.present(key) else None
+
+
+def parse_gemma2_config(values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
+    """A Gemma 2 config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
+    reader = ConfigReader(values, f"{_HF_CLASS} config")
+    refuse_gemma_options(reader)
+    params = reader.get_mapping("rope_scaling") or reader.get_mapping("rope_parameters") or {}
+    rope = ConfigReader(params, f"{reader.where} rope parameters")
+    rope_type = rope.get_str("rope_type", rope.get_str("type", "default"))
+    if rope_type != "default":
+        raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
+                                      "supported; protoformer maps 'default' for gemma2")
+    theta = rope.get_float("rope_theta", reader.get_float("rope_theta", 10000.0))
+    config = gemma_family_config(
+        reader, dtype, rotary_base=theta, qk_layernorm=False,
+        attn_softcap=_optional_cap(reader, "attn_logit_softcapping", 50.0),
+        final_softcap=_optional_cap(reader, "final_logit_softcapping", 30.0))
+    gemma_windows(reader, config.num_layers, pattern=2)  # a malformed window fails here
+    return HFModelInfo(
+        model_type="gemma2",
+        architecture=_HF_CLASS,
+        config=config,
+        vocab_size=reader.get_int("vocab_size"),
+        max_sequence_length=reader.get_int("max_position_embeddings"),
+        tie_word_embeddings=reader.get_bool("tie_word_embeddings", True),
+        hf_config=dict(values),
+        described_fields=GEMMA2_DESCRIBED_FIELDS,
+    )
+
+
+# ------------------------------------------------------------------ config: protoformer -> HF
+def gemma_exportable_problems(config: TransformerConfig, *, qk_layernorm: bool) -> list[str]:
+    """Why `config` is not a Gemma 2/3 config (empty when it is)."""
+    problems: list[str] = []
+    if type(config) is not TransformerConfig:
+        problems.append(f"a {type(config).__name__} (Gemma takes a plain TransformerConfig)")
+    if config.normalization != "RMSNorm" or not config.layernorm_zero_centered_gamma:
+        problems.append("Gemma's norms are RMSNorm with layernorm_zero_centered_gamma=True")
+    if not math.isclose(config.embedding_multiplier, math.sqrt(config.hidden_size)):
+        problems.append(f"embedding_multiplier={config.embedding_multiplier} (Gemma scales "
+                        f"the embeddings by sqrt(hidden_size)={math.sqrt(config.hidden_size)})")
+    if not config.gated_linear_unit or config.add_bias_linear or config.add_qkv_bias:
+        problems.append("Gemma has a gated MLP and no biases")
+    if config.qk_layernorm != qk_layernorm:
+        problems.append(f"qk_layernorm={config.qk_layernorm} (this Gemma has "
+                        f"{'per-head' if qk_layernorm else 'no'} q/k norms)")
+    if config.rotary_percent != 1.0 or config.rotary_interleaved:
+        problems.append("Gemma rotates whole heads, in halves")
+    return problems
+
+
+def gemma_config_values(config: TransformerConfig, sizes: ModelSizes, *, model_type: str,
+                        hf_class: str) -> JSONDict:
+    """The config.json values Gemma 2 and 3 share."""
+    scale = config.softmax_scale if config.softmax_scale is not None \
+        else config.head_dim ** -0.5
+    return {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "vocab_size": sizes.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.ffn_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.query_groups,
+        "head_dim": config.head_dim,
+        "hidden_activation": activation_name(config),
+        "max_position_embeddings": sizes.max_sequence_length,
+        "rms_norm_eps": config.layernorm_epsilon,
+        "initializer_range": config.init_method_std,
+        "attention_dropout": config.attention_dropout,
+        "attention_bias": False,
+        "query_pre_attn_scalar": scale ** -2,
+        "attn_logit_softcapping": config.attn_logit_softcapping,
+        "final_logit_softcapping": config.final_logit_softcapping,
+        "tie_word_embeddings": sizes.tie_word_embeddings,
+        "use_cache": True,
+    }
+
+
+def export_gemma2_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
+    """A Gemma 2 config.json mapping: the default layer pattern (even layers slide by 4096)."""
+    problems = gemma_exportable_problems(config, qk_layernorm=False)
+    if config.rope_scaling is not None:
+        problems.append("Gemma 2 has no rope scaling")
+    if problems:
+        raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASS}: "
+                                      + "; ".join(problems))
+    values = gemma_config_values(config, sizes, model_type="gemma2", hf_class=_HF_CLASS)
+    values.update({
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
+        "rope_theta": config.rotary_base,
+        "sliding_window": 4096,
+        "layer_types": ["sliding_attention" if index % 2 == 0 else "full_attention"
+                        for index in range(config.num_layers)],
+    })
+    return values
+
+
+# ------------------------------------------------------------------ tensors
+def sandwich_rules(info: HFModelInfo,
+                   attention_rules: Callable[[HFModelInfo, str, str], list[TensorRule]],
+                   *, pre_norms: bool = True) -> list[TensorRule]:
+    """Every tensor of a model with post-norms (Gemma 2/3, OLMo 2): embedding; per layer the
+    pre-norms (unless `pre_norms` is False: OLMo 2 has none), attention, post-attention norm,
+    MLP, post-MLP norm; final norm; head."""
+    rules = [same("embedding.weight", "model.embed_tokens.weight")]
+    for index in range(info.config.num_layers):
+        ours, theirs = f"decoder.layers.{index}", f"model.layers.{index}"
+        if pre_norms:
+            rules.append(same(f"{ours}.input_layernorm.weight",
+                              f"{theirs}.input_layernorm.weight"))
+        rules.extend(attention_rules(info, f"{ours}.self_attention", f"{theirs}.self_attn"))
+        rules.append(same(f"{ours}.post_self_attn_layernorm.weight",
+                          f"{theirs}.post_attention_layernorm.weight"))
+        if pre_norms:
+            rules.append(same(f"{ours}.pre_mlp_layernorm.weight",
+                              f"{theirs}.pre_feedforward_layernorm.weight"))
+        rules.extend(mlp_rules(info.config, f"{ours}.mlp", f"{theirs}.mlp"))
+        rules.append(same(f"{ours}.post_mlp_layernorm.weight",
+                          f"{theirs}.post_feedforward_layernorm.weight"))
+    rules.append(same("decoder.final_layernorm.weight", "model.norm.weight"))
+    if not info.tie_word_embeddings:
+        rules.append(same("output_layer.weight", "lm_head.weight"))
+    return rules
+
+
+# ------------------------------------------------------------------ the registered architecture
+class Gemma2Architecture:
+    """Gemma 2 (`model_type` "gemma2"), a `CausalLMArchitecture`.
+
+    The sandwich norms and the layer pattern live in the layer specs, not in the config, so a
+    protoformer model exports as Gemma 2 only when it was read from Gemma 2 or `config=`
+    names it (`exports_by_default = False`).
+    """
+
+    model_type = "gemma2"
+    hf_class = _HF_CLASS
+    exports_by_default = False
+
+    def read_config(self, values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
+        return parse_gemma2_config(values, dtype)
+
+    def layer_spec(self, backend: BackendSpecProvider, info: HFModelInfo) -> LayerSpecs:
+        reader = ConfigReader(info.hf_config, f"{_HF_CLASS} config")
+        return gemma2_layer_specs(backend, info.config,
+                                  gemma_windows(reader, info.config.num_layers, pattern=2))
+
+    def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
+        return sandwich_rules(info, dense_attention_rules)
+
+    def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
+        return export_gemma2_config(config, sizes)
+
+
+register_architecture(Gemma2Architecture())
+
+
+# ------------------------------------------------------------------ presets of published sizes
+def _gemma2_2b() -> TransformerConfig:
+    # google/gemma-2-2b: 26 layers, hidden 2304, 8 query heads over 4 key/value heads of 256,
+    # GeGLU 9216, scores scaled by 256 ** -0.5 and soft-capped at 50, logits at 30.
+    return TransformerConfig(
+        num_layers=26, hidden_size=2304, num_attention_heads=8, num_query_groups=4,
+        kv_channels=256, ffn_hidden_size=9216, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        layernorm_zero_centered_gamma=True, add_bias_linear=False, gated_linear_unit=True,
+        activation_func=gelu_tanh, attention_dropout=0.0, hidden_dropout=0.0,
+        softmax_scale=256 ** -0.5, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        rotary_base=10000.0, embedding_multiplier=math.sqrt(2304),
+        params_dtype=torch.bfloat16, bf16=True)
+
+
+def _gemma2_2b_specs(backend: BackendSpecProvider, config: TransformerConfig) -> LayerSpecs:
+    # Even layers slide over 4096 positions, odd layers are global.
+    return gemma2_layer_specs(backend, config, [4096 if index % 2 == 0 else None
+                                                for index in range(config.num_layers)])
+
+
+register_preset(Preset(
+    "gemma2-2b", "Gemma 2 2B shapes (26 layers, hidden 2304, GQA 8/4 with 256-wide heads, "
+    "GeGLU 9216, vocab 256000, sandwich norms, sliding window 4096 on every other layer, "
+    "attention/final soft-capping 50/30)",
+    _gemma2_2b, vocab_size=256000, max_sequence_length=8192,
+    layer_spec=_gemma2_2b_specs, tie_embeddings=True))
