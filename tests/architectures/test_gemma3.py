@@ -82,3 +82,17 @@ def test_gemma3_preset_and_refusals() -> None:
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
     with pytest.raises(UnsupportedHFModelError, match="yarn"):
         parse_hf_config({**values, "rope_parameters": yarn})
+
+
+def test_gemma3_layer_rotary_table_survives_to_empty() -> None:
+    # A model built on the meta device gets its own per-layer tables back from init_weights.
+    import torch
+
+    built = model_from_hf_config(gemma3().config.to_dict())
+    expected = built.decoder.layers[0].self_attention.rotary_pos_emb.inv_freq.clone()
+    assert torch.allclose(expected, 100.0 ** (-torch.arange(0, 16, 2) / 16))
+    with torch.device("meta"):
+        empty = model_from_hf_config(gemma3().config.to_dict())
+    empty.to_empty(device="cpu")
+    empty.init_weights()
+    assert torch.equal(empty.decoder.layers[0].self_attention.rotary_pos_emb.inv_freq, expected)
