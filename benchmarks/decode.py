@@ -16,6 +16,10 @@ the prefix they share (bf16 greedy paths part at the first near-tie of the logit
 identity with the eager path is tested in float32 by tests/generation/test_graph_decoder.py).
 
     python benchmarks/decode.py --batch 1 8 --prompt 128 --new-tokens 128
+    python benchmarks/decode.py --batch 1 8 --anatomy   # kernels per step, graph step time
+
+`--anatomy` profiles the eager static step (kernels per token and their device time, by
+kernel name) and times graph replays alone (prefill excluded), instead of the comparison.
 """
 
 from __future__ import annotations
@@ -59,6 +63,42 @@ def agreement(a: Tensor, b: Tensor) -> str:
     return f"{float(first.float().mean()):.0f}/{a.shape[1]}"
 
 
+def anatomy(decoder: GraphDecoder, eager: GraphDecoder, prompts: Tensor, n: int) -> None:
+    """Kernels of one eager static step (count, device time) and graph replay time a token."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, steps = prompts.shape[0], 4
+    with torch.inference_mode():
+        token = eager.prefill(prompts, n).argmax(-1)
+        for _ in range(3):
+            token = eager.step(token).argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                token = eager.step(token).argmax(-1)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+        count, spent = Counter[str](), Counter[str]()
+        for event in kernels:
+            count[event.name[:90]] += 1
+            spent[event.name[:90]] += event.time_range.end - event.time_range.start
+        print(f"\n### batch {batch}: {len(kernels) / steps:.0f} kernels per eager step, kernel "
+              f"time {sum(spent.values()) / steps:.0f} us per step")
+        for name, _ in spent.most_common():
+            print(f"{count[name] / steps:6.1f}/step {spent[name] / steps:8.1f} us/step  {name}")
+        token = decoder.prefill(prompts, n).argmax(-1)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n - 1):
+            token = decoder.step(token).argmax(-1)
+        end.record()
+        torch.cuda.synchronize()
+        print(f"batch {batch}: graph replay + argmax {start.elapsed_time(end) / (n - 1) * 1e3:.0f} "
+              "us per token", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -67,6 +107,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     train_step.add_shape_arguments(parser)
     parser.add_argument("--attention-kernels", default="flash,cudnn,efficient")
+    parser.add_argument("--anatomy", action="store_true",
+                        help="profile the step (kernels per token) instead of comparing")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     args = parser.parse_args()
     train_step.DEVICE = torch.device(args.device)
@@ -97,6 +139,10 @@ def main() -> None:
             return out[:, args.prompt:]
 
         decoder = GraphDecoder(ours, batch_size=batch, max_sequence_length=total)
+        if args.anatomy and train_step.DEVICE.type == "cuda":
+            anatomy(decoder, GraphDecoder(ours, batch_size=batch, max_sequence_length=total,
+                                          use_cuda_graph=False), prompts, n)
+            continue
 
         def run_graph(prompts: Tensor = prompts, decoder: GraphDecoder = decoder) -> Tensor:
             return decoder.generate(prompts, n)

@@ -20,6 +20,7 @@ from protoformer.kernels import (
     liger_available,
 )
 from protoformer.kernels.linear_cross_entropy import default_chunk_size
+from protoformer.kernels.rope import fused_apply_rotary_pos_emb_pair
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -84,6 +85,23 @@ def test_rope_bf16_on_gpu_within_one_rounding() -> None:
     expected = naive_rope(t.float(), torch.arange(64, device="cuda"), 128, 10000.0, interleaved=False)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_pair_rotates_query_and_key_like_the_reference(device: str) -> None:
+    """One cos/sin for a query and a key (grouped heads): each equals the complex rotation."""
+    torch.manual_seed(9)
+    seq, rot = 6, 8
+    query = torch.randn(seq, 2, 4, 8, device=device)
+    key = torch.randn(seq, 2, 2, 8, device=device)
+    freqs = rope_table(seq + 3, rot, 10000.0, interleaved=False).to(device)
+    got_q, got_k = fused_apply_rotary_pos_emb_pair(query, key, freqs)
+    positions = torch.arange(seq)
+    for got, t in ((got_q, query), (got_k, key)):
+        expected = naive_rope(t.cpu(), positions, rot, 10000.0, interleaved=False)
+        torch.testing.assert_close(got.cpu().double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sequence length"):
+        fused_apply_rotary_pos_emb_pair(query, key[:3], freqs)
 
 
 def test_rope_rejects_bad_shapes() -> None:

@@ -248,6 +248,34 @@ def test_fully_blocked_rows_give_zeros_and_finite_gradients(cls: Impl) -> None:
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
 
 
+@pytest.mark.parametrize("layout", ["gqa", "mqa", "hv_differs"])
+@pytest.mark.parametrize("mask_kind", ["per_row", "per_head", "two_dims", "additive"])
+def test_one_query_with_grouped_heads_and_a_mask(layout: str, mask_kind: str) -> None:
+    """Decoding (sq == 1) with a mask: SDPAttention folds a group's query heads into query
+    rows (no per-head copy of the keys); every mask layout still applies per head and row."""
+    base = HEAD_LAYOUTS[layout]
+    case = Case(base.heads, base.groups, hn=base.hn, hv=base.hv, sq=1, sk=7, batch=3)
+    q, k, v = case.inputs(21)
+    if mask_kind == "per_row":  # [b, 1, 1, sk]: each row's own cache length; row 2 sees nothing
+        mask = torch.arange(7)[None, None, None, :] >= torch.tensor([7, 3, 0])[:, None, None, None]
+    elif mask_kind == "per_head":  # [b, np, 1, sk]: head 1 of row 0 sees nothing
+        mask = torch.rand(3, 4, 1, 7, generator=torch.Generator().manual_seed(3)) > 0.6
+        mask[:, :, :, 0] = False
+        mask[0, 1] = True
+    elif mask_kind == "two_dims":  # [sq, sk]
+        mask = torch.tensor([[False, True, False, False, True, False, False]])
+    else:  # additive [b, 1, 1, sk] with -inf
+        mask = torch.zeros(3, 1, 1, 7)
+        mask[1, :, :, 4:] = float("-inf")
+        mask[2] = float("-inf")
+    out = run_both(q, k, v, mask, AttnMaskType.arbitrary)
+    if mask.dtype == torch.bool:
+        expected = reference(q, k, v, blocked=mask)
+    else:
+        expected = reference(q, k, v, additive=mask)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_causal_with_more_queries_than_keys_blocks_the_first_rows() -> None:
     case = Case(heads=2, groups=2, sq=4, sk=2)
     q, k, v = case.inputs(11)
@@ -364,3 +392,9 @@ def test_sdpa_kernels_match_plain_math_on_gpu(dtype: torch.dtype, layout: str) -
         plain = build(DotProductAttention, AttnMaskType.causal).cuda()(dq, k, v, None)
         fused = build(SDPAttention, AttnMaskType.causal).cuda()(dq, k, v, None)
         torch.testing.assert_close(fused.float(), plain.float(), atol=tol, rtol=tol)
+    # Static decoding: one query per row, each row's cache length as a mask (heads folded).
+    per_row = torch.arange(128, device="cuda")[None, None, None, :] \
+        >= torch.tensor([128, 40], device="cuda")[:, None, None, None]  # [b, 1, 1, sk]
+    plain = build(DotProductAttention, AttnMaskType.arbitrary).cuda()(q[:1], k, v, per_row)
+    fused = build(SDPAttention, AttnMaskType.arbitrary).cuda()(q[:1], k, v, per_row)
+    torch.testing.assert_close(fused.float(), plain.float(), atol=tol, rtol=tol)

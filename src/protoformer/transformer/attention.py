@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from protoformer.config import TransformerConfig
-from protoformer.kernels.rope import fused_apply_rotary_pos_emb
+from protoformer.kernels.rope import fused_apply_rotary_pos_emb_pair
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.protocols import (
     ColumnParallelLinearBuilder,
@@ -265,25 +265,31 @@ class SelfAttention(Attention):
     def _rotate(self, query: Tensor, key: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
         """Rotary embedding of query `[s, b, np, hn]` and key `[s, b, ng, hn]` by `freqs`
         `[s, 1 | b, 1, rot]`; `config.apply_rope_fusion` uses one Triton kernel per tensor
-        on CUDA (same math elsewhere), which takes one angle row per position."""
+        on CUDA (same math elsewhere, cos/sin computed once for both), which takes one
+        angle row per position."""
         interleaved = self.config.rotary_interleaved
         mscale = self.config.rope_attention_factor  # LongRoPE scales cos and sin
         plain = functools.partial(apply_rotary_pos_emb, mscale=mscale)
         # The fused kernel has no mscale: it serves the unscaled tables only.
-        rotate = fused_apply_rotary_pos_emb if self.config.apply_rope_fusion and mscale == 1.0 \
-            else plain
+        fused = self.config.apply_rope_fusion and mscale == 1.0
         if freqs.shape[1] != 1 and freqs.shape[0] == 1:
             # One token per row at its own position (static decoding): swap the unit sequence
             # dim with the batch, so each row is a position of its own (views, no copies).
             angles = freqs.transpose(0, 1)  # [b, 1, 1, rot]
-            return (rotate(query.transpose(0, 1), angles,
-                           rotary_interleaved=interleaved).transpose(0, 1),
-                    rotate(key.transpose(0, 1), angles,
-                           rotary_interleaved=interleaved).transpose(0, 1))
-        if freqs.shape[1] != 1:
-            rotate = plain  # per-row angles of several positions: plain math
-        return (rotate(query, freqs, rotary_interleaved=interleaved),  # [s, b, np, hn]
-                rotate(key, freqs, rotary_interleaved=interleaved))  # [s, b, ng, hn]
+            query, key = query.transpose(0, 1), key.transpose(0, 1)  # [b, 1, n, hn]
+            if fused:
+                query, key = fused_apply_rotary_pos_emb_pair(query, key, angles,
+                                                             rotary_interleaved=interleaved)
+            else:
+                query = plain(query, angles, rotary_interleaved=interleaved)
+                key = plain(key, angles, rotary_interleaved=interleaved)
+            return query.transpose(0, 1), key.transpose(0, 1)
+        if fused and freqs.shape[1] == 1:
+            return fused_apply_rotary_pos_emb_pair(query, key, freqs,
+                                                   rotary_interleaved=interleaved)
+        # Per-row angles of several positions (or no fusion, or a scaled table): plain math.
+        return (plain(query, freqs, rotary_interleaved=interleaved),  # [s, b, np, hn]
+                plain(key, freqs, rotary_interleaved=interleaved))  # [s, b, ng, hn]
 
     def backward_dw(self) -> None:
         """Compute the deferred weight gradients of both projections."""

@@ -288,7 +288,9 @@ class SDPAttention(_CoreAttentionBase):
             # Unblock fully blocked rows for the kernel (0/0 otherwise) and zero them after.
             blocked_rows = fully_blocked_rows(mask)  # [b | 1, np | 1, sq, 1]
             if mask.dtype == torch.bool:
-                attn_mask = ~mask | blocked_rows  # SDPA's boolean masks mark *allowed* keys
+                # SDPA's boolean masks mark *allowed* keys: not blocked, or in a fully blocked
+                # row; `mask <= blocked_rows` is that in one kernel (False <= x, True <= True).
+                attn_mask = mask <= blocked_rows
             else:
                 attn_mask = mask.masked_fill(blocked_rows, 0.0).to(q.dtype)
 
@@ -298,7 +300,18 @@ class SDPAttention(_CoreAttentionBase):
         rng = (tensor_parallel_rng_fork(self.pg.tp) if dropout_p > 0.0
                else contextlib.nullcontext())
         with rng:
-            if groups != heads and _SDPA_HAS_GQA and attn_mask is None:
+            if sq == 1 and groups != heads and (attn_mask is not None or not _SDPA_HAS_GQA):
+                # One query per head (decoding): the r = np/ng query heads of a group become r
+                # query rows against the group's keys, so the fused kernels take a mask
+                # without a copy of the keys/values per head (`enable_gqa` takes no mask).
+                per_group = heads // groups
+                folded = F.scaled_dot_product_attention(
+                    q.reshape(batch, groups, per_group, q.shape[3]), k, v,
+                    attn_mask=None if attn_mask is None
+                    else _fold_query_heads(attn_mask, groups, per_group),
+                    dropout_p=dropout_p, scale=scale)  # [b, ng, r, hv]
+                out = folded.reshape(batch, heads, 1, hv)  # [b, np, 1, hv]
+            elif groups != heads and _SDPA_HAS_GQA and attn_mask is None:
                 out = F.scaled_dot_product_attention(
                     q, k, v, dropout_p=dropout_p, is_causal=is_plain_causal, scale=scale,
                     enable_gqa=True)  # [b, np, sq, hv]
@@ -312,3 +325,11 @@ class SDPAttention(_CoreAttentionBase):
         if blocked_rows is not None:
             out = out.masked_fill(blocked_rows, 0.0)
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * hv)  # [sq, b, np * hv]
+
+
+def _fold_query_heads(mask: Tensor, groups: int, per_group: int) -> Tensor:
+    """A one-query mask `[b | 1, np | 1, 1, sk]` for query heads folded into rows:
+    `[b | 1, ng | 1, r | 1, sk]` (the heads of group g are rows of g)."""
+    if mask.dim() < 4 or mask.shape[1] == 1:
+        return mask  # [b | 1, 1, 1, sk] (or fewer dims) broadcasts over groups and rows
+    return mask.reshape(mask.shape[0], groups, per_group, mask.shape[3])

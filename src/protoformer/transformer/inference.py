@@ -75,6 +75,15 @@ class InferenceContext:
             self._step_tensors[key] = positions[None, :] + steps[:, None]  # [s, b]
         return self._step_tensors[key]
 
+    def decode_rows(self, num_tokens: int) -> Tensor:
+        """Static decoding: each new token's batch row `[s, b]` (the cache column it writes)."""
+        key = ("rows", num_tokens)
+        if key not in self._step_tensors:
+            positions = self.decode_positions(num_tokens)  # [s, b]
+            rows = torch.arange(positions.shape[1], device=positions.device)  # [b]
+            self._step_tensors[key] = rows.expand_as(positions)  # [s, b]
+        return self._step_tensors[key]
+
     def decode_mask(self, num_tokens: int, *, window: int | None = None) -> Tensor:
         """Static decoding: True where a new token must not attend, `[b, 1, s, max_s]`.
 

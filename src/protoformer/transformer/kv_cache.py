@@ -100,7 +100,7 @@ def write_kv_cache_at_positions(context: InferenceContext, layer_number: int, ke
     key_cache, value_cache = _self_attention_cache(context, layer_number, key, value,
                                                    num_query_groups, head_dim)
     rows = context.decode_positions(key.shape[0])  # [s, b]
-    columns = torch.arange(batch, device=rows.device).expand_as(rows)  # [s, b]
+    columns = context.decode_rows(key.shape[0])  # [s, b]: each row's batch index
     key_cache.index_put_((rows, columns), key.to(key_cache.dtype))
     value_cache.index_put_((rows, columns), value.to(value_cache.dtype))
     return key_cache[:, :batch], value_cache[:, :batch]  # [max_s, b, ng, hn]
