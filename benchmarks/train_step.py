@@ -7,6 +7,9 @@ Every model runs in this one process with the same weights (protoformer's, copie
   liger-kernel RMSNorm / SwiGLU, fused SDPA, fused linear + cross-entropy), the mean loss
   from `loss_reduction="mean"` (`--per-token-loss`: per-token losses averaged outside);
 - `protoformer-compiled`: the same with each `TransformerLayer` `.compile()`d;
+- `protoformer-per-token`: the same with per-token losses averaged outside (on CUDA with
+  liger-kernel: liger's fused linear cross-entropy, logits recomputed in backward) instead
+  of the mean loss (gradients in forward, no host synchronisation);
 - `hf-sdpa`: `transformers.LlamaForCausalLM`, `attn_implementation="sdpa"`;
 - `hf-compiled`: the same with each decoder layer `.compile()`d;
 - `hf-liger`: the same after `liger_kernel.transformers.apply_liger_kernel_to_llama` (RoPE,
@@ -56,7 +59,8 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int, float]] = {
     "tinyllama": (32000, 22, 2048, 32, 4, 5632, 10000.0),
     "llama3-8b-layers": (128256, 4, 4096, 32, 8, 14336, 500000.0),  # 4 of 32 layers
 }
-MODELS = ("protoformer", "protoformer-compiled", "hf-sdpa", "hf-compiled", "hf-liger")
+MODELS = ("protoformer", "protoformer-compiled", "protoformer-per-token", "hf-sdpa",
+          "hf-compiled", "hf-liger")
 
 
 def synchronize() -> None:
@@ -349,12 +353,13 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
     ours_holder: list[GPTModel] = [ours]  # the first protoformer run takes this one
     del ours
 
-    def ours_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-        if args.per_token_loss:  # per-token losses, averaged outside (the logits recomputed)
+    def ours_loss(model: nn.Module, per_token: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        if per_token:  # per-token losses, averaged outside (the logits recomputed)
             return lambda ids, labels: model(ids, labels).mean()
         return lambda ids, labels: model(ids, labels, loss_reduction="mean")
 
-    def make_ours(compiled: bool) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
+    def make_ours(compiled: bool, per_token: bool
+                  ) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
         if ours_holder:
             model = ours_holder.pop()
         else:
@@ -363,7 +368,7 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
         if compiled:
             for layer in model.decoder.layers:
                 layer.compile()
-        return model, ours_loss(model)
+        return model, ours_loss(model, per_token or args.per_token_loss)
 
     def hf_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda ids, labels: model(input_ids=ids, labels=labels).loss
@@ -388,9 +393,9 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
         return model, hf_loss(model)
 
     for name in args.models:
-        if name in ("protoformer", "protoformer-compiled"):
-            compiled = name == "protoformer-compiled"
-            run_model(name, lambda compiled=compiled: make_ours(compiled), config, seq, args,
+        if name.startswith("protoformer"):
+            compiled, per_token = name == "protoformer-compiled", name.endswith("per-token")
+            run_model(name, lambda c=compiled, p=per_token: make_ours(c, p), config, seq, args,
                       results, profiles)
         else:
             ours_holder.clear()

@@ -161,6 +161,63 @@ def test_linear_cross_entropy_mean_reduction_matches_reference(device: str) -> N
         fused_linear_cross_entropy(hidden, weight, target, reduction="sum")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, None])
+def test_linear_cross_entropy_mean_gradients_made_in_forward(chunk_size: int | None) -> None:
+    """The mean path computes both gradients in forward, chunk by chunk; backward scales
+    them by the incoming gradient (here 2.5, not 1), against F.cross_entropy in float64."""
+    torch.manual_seed(6)
+    tokens, hidden_size, vocab = 23, 16, 37
+    hidden = torch.randn(tokens, hidden_size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, vocab, (tokens,))
+    loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=chunk_size,
+                                      reduction="mean")
+    expected = F.cross_entropy(hidden @ weight.t(), target)  # mean over tokens
+    torch.testing.assert_close(loss.double(), expected, atol=1e-6, rtol=1e-6)
+    upstream = torch.tensor(2.5, dtype=torch.float64)
+    grads = torch.autograd.grad(loss, (hidden, weight), upstream.float())
+    expected_grads = torch.autograd.grad(expected, (hidden, weight), upstream)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # Only one input needs a gradient; none (evaluation) computes the loss alone.
+    frozen = weight.detach()
+    (grad_hidden,) = torch.autograd.grad(
+        fused_linear_cross_entropy(hidden, frozen, target, reduction="mean"), (hidden,))
+    torch.testing.assert_close(grad_hidden, torch.autograd.grad(
+        F.cross_entropy(hidden @ frozen.t(), target), (hidden,))[0], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, target,
+                                                              reduction="mean").double(),
+                                   expected.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_linear_cross_entropy_mean_bounds_memory_and_follows_autocast() -> None:
+    torch.manual_seed(7)
+    tokens, hidden_size, vocab, chunk = 64, 8, 300, 8
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    target = torch.randint(0, vocab, (tokens,))
+    with LargestTensor() as mode:
+        loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=chunk,
+                                          reduction="mean")
+        loss.backward()
+    assert mode.largest <= max(chunk * vocab, vocab * hidden_size, tokens * hidden_size)
+    # bf16 hidden states with float32 weights (autocast training): matmuls in bf16, the
+    # weight gradient returned in the weight's dtype.
+    low = hidden.detach().bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fused_linear_cross_entropy(low, weight, target, chunk_size=chunk,
+                                           reduction="mean")
+    grad_low, grad_weight = torch.autograd.grad(mixed, (low, weight))
+    assert grad_low.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
+    reference = F.cross_entropy(low.double() @ weight.double().t(), target)
+    torch.testing.assert_close(mixed.double(), reference.detach(), atol=3e-2, rtol=3e-2)
+    expected_weight = torch.autograd.grad(reference, (weight,))[0]
+    error = (grad_weight.double() - expected_weight).norm() / expected_weight.norm()
+    assert error < 2e-2, float(error)
+
+
 def test_linear_cross_entropy_keeps_leading_shape() -> None:
     hidden = torch.randn(3, 2, 8)
     weight = torch.randn(11, 8)
@@ -232,6 +289,29 @@ def test_linear_cross_entropy_on_gpu(dtype: torch.dtype) -> None:
     grads = torch.autograd.grad(loss, (hidden, weight), upstream)
     expected_grads = torch.autograd.grad(expected, (hidden, weight), upstream.double())
     for got, want in zip(grads, expected_grads, strict=True):
+        error = (got.double() - want).norm() / want.norm()
+        assert error < (1e-4 if dtype == torch.float32 else 2e-2), float(error)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_mean_on_gpu(dtype: torch.dtype) -> None:
+    """The mean path on CUDA (Triton softmax-and-gradient kernel when Triton is present),
+    several chunks, against F.cross_entropy in float64."""
+    torch.manual_seed(8)
+    tokens, hidden_size, vocab = 1000, 256, 50003
+    hidden = (torch.randn(tokens, hidden_size, device="cuda") * 0.5).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, device="cuda") * 0.05).to(dtype).requires_grad_(True)
+    target = torch.randint(0, vocab, (tokens,), device="cuda")
+    target[:3] = torch.tensor([0, vocab - 1, vocab // 2])  # both ends of the vocabulary
+    loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=384, reduction="mean")
+    expected = F.cross_entropy(hidden.double() @ weight.double().t(), target)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(loss.double(), expected, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(loss * 3.0, (hidden, weight))
+    expected_grads = torch.autograd.grad(expected * 3.0, (hidden, weight))
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.dtype == dtype
         error = (got.double() - want).norm() / want.norm()
         assert error < (1e-4 if dtype == torch.float32 else 2e-2), float(error)
 

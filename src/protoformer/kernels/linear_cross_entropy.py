@@ -15,6 +15,15 @@ weight gradient is summed: one extra output-layer matmul in exchange for the mem
 - On CUDA with liger-kernel: liger's `LigerFusedLinearCrossEntropyFunction` (Triton softmax
   and gradient kernels on each chunk), with `reduction="none"`.
 - Elsewhere: `_ChunkedLinearCrossEntropy`, the same algorithm in plain PyTorch.
+
+The mean loss (`reduction="mean"`, what a training step asks for) needs no recomputation:
+its per-token gradient weight is `1 / N` (N = the number of tokens, a shape, known on the
+host), so `_MeanLinearCrossEntropy` computes both gradients in the forward pass, chunk by
+chunk, and backward only scales them by the incoming gradient. Nothing in it reads a
+device value on the host (no `.item()`, no data-dependent shapes), so a training step that
+uses it never waits for the GPU. Each chunk's softmax and gradient are one Triton kernel
+over the logits in place (`_cross_entropy_triton`) when Triton is present, plain PyTorch
+otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from protoformer.kernels.probe import import_optional, liger_available
+from protoformer.kernels.probe import import_optional, liger_available, triton_available
 from protoformer.parallel.mappings import apply_autograd_function
 
 __all__ = ["default_chunk_size", "fused_linear_cross_entropy"]
@@ -39,6 +48,17 @@ def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -
     """Tokens per chunk so that one chunk's float32 logits stay within the device's budget."""
     budget = _GPU_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
     return max(1, min(num_tokens, budget // max(vocab_size, 1)))
+
+
+def _mean_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
+    """`default_chunk_size`, rounded down to a multiple of 64 tokens when there is more than
+    one chunk (GEMM-friendly), and split evenly so the last chunk is not a sliver."""
+    size = default_chunk_size(num_tokens, vocab_size, device)
+    if size >= num_tokens:
+        return num_tokens
+    chunks = -(-num_tokens // size)
+    even = -(-num_tokens // chunks)  # <= size
+    return max(64, even // 64 * 64) if even >= 64 else even
 
 
 class _ChunkContext(FunctionCtx):
@@ -95,6 +115,91 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None)
 
 
+class _MeanContext(FunctionCtx):
+    saved_tensors: tuple[Tensor, ...]
+    needs_input_grad: tuple[bool, ...]
+    weight_dtype: torch.dtype
+
+
+class _MeanLinearCrossEntropy(torch.autograd.Function):
+    """Mean `cross_entropy(x @ w.T, t)` over chunks of tokens, both gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx: _MeanContext, hidden: Tensor, weight: Tensor, target: Tensor,
+                chunk_size: int) -> Tensor:
+        num_tokens = hidden.shape[0]
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # The matmuls run in hidden's dtype (bf16 weights under autocast are cast once).
+        weight_c = weight.to(hidden.dtype)  # [v, h]
+        scale = 1.0 / num_tokens
+        losses = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # [N]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, h]
+        # Summed over chunks in the compute dtype (each chunk's GEMM accumulates in float32);
+        # a float32 sum would need float32 GEMMs of the vocabulary-wide gradient.
+        grad_weight = torch.zeros_like(weight_c) if need_weight else None  # [v, h]
+        fused = hidden.is_cuda and triton_available()
+        rows = None if fused else torch.arange(min(chunk_size, num_tokens), device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes as given, per chunk
+            _mean_chunks(hidden, weight_c, target, chunk_size, scale, fused, rows, losses,
+                         grad_hidden, grad_weight)
+        saved = [t for t in (grad_hidden, grad_weight) if t is not None]
+        ctx.save_for_backward(*saved)
+        ctx.weight_dtype = weight.dtype
+        return losses.sum() * scale
+
+    @staticmethod
+    def backward(ctx: _MeanContext, *grad_outputs: Tensor
+                 ) -> tuple[Tensor | None, Tensor | None, None, None]:
+        (grad_loss,) = grad_outputs  # []
+        saved = iter(ctx.saved_tensors)
+        # Scaled by the incoming gradient on the device (usually 1; never read on the host).
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            made = next(saved)  # [N, h]
+            grad_hidden = made * grad_loss.to(made.dtype)
+        if ctx.needs_input_grad[1]:
+            made = next(saved)  # [v, h]
+            grad_weight = (made * grad_loss.to(made.dtype)).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def _mean_chunks(hidden: Tensor, weight: Tensor, target: Tensor, chunk_size: int, scale: float,
+                 fused: bool, rows: Tensor | None, losses: Tensor, grad_hidden: Tensor | None,
+                 grad_weight: Tensor | None) -> None:
+    """Fill `losses [N]` and the gradients of `scale * sum(losses)` chunk by chunk."""
+    num_tokens = hidden.shape[0]
+    for start in range(0, num_tokens, chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        chunk, chunk_target = hidden[start:end], target[start:end]  # [c, h], [c]
+        logits = chunk @ weight.t()  # [c, v]
+        if fused:
+            _triton_cross_entropy().cross_entropy_grad_(logits, chunk_target,
+                                                        losses[start:end], scale)
+            grad_logits = logits  # overwritten in place by the gradient
+        else:
+            assert rows is not None
+            wide = logits.float()  # [c, v]
+            lse = torch.logsumexp(wide, dim=-1)  # [c]
+            losses[start:end] = lse - wide.gather(1, chunk_target[:, None]).squeeze(1)
+            probs = torch.exp_(wide.sub_(lse[:, None]))  # softmax, [c, v]
+            probs[rows[: end - start], chunk_target] -= 1.0
+            grad_logits = probs.mul_(scale).to(hidden.dtype)  # [c, v]
+        if grad_hidden is not None:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])  # [c, h]
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), chunk)  # [v, h]
+
+
+def _triton_cross_entropy() -> _TritonCrossEntropy:
+    return cast("_TritonCrossEntropy",
+                import_optional("protoformer.kernels._cross_entropy_triton"))
+
+
+class _TritonCrossEntropy(Protocol):
+    @staticmethod
+    def cross_entropy_grad_(logits: Tensor, target: Tensor, loss: Tensor, scale: float) -> None: ...
+
+
 class _LigerFusedLinearCrossEntropy(Protocol):
     @staticmethod
     def apply(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None,
@@ -127,10 +232,10 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *
     """Per-token cross-entropy of `hidden @ weight.T` against `target`, without full logits.
 
     `hidden` `[..., h]`, `weight` `[vocab, h]`, `target` `[...]` (ids in `[0, vocab)`) ->
-    float32 losses `[...]`, or with `reduction="mean"` their mean `[]` (computed from the
-    per-token losses on every path, so the logits are still recomputed in backward). `chunk_size`
-    (tokens per chunk) applies to the PyTorch path; the default keeps one chunk's float32
-    logits near 64 MB on CPU and 1 GB on a GPU.
+    float32 losses `[...]`, or with `reduction="mean"` their mean `[]` (both gradients made
+    in the forward pass, chunk by chunk, with no host synchronisation: `_MeanLinearCrossEntropy`).
+    `chunk_size` (tokens per chunk) applies to the PyTorch paths and the mean; the default
+    keeps one chunk's float32 logits near 64 MB on CPU and 1 GB on a GPU.
     """
     if reduction not in ("none", "mean"):
         raise ValueError(f"fused_linear_cross_entropy: reduction={reduction!r}; expected "
@@ -142,23 +247,27 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *
     if flat_hidden.shape[0] == 0:
         empty = torch.zeros(lead_shape, dtype=torch.float32, device=hidden.device)
         return empty.mean() if reduction == "mean" else empty
+    if reduction == "mean":
+        # Both gradients in the forward pass: no recomputation, no host synchronisation.
+        if chunk_size is None:
+            chunk_size = _mean_chunk_size(flat_hidden.shape[0], weight.shape[0], hidden.device)
+        if chunk_size < 1:
+            raise ValueError(f"fused_linear_cross_entropy: chunk_size={chunk_size} must be >= 1")
+        return apply_autograd_function(_MeanLinearCrossEntropy, flat_hidden.contiguous(),
+                                       weight, flat_target.contiguous(), chunk_size)
     if hidden.is_cuda and liger_available() and chunk_size is None:
         function = cast("_LigerFusedLinearCrossEntropy", import_optional(
             "liger_kernel.ops.fused_linear_cross_entropy").LigerFusedLinearCrossEntropyFunction)
         # No bias, no class weights, ignore_index -100 (never a valid id here), no label
         # smoothing, per-token losses, no softcap, no z-loss; the weight gradient is summed
         # over chunks in float32 (like one unchunked matmul would) and cast once.
-        # Per-token losses, also for reduction="mean": liger's own mean path (gradients in
-        # forward) measured slower at batch 2 of a 128k vocabulary (its float32 weight-gradient
-        # accumulation per chunk) and is not taken until it is checked on a GPU.
         outputs = function.apply(flat_hidden.contiguous(), weight.contiguous(), flat_target,
                                  None, None, -100, 0.0, 0.0, "none", None, False, torch.float32)
-        per_token = outputs[0].float()  # [N]
-        return per_token.mean() if reduction == "mean" else per_token.view(lead_shape)
+        return outputs[0].float().view(lead_shape)  # [...]
     if chunk_size is None:
         chunk_size = default_chunk_size(flat_hidden.shape[0], weight.shape[0], hidden.device)
     if chunk_size < 1:
         raise ValueError(f"fused_linear_cross_entropy: chunk_size={chunk_size} must be >= 1")
     loss = apply_autograd_function(_ChunkedLinearCrossEntropy, flat_hidden, weight, flat_target,
                                    chunk_size)
-    return loss.mean() if reduction == "mean" else loss.view(lead_shape)
+    return loss.view(lead_shape)
