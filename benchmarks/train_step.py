@@ -226,7 +226,8 @@ def bench(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
 
 def profile_summary(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
                     vocab: int, seq: int, batch: int, rows: int) -> str:
-    """Top kernels by device time over two steps, and the GPU's idle share of their wall time."""
+    """Top kernels by device time over two steps, and the GPU's idle share of their wall time
+    (and of the span from their first to their last kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
     step, optimizer = make_step(model, loss_fn, vocab, seq, batch)
@@ -246,8 +247,12 @@ def profile_summary(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tens
     for event in prof.events():
         if str(getattr(event, "device_type", "")).endswith("CUDA") and event.time_range:
             intervals.append((event.time_range.start, event.time_range.end))
-    for begin, finish in _merge(intervals):
+    merged = _merge(intervals)
+    for begin, finish in merged:
         busy_us += finish - begin
+    # Between the first and the last kernel: the steady state, without the start from an
+    # empty queue (after the synchronisation, under the profiler's slower host).
+    span_us = merged[-1][1] - merged[0][0] if merged else 0.0
     averages = prof.key_averages()
     table = ""
     for key in ("self_device_time_total", "self_cuda_time_total"):
@@ -257,8 +262,10 @@ def profile_summary(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tens
         except (AttributeError, KeyError, ValueError):
             continue
     idle = max(0.0, 1.0 - busy_us / wall_us) if wall_us > 0 else 0.0
+    span_idle = max(0.0, 1.0 - busy_us / span_us) if span_us > 0 else 0.0
     return (f"## {name} seq {seq} batch {batch}: 2 steps {wall_us / 1e3:.1f} ms, GPU busy "
-            f"{busy_us / 1e3:.1f} ms, idle {idle:.1%}\n\n{table}\n")
+            f"{busy_us / 1e3:.1f} ms, idle {idle:.1%} (first to last kernel: "
+            f"{span_idle:.1%})\n\n{table}\n")
 
 
 def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
