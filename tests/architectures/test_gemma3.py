@@ -96,3 +96,42 @@ def test_gemma3_layer_rotary_table_survives_to_empty() -> None:
     empty.to_empty(device="cpu")
     empty.init_weights()
     assert torch.equal(empty.decoder.layers[0].self_attention.rotary_pos_emb.inv_freq, expected)
+
+
+def test_gemma3_decoding_cache_of_sliding_layers_stays_at_the_window() -> None:
+    import torch
+
+    from protoformer.transformer.inference import InferenceContext
+
+    ours = from_hf(gemma3()).eval()
+    ids = kit.token_ids(1, 30, seed=3)
+    context = InferenceContext(max_batch_size=1, max_sequence_length=64)
+    with torch.no_grad():
+        full = ours(ids)
+        steps = [ours(ids[:, :3], inference_context=context)]
+        for position in range(3, 30):
+            steps.append(ours(ids[:, position:position + 1], inference_context=context))
+            sizes = {number: sum(t.numel() for t in pair)
+                     for number, pair in context.key_value_memory_dict.items()}
+            # Keys and values of one 16-wide group: a sliding layer holds 5 positions, the
+            # global layer (number 6) a slot for each of the context's 64.
+            assert sizes == {number: 2 * 16 * (64 if number == 6 else 5)
+                             for number in range(1, 8)}
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_gemma3_batched_static_decoding_matches_transformers() -> None:
+    # generate_batch's static-shape step: per-layer rotary tables and windows in its mask.
+    import torch
+
+    from protoformer.generation import generate_batch
+
+    hf_model = gemma3()
+    ours = from_hf(hf_model).eval()
+    prompts = [kit.token_ids(1, 6, seed=2)[0].tolist(), kit.token_ids(1, 3, seed=4)[0].tolist()]
+    batched = generate_batch(ours, prompts, 10, greedy=True)
+    with torch.no_grad():
+        for prompt, got in zip(prompts, batched, strict=True):
+            out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+            assert got == out[0, len(prompt):].tolist()

@@ -81,3 +81,15 @@ def test_a_bad_cap_is_refused(cap: object) -> None:
     with pytest.raises(ValueError, match="attn_logit_softcapping"):
         TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
                           attn_logit_softcapping=cap)  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]  # the bad value under test
+
+
+def test_t5_refuses_a_final_logit_cap_it_would_not_apply() -> None:
+    from protoformer.models import T5Model
+    from protoformer.recipes.t5 import t5_decoder_layer_spec, t5_encoder_layer_spec
+
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                               final_logit_softcapping=30.0)
+    backend = LocalSpecProvider()
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        T5Model(config, t5_encoder_layer_spec(backend, config),
+                t5_decoder_layer_spec(backend, config), 50, 16)

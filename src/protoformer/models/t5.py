@@ -94,6 +94,10 @@ class T5Model(nn.Module):
     ) -> None:
         super().__init__()
         check_sizes("T5Model", vocab_size=vocab_size, max_sequence_length=max_sequence_length)
+        if config.final_logit_softcapping is not None:
+            raise ValueError(f"T5Model: config.final_logit_softcapping="
+                             f"{config.final_logit_softcapping} is a GPTModel option (Gemma 2); "
+                             "the encoder-decoder model does not soft-cap its logits (set None)")
         if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
             raise ValueError(f"T5Model: position_embedding_type={position_embedding_type!r}; "
                              f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")
