@@ -277,6 +277,35 @@ def test_cross_attention_layer_runs_three_residual_branches_in_order() -> None:
     assert not torch.allclose(layer(x, context=context + 1.0, rotary_pos_emb=rotary), out)
 
 
+def test_parallel_residual_layer_adds_both_branches_of_the_input() -> None:
+    config = make_config(**LLAMA_LIKE)
+    layer = TransformerLayer(config, gpt_layer_spec(get_backend("local"), config,
+                                                    parallel_residual=True)).eval()
+    randomize(layer)
+    x = torch.randn(5, 2, 32)
+    rotary = rotary_emb_from_config(config)(5)
+    attention = sum_output(layer.self_attention(layer.input_layernorm(x), rotary_pos_emb=rotary))
+    mlp = sum_output(layer.mlp(layer.pre_mlp_layernorm(x)))
+    torch.testing.assert_close(layer(x, rotary_pos_emb=rotary), x + attention + mlp, **TOL)
+
+
+def test_submodules_check_the_parallel_residual_option() -> None:
+    config = make_config(**LLAMA_LIKE)
+    spec = gpt_layer_spec(get_backend("local"), config)
+    with pytest.raises(TypeError, match="parallel_residual='yes': must be True or False"):
+        TransformerLayerSubmodules(
+            input_layernorm=spec.input_layernorm, self_attention=spec.self_attention,
+            pre_mlp_layernorm=spec.pre_mlp_layernorm, mlp=spec.mlp,
+            parallel_residual="yes")  # type: ignore[arg-type]
+    cross = cross_layer_spec(config)
+    with pytest.raises(ValueError, match=r"parallel_residual=True .* cross_attention"):
+        TransformerLayerSubmodules(
+            input_layernorm=cross.input_layernorm, self_attention=cross.self_attention,
+            pre_cross_attn_layernorm=cross.pre_cross_attn_layernorm,
+            cross_attention=cross.cross_attention, pre_mlp_layernorm=cross.pre_mlp_layernorm,
+            mlp=cross.mlp, parallel_residual=True)
+
+
 def sum_output(result: tuple[Tensor, Tensor | None]) -> Tensor:
     out, bias = result
     return out if bias is None else out + bias

@@ -20,7 +20,7 @@ from protoformer.architectures import mixtral, olmoe, qwen_moe
 from protoformer.architectures import gemma
 
 # isort: split
-from protoformer.architectures import phi3
+from protoformer.architectures import gpt_neox, phi3
 
 # isort: split
 from protoformer.architectures import gemma2
@@ -49,6 +49,7 @@ __all__ = [
     "gemma",
     "gemma2",
     "gemma3",
+    "gpt_neox",
     "llama",
     "mixtral",
     "olmo2",

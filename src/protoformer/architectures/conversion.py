@@ -333,10 +333,10 @@ def read_rope(reader: ConfigReader, *,
 
 
 def read_partial_rotary_factor(reader: ConfigReader, rope: ConfigReader,
-                              key: str = "partial_rotary_factor") -> float:
+                              key: str = "partial_rotary_factor", default: float = 1.0) -> float:
     """The fraction of each head's channels that rotate (`rope` parameters first, then the
-    top-level `key`), in (0, 1]."""
-    partial = rope.get_float("partial_rotary_factor", reader.get_float(key, 1.0))
+    top-level `key`, else `default`), in (0, 1]."""
+    partial = rope.get_float("partial_rotary_factor", reader.get_float(key, default))
     if not 0.0 < partial <= 1.0:
         raise HFConversionError(f"{reader.where}: {key}={partial} must be in (0, 1]")
     return partial

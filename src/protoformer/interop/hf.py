@@ -58,6 +58,7 @@ from protoformer.interop.hf_files import (
     write_safetensors,
 )
 from protoformer.models import GPTModel
+from protoformer.transformer.block import per_layer_specs
 
 __all__ = [
     "HFConversionError",
@@ -178,7 +179,7 @@ def hf_model_info(model: GPTModel, config: HFConfigLike | None = None) -> HFMode
         return _ORIGINS[model]
     else:
         info = parse_hf_config(_export_config(model), dtype=dtype)
-    problems = _compare(model.config, info)
+    problems = _compare(model.config, info) + _compare_layers(model, info)
     if info.vocab_size != model.vocab_size:
         problems.append(f"vocab_size: model {model.vocab_size}, config {info.vocab_size}")
     if info.tie_word_embeddings != model.share_embeddings_and_output_weights:
@@ -188,6 +189,20 @@ def hf_model_info(model: GPTModel, config: HFConfigLike | None = None) -> HFMode
         raise ValueError(f"the {info.architecture} config does not describe this model:\n  "
                          + "\n  ".join(problems))
     return info
+
+
+def _compare_layers(model: GPTModel, info: HFModelInfo) -> list[str]:
+    """What the layer recipe of `info` wires differently from `model`'s layers (the residual
+    arrangement; the config fields are `_compare`'s)."""
+    if len(model.decoder.layers) != info.config.num_layers:
+        return []  # `_compare` reports num_layers
+    specs = per_layer_specs(_architecture(info).layer_spec(get_backend("local"), info),
+                            info.config.num_layers)
+    wanted = {spec.parallel_residual for spec in specs}
+    have = {bool(getattr(layer, "parallel_residual", False)) for layer in model.decoder.layers}
+    if have != wanted:
+        return [f"parallel_residual: model {sorted(have)}, config {sorted(wanted)}"]
+    return []
 
 
 def hf_config_dict(model: GPTModel, config: HFConfigLike | None = None) -> JSONDict:

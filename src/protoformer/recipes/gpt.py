@@ -29,11 +29,13 @@ def mlp_spec(backend: BackendSpecProvider, config: TransformerConfig) -> MLPSubm
 
 
 def gpt_layer_spec(backend: BackendSpecProvider, config: TransformerConfig, *,
-                   window_size: int | None = None) -> TransformerLayerSubmodules:
+                   window_size: int | None = None,
+                   parallel_residual: bool = False) -> TransformerLayerSubmodules:
     """A pre-norm decoder layer: causal self-attention and an MLP, norms per `config.normalization`.
 
     `window_size=W` makes the self-attention sliding-window attention over `W` positions
     (a list of these specs, one per layer, mixes local and global layers).
+    `parallel_residual=True` adds attention and MLP of the same input (GPT-NeoX).
     With `config.qk_layernorm` the queries and keys are normalized per head (same norm kind).
     Self-attention masks with `AttnMaskType.padding_causal`: always causal, and an
     `attention_mask` given to the model (e.g. padding) blocks positions on top of that.
@@ -59,4 +61,5 @@ def gpt_layer_spec(backend: BackendSpecProvider, config: TransformerConfig, *,
                               attn_mask_type=AttnMaskType.padding_causal, window_size=window_size)),
         pre_mlp_layernorm=norm,
         mlp=functools.partial(MLP, submodules=mlp_spec(backend, config)),
+        parallel_residual=parallel_residual,
     )

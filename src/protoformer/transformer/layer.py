@@ -42,6 +42,10 @@ class TransformerLayerSubmodules(Submodules):
     `post_self_attn_layernorm` / `post_mlp_layernorm` normalize a branch's output before it
     is added to the residual stream (None: no norm): Gemma 2/3's "sandwich" norms, and with
     `IdentityOp` in the pre-norm slots OLMo 2's post-norm layers.
+
+    `parallel_residual=True` (GPT-NeoX, GPT-J) computes attention and MLP from the same
+    input, `x + attn(ln1(x)) + mlp(ln2(x))`, instead of one after the other; it takes no
+    cross-attention.
     """
 
     input_layernorm: LayerNormBuilder
@@ -52,9 +56,18 @@ class TransformerLayerSubmodules(Submodules):
     pre_mlp_layernorm: LayerNormBuilder
     mlp: MLPBuilder
     post_mlp_layernorm: LayerNormBuilder | None = None
+    parallel_residual: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.parallel_residual, bool):  # pyright: ignore[reportUnnecessaryIsInstance]  # user input
+            raise TypeError(f"TransformerLayerSubmodules.parallel_residual="
+                            f"{self.parallel_residual!r}: must be True or False")
+        if self.parallel_residual and self.cross_attention is not None:
+            raise ValueError(
+                "TransformerLayerSubmodules: parallel_residual=True runs attention and MLP side "
+                "by side from the layer input, which leaves no place for cross_attention; use "
+                "parallel_residual=False for a layer with cross-attention")
         if self.pre_cross_attn_layernorm is not None and self.cross_attention is None:
             raise ValueError(
                 "TransformerLayerSubmodules: pre_cross_attn_layernorm is set but cross_attention "
@@ -101,7 +114,8 @@ class TransformerLayerBuilder(Protocol):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm layer: `x + attn(norm(x))` [+ `cross_attn(norm(.), context)`], then `+ mlp(norm(.))`.
+    """Pre-norm layer: `x + attn(norm(x))` [+ `cross_attn(norm(.), context)`], then `+ mlp(norm(.))`;
+    with `submodules.parallel_residual`, `x + attn(norm1(x)) + mlp(norm2(x))`.
 
     With post-norms a branch's output is normalized before the residual add:
     `x + post_norm(attn(norm(x)))` (the branch's output bias is added before that norm).
@@ -148,6 +162,7 @@ class TransformerLayer(nn.Module):
         self.mlp = submodules.mlp(config, pg=pg)
         self.post_mlp_layernorm = _optional_norm(submodules.post_mlp_layernorm, hidden, config,
                                                  eps)
+        self.parallel_residual = submodules.parallel_residual
 
     def forward(
         self,
@@ -191,6 +206,13 @@ class TransformerLayer(nn.Module):
             normed, attention_mask, rotary_pos_emb=rotary_pos_emb,
             inference_context=inference_context)
         out, bias = _post_norm(self.post_self_attn_layernorm, out, bias)
+        if self.parallel_residual:
+            # Both branches read the layer input: x + attn(ln1(x)) + mlp(ln2(x)).
+            mlp_out, mlp_bias = apply_module(self.mlp)(
+                apply_module(self.pre_mlp_layernorm)(hidden_states))  # [s, b, h]
+            mlp_out, mlp_bias = _post_norm(self.post_mlp_layernorm, mlp_out, mlp_bias)
+            hidden_states = self._bias_dropout_add(out, bias, hidden_states)
+            return self._bias_dropout_add(mlp_out, mlp_bias, hidden_states)  # [s, b, h]
         hidden_states = self._bias_dropout_add(out, bias, hidden_states)
 
         if self.cross_attention is not None:
