@@ -138,6 +138,8 @@ def _check_exportable(config: TransformerConfig) -> None:
             or config.rope_scaling is not None:
         problems.append("GPT-NeoX has no q/k norms, plain rotary embeddings of halves and "
                         "scales by 1/sqrt(head_dim)")
+    if config.attn_logit_softcapping is not None or config.final_logit_softcapping is not None:
+        problems.append("soft-capping (GPT-NeoX has none)")
     if config.embedding_multiplier != 1.0:
         problems.append(f"embedding_multiplier={config.embedding_multiplier} (GPT-NeoX has none)")
     if problems:

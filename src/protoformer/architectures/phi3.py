@@ -198,6 +198,8 @@ def _check_exportable(config: TransformerConfig) -> None:
         problems.append("Phi-3 has no q/k norms, rotates halves and scales by 1/sqrt(head_dim)")
     if config.rope_scaling not in (None, "longrope"):
         problems.append(f"rope_scaling={config.rope_scaling!r} (Phi-3 has LongRoPE or none)")
+    if config.attn_logit_softcapping is not None or config.final_logit_softcapping is not None:
+        problems.append("soft-capping (Phi-3 has none)")
     if config.embedding_multiplier != 1.0:
         problems.append(f"embedding_multiplier={config.embedding_multiplier} (Phi-3 has none)")
     if problems:
