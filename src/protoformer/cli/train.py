@@ -6,7 +6,7 @@ The model is a preset, optionally with its layer spec from a file and overrides 
 `--resume` and `protoformer generate --checkpoint` rebuild the same model.
 
 Under `torchrun` (several processes) every rank runs this command: `--tp N` splits the model
-over N ranks, the rest are data-parallel replicas. Rank 0 prints; an error on any rank ends
+over N ranks, `--pp P` its layers over P pipeline stages, the rest are data-parallel replicas. Rank 0 prints; an error on any rank ends
 the whole job with that rank's message (`protoformer.distributed.fail_fast`).
 """
 
@@ -22,6 +22,7 @@ from protoformer.cli.spec_args import add_spec_arguments
 from protoformer.cli.train_config import ConfigFileAction, resolved_config, toml_text
 from protoformer.distributed import LaunchEnvironment, barrier, destroy_distributed, fail_fast
 from protoformer.generation import generate
+from protoformer.parallel.pipeline_schedule import PIPELINE_SCHEDULES
 from protoformer.spec import SpecError
 from protoformer.train.checkpoint import CheckpointError, JSONValue, latest_checkpoint, read_state
 from protoformer.train.loop import TrainOptions, TrainResult, train
@@ -46,6 +47,8 @@ _FLAGS = {
     "lr_decay_style": "lr_decay_style", "lr_wsd_decay_steps": "lr_wsd_decay_steps",
     "precision": "precision", "tensorboard": "tensorboard", "peak_tflops": "peak_tflops",
     "fsdp": "fsdp", "reshard_after_forward": "reshard_after_forward",
+    "pp": "pp", "pp_schedule": "pp_schedule",
+    "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -147,6 +150,16 @@ def add_parser(commands: _Subparsers) -> None:
                         help="expert-parallel size: split an MoE preset's experts over this many "
                              "data-parallel processes, which exchange tokens by all-to-all "
                              f"(launch with torchrun; default {d.ep})")
+    parser.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int,
+                        help="pipeline-parallel size: split the layers into this many stages "
+                             "on consecutive ranks (launch with torchrun; needs at least that "
+                             f"many micro-batches per step, see --micro-batch-size; default {d.pp})")
+    parser.add_argument("--pp-schedule", choices=PIPELINE_SCHEDULES,
+                        help="with --pp: the torch.distributed.pipelining schedule (default "
+                             "1F1B, or Interleaved1F1B with virtual stages)")
+    parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, metavar="V",
+                        help="with --pp: stages per rank of the Interleaved1F1B schedule "
+                             "(default 2 with it)")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="with --tp > 1, also split norms and dropout along the sequence")
     parser.add_argument("--fsdp", action="store_true", default=None,
@@ -290,6 +303,11 @@ def _sample(result: TrainResult, options: TrainOptions, launch: LaunchEnvironmen
         if launch.is_rank_zero:
             print("sample: skipped (one-token decoding steps cannot be split along the "
                   "sequence; train without --sequence-parallel to sample here)")
+        return
+    if options.pp > 1:
+        if launch.is_rank_zero:
+            print("sample: skipped (the layers are split over the pipeline stages by --pp); "
+                  f"sample with protoformer generate --checkpoint {options.out_dir}")
         return
     if options.fsdp and launch.is_distributed:
         if launch.is_rank_zero:

@@ -11,7 +11,9 @@ pipeline stage) adds a class here, not branches to the loop.
 holds the whole tensor-parallel shard and its optimizer state), or no wrapper with one
 replica. Deferred weight gradients (`config.delay_wgrad_compute`) fill `.grad` after
 backward, where DDP's hooks cannot see them; with those the model is left unwrapped and
-`finish_grads` averages over the replicas in one coalesced all-reduce instead.
+`finish_grads` averages over the replicas in one coalesced all-reduce instead; so it is
+with `wrap=False`, which pipeline stages use (the pipeline schedule runs their backward
+passes, not a DDP-wrapped forward).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ class DataParallel(Protocol):
 
 
 class ReplicatedDataParallel:
-    """`DistributedDataParallel` over `pg.dp` (no wrapper with one replica or deferred wgrads)."""
+    """`DistributedDataParallel` over `pg.dp` (no wrapper with one replica, deferred wgrads or
+    `wrap=False`: then `finish_grads` all-reduces the gradients itself)."""
 
     def __init__(self, model: nn.Module, pg: ProcessGroups, device: torch.device, *,
-                 delay_wgrad_compute: bool = False) -> None:
+                 delay_wgrad_compute: bool = False, wrap: bool = True) -> None:
         self._model = model
         self._pg = pg
         self._deferred = delay_wgrad_compute
@@ -77,7 +80,7 @@ class ReplicatedDataParallel:
         # broadcasts nor averages them; `finish_grads` reduces them over `pg.expt_dp`.
         self._experts = [param for param in model.parameters()
                          if pg.ep_size > 1 and is_expert_parallel(param)]
-        if pg.dp_size > 1 and not delay_wgrad_compute:
+        if pg.dp_size > 1 and not delay_wgrad_compute and wrap:
             device_ids = [device.index] if device.type == "cuda" else None
             if self._experts:
                 ignored = [name for name, param in model.named_parameters()

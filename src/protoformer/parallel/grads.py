@@ -217,7 +217,8 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
     `finalize_model_grads` first); rows tagged as duplicates of another rank's are skipped;
     routed experts under expert parallelism contribute their squares summed over `pg.ep`.
     Gradients are assumed equal across `pg.dp` (already averaged), or, sharded by FSDP2
-    (DTensor parameters), each data-parallel rank's squares are summed over `pg.dp`.
+    (DTensor parameters), each data-parallel rank's squares are summed over `pg.dp`. Under
+    pipeline parallelism each stage's squares are summed over `pg.pp`.
     """
     pg = pg if pg is not None else ProcessGroups()
     pairs = _grads(parameters)
@@ -244,7 +245,10 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
         both = torch.stack([split_sq, replicated_sq])  # [2]
         all_reduce_in_place(both, pg.dp)
         split_sq, replicated_sq = both[0], both[1]
-    return (split_sq + replicated_sq + expert_sq).sqrt()
+    total = split_sq + replicated_sq + expert_sq
+    if pg.pp_size > 1:  # each parameter lives on one pipeline stage
+        total = all_reduce_in_place(total.clone(), pg.pp)
+    return total.sqrt()
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Process groups for tensor, data and expert parallelism, passed down explicitly.
+"""Process groups for tensor, data, expert and pipeline parallelism, passed down explicitly.
 
 `None` stands for "this process alone": the default `ProcessGroups()` needs no
 `torch.distributed` initialisation, so single-device users never touch process groups.
@@ -31,12 +31,23 @@ class ProcessGroups:
     for mixture-of-experts layers expert-parallel (`ep`: the ranks that split the experts and
     exchange tokens) and expert-data-parallel (`expt_dp`: the ranks holding the same experts,
     over which expert gradients are averaged). Without expert parallelism `ep` is None and
-    `expt_dp` is None too (the experts are data-parallel over `dp` like everything else)."""
+    `expt_dp` is None too (the experts are data-parallel over `dp` like everything else).
+    Under pipeline parallelism `pp` holds the ranks that hold the successive stages of the
+    same model replica (same tensor- and data-parallel rank); None without it."""
 
     tp: ProcessGroup | None = None
     dp: ProcessGroup | None = None
     ep: ProcessGroup | None = None
     expt_dp: ProcessGroup | None = None
+    pp: ProcessGroup | None = None
+
+    @property
+    def pp_size(self) -> int:
+        return group_size(self.pp)
+
+    @property
+    def pp_rank(self) -> int:
+        return group_rank(self.pp)
 
     @property
     def ep_size(self) -> int:
@@ -67,16 +78,22 @@ class ProcessGroups:
         return group_rank(self.dp)
 
     @classmethod
-    def from_torchrun(cls, *, tp: int = 1, ep: int = 1) -> ProcessGroups:
-        """Build TP, DP (and with `ep > 1` EP and expert-DP) groups from an initialised
-        `torch.distributed` world.
+    def from_torchrun(cls, *, tp: int = 1, ep: int = 1, pp: int = 1) -> ProcessGroups:
+        """Build TP, DP (and with `ep > 1` EP and expert-DP, with `pp > 1` PP) groups from an
+        initialised `torch.distributed` world.
 
         Ranks are laid out tensor-parallel-first (ranks 0..tp-1 form the first TP group), as
         Megatron-Core does, so a TP group stays within one node. Expert parallelism splits the
         data-parallel dimension (`dp = world / tp`, divisible by `ep`): rank
         `t + tp * (e + ep * d)` is TP rank `t`, EP rank `e` and expert-DP rank `d`; each
         EP group holds all experts once, each expert-DP group `dp / ep` copies of the same
-        experts. Every rank must call this.
+        experts.
+
+        Pipeline parallelism is the outermost dimension (Megatron-Core's order tp-cp-ep-dp-pp):
+        with `dp = world / (tp * pp)`, rank `t + tp * (d + dp * p)` is TP rank `t`, DP rank
+        `d` and pipeline stage rank `p`; a PP group is the `pp` ranks with the same `t` and
+        `d`. Expert parallelism is not combined with `pp > 1` (ValueError).
+        Every rank must call this.
         """
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
@@ -87,6 +104,8 @@ class ProcessGroups:
         if tp < 1 or world % tp != 0:
             raise ValueError(f"tp={tp} must be >= 1 and divide the world size {world} "
                              f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
+        if pp > 1:
+            return cls._with_pipeline(rank, world, tp=tp, ep=ep, pp=pp)
         tp_group: ProcessGroup | None = None
         dp_group: ProcessGroup | None = None
         # Every rank creates every group (new_group is collective), keeping its own.
@@ -109,6 +128,36 @@ class ProcessGroups:
                              "data-parallel ranks")
         ep_group, expt_dp_group = _expert_groups(rank, tp=tp, ep=ep, expt_dp=dp // ep)
         return cls(tp=tp_group, dp=dp_group, ep=ep_group, expt_dp=expt_dp_group)
+
+
+    @classmethod
+    def _with_pipeline(cls, rank: int, world: int, *, tp: int, ep: int,
+                       pp: int) -> ProcessGroups:
+        """TP, DP and PP groups in the layout `rank = t + tp * (d + dp * p)`."""
+        if ep != 1:
+            raise ValueError(f"pp={pp} cannot be combined with ep={ep}: pipeline parallelism "
+                             "of mixture-of-experts models is not supported")
+        if world % (tp * pp) != 0:
+            raise ValueError(f"tp={tp} x pp={pp} must divide the world size {world} "
+                             f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
+        dp = world // (tp * pp)
+        found: dict[str, ProcessGroup | None] = {"tp": None, "dp": None, "pp": None}
+
+        def create(kind: str, ranks: list[int]) -> None:
+            group = _new_group(ranks, member=rank in ranks)
+            if group is not None:
+                found[kind] = group
+
+        for p in range(pp):
+            for d in range(dp):
+                create("tp", [t + tp * (d + dp * p) for t in range(tp)])
+        for p in range(pp):
+            for t in range(tp):
+                create("dp", [t + tp * (d + dp * p) for d in range(dp)])
+        for d in range(dp):
+            for t in range(tp):
+                create("pp", [t + tp * (d + dp * p) for p in range(pp)])
+        return cls(tp=found["tp"], dp=found["dp"], pp=found["pp"])
 
 
 def _expert_groups(rank: int, *, tp: int, ep: int,

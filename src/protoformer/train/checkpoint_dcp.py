@@ -27,7 +27,11 @@ from typing import cast
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.optim import Optimizer
 
 from protoformer.distributed import all_gather_objects, barrier
@@ -57,6 +61,12 @@ _dcp_save = cast("Callable[..., object]", state_dict_saver.save)  # pyright: ign
 _dcp_load = cast("Callable[..., None]", state_dict_loader.load)  # pyright: ignore[reportUnknownMemberType]
 
 
+# The optimizer state flattened by parameter name (`state.<fqn>.exp_avg`,
+# `param_groups.<fqn>.lr`): pipeline stages hold different parameters, so a per-rank
+# `param_groups` list would be one key with a different value on each stage.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _prefix(pg: ProcessGroups) -> str:
     return f"tp{pg.tp_rank:02d}-of-{pg.tp_size:02d}"
 
@@ -83,7 +93,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         remove_stale_temps(root)
         temp.mkdir()
     barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_OPTIONS)
     _dcp_save({_prefix(pg): {"model": model_state, "optimizer": optimizer_state}},
              checkpoint_id=temp / DCP_DIR)
     rngs = all_gather_objects(rng_state)  # also: every rank has finished writing
@@ -92,7 +102,8 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
             **state, "format": FORMAT_VERSION, "step": step, "optimizer": None, "files": {},
             "rng": rngs[0], "rng_per_rank": list(rngs),
             "layout": {"kind": LAYOUT_KIND, "tensor_parallel": pg.tp_size,
-                       "data_parallel": pg.dp_size, "world_size": dist.get_world_size()},
+                       "data_parallel": pg.dp_size, "pipeline_parallel": pg.pp_size,
+                       "world_size": dist.get_world_size()},
             "tensor_parallel": {"size": pg.tp_size}}
         write_text(temp / STATE_FILE, json.dumps(document, indent=1))
         publish_step_directory(temp, final)
@@ -115,12 +126,13 @@ def load_sharded_checkpoint(step_dir: str | Path, model: nn.Module,
             f"{directory}: a sharded checkpoint saved with tensor parallelism over {saved_tp} "
             f"rank(s), but this run uses --tp {pg.tp_size}; resume with --tp {saved_tp}")
     optimizers = [] if optimizer is None else [optimizer]
-    model_state, optimizer_state = get_state_dict(model, optimizers)
+    model_state, optimizer_state = get_state_dict(model, optimizers, options=_OPTIONS)
     wanted: dict[str, object] = {"model": model_state}
     if optimizer is not None:
         wanted["optimizer"] = optimizer_state
     _dcp_load({_prefix(pg): wanted}, checkpoint_id=directory / DCP_DIR,  # fills them in place
               no_dist=not dist.is_initialized())
     set_state_dict(model, optimizers, model_state_dict=model_state,
-                   optim_state_dict=optimizer_state if optimizer is not None else {})
+                   optim_state_dict=optimizer_state if optimizer is not None else {},
+                   options=_OPTIONS)
     return document

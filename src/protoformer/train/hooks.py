@@ -25,7 +25,7 @@ from protoformer.train.checkpoint import save_checkpoint
 from protoformer.train.checkpoint_dcp import save_sharded_checkpoint
 from protoformer.train.checkpoint_dist import save_distributed_checkpoint
 from protoformer.train.dataset import bits_per_byte
-from protoformer.train.loss import evaluate
+from protoformer.train.loss import evaluate, evaluate_pipeline
 from protoformer.train.metrics import MetricsLog, memory_gib, peak_flops, perplexity
 from protoformer.train.progress import TrainProgress
 from protoformer.train.run_state import rng_state, run_state
@@ -164,7 +164,10 @@ class Evaluation:
         run = self._run
         if not _is_due(report.step, run.options.eval_every, run.options.steps):
             return report
-        loss = evaluate(run.model, run.validation, run.device, run.pg)
+        if run.pipeline is not None:
+            loss = evaluate_pipeline(run.pipeline, run.validation, run.device, run.pg)
+        else:
+            loss = evaluate(run.model, run.validation, run.device, run.pg)
         run.validation_losses.append((report.step, loss))
         return replace(report, validation_loss=loss)
 
@@ -248,9 +251,12 @@ class Checkpointing:
                              run.validation_losses, run.data)
         tokenizer = run.tokenizer.file  # the tokenizer travels with every checkpoint
         extra = {TOKENIZER_FILE: tokenizer} if tokenizer is not None else {}
-        if run.options.fsdp:  # (the tokenizer file is not copied into sharded checkpoints)
-            return save_sharded_checkpoint(run.options.out_dir, step, run.model, run.optimizer,
-                                           document, pg=run.pg, rng_state=rng_state())
+        if run.options.fsdp or run.pipeline is not None:
+            # Sharded (DCP): each rank writes its shards or stages under the model's names.
+            # (The tokenizer file is not copied into sharded checkpoints.)
+            return save_sharded_checkpoint(run.options.out_dir, step, run.trained,
+                                           run.optimizer, document, pg=run.pg,
+                                           rng_state=rng_state())
         if run.launch.is_distributed:
             return save_distributed_checkpoint(run.options.out_dir, step, run.model,
                                                run.optimizer, document, pg=run.pg,

@@ -6,7 +6,9 @@ the step, the torch RNG states and the data sampler's position), so `resume=True
 The learning rate is a pure function of the step, so it needs no state of its own.
 
 Several processes (launched by `torchrun`): `tp` > 1 splits the model over that many ranks
-(tensor parallelism, `sequence_parallel` optionally); the rest of the world is data-parallel
+(tensor parallelism, `sequence_parallel` optionally), `pp` > 1 splits its layers into
+pipeline stages (`protoformer.parallel.pipeline`, run by a `torch.distributed.pipelining`
+schedule; checkpoints are then sharded DCP ones); the rest of the world is data-parallel
 replicas (`DistributedDataParallel` over the data-parallel group). Every rank draws the same
 global batch and keeps the rows of its data-parallel rank; the logged loss is the mean over
 the replicas, i.e. the loss of the global batch. Only global rank 0 logs, shows progress and
@@ -49,7 +51,7 @@ from protoformer.train.progress import TrainProgress
 from protoformer.train.run_dir import CONFIG_FILE
 from protoformer.train.run_state import config_summary
 from protoformer.train.setup import TrainRun, build_optimizer, setup_run
-from protoformer.train.step import train_step
+from protoformer.train.step import pipeline_train_step, train_step
 from protoformer.train.tokenizer import RunTokenizer
 
 __all__ = [
@@ -163,7 +165,7 @@ def _run_steps(run: TrainRun, progress: TrainProgress, metrics: MetricsLog,
     evaluation = Evaluation(run)
     progress_log = ProgressLog(run, progress, loss_log.throughput, metrics)
     checkpointing = Checkpointing(run)
-    parameters = [p for p in run.model.parameters() if p.requires_grad]
+    parameters = [p for p in run.trained.parameters() if p.requires_grad]
     moe = run.model.config.num_moe_experts is not None  # aux losses, expert-bias updates
     for step in range(run.start_step, options.steps):
         step_started = time.perf_counter()
@@ -172,11 +174,17 @@ def _run_steps(run: TrainRun, progress: TrainProgress, metrics: MetricsLog,
             group["lr"] = lr
         fault.before_step(step)
         rows = replica_rows(run.sampler.next_batch(), run.pg)  # [b / dp, s + 1]
-        output = train_step(run.data_parallel, run.optimizer, rows,
-                            micro_batches=run.micro_batches, parameters=parameters,
-                            grad_clip=options.grad_clip, pg=run.pg, device=run.device,
-                            aux_losses=run.model.moe_aux_losses if moe else None,
-                            after_optimizer_step=run.model.update_expert_bias if moe else None)
+        if run.pipeline is not None:
+            output = pipeline_train_step(run.pipeline, run.data_parallel, run.optimizer, rows,
+                                         parameters=parameters, grad_clip=options.grad_clip,
+                                         pg=run.pg, device=run.device)
+        else:
+            output = train_step(run.data_parallel, run.optimizer, rows,
+                                micro_batches=run.micro_batches, parameters=parameters,
+                                grad_clip=options.grad_clip, pg=run.pg, device=run.device,
+                                aux_losses=run.model.moe_aux_losses if moe else None,
+                                after_optimizer_step=run.model.update_expert_bias if moe
+                                else None)
         run.beat(f"step {step + 1}")
         report = evaluation.after_step(loss_log.record(step + 1, output, lr, step_started))
         run.beat(f"step {step + 1} loss and evaluation")

@@ -14,8 +14,10 @@ from torch import Tensor
 from protoformer.models import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.mappings import all_reduce_in_place
+from protoformer.parallel.pipeline_schedule import PipelineParallel
 
-__all__ = ["evaluate", "mean_loss", "replica_mean", "replica_mean_tensor", "replica_rows"]
+__all__ = ["evaluate", "evaluate_pipeline", "mean_loss", "replica_mean", "replica_mean_tensor",
+           "replica_rows"]
 
 
 def mean_loss(model: torch.nn.Module, batch: Tensor, device: torch.device) -> Tensor:
@@ -68,4 +70,13 @@ def evaluate(model: GPTModel, batches: list[Tensor], device: torch.device,
                       for batch in batches]
     finally:
         model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def evaluate_pipeline(pipeline: PipelineParallel, batches: list[Tensor], device: torch.device,
+                      pg: ProcessGroups) -> float:
+    """`evaluate` through the pipeline schedule (forward only): the mean loss over fixed
+    batches and the data-parallel replicas, on every rank."""
+    losses = [replica_mean(pipeline.evaluate(replica_rows(batch, pg), device), pg)
+              for batch in batches]
     return sum(losses) / len(losses)

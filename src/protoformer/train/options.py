@@ -15,6 +15,7 @@ from typing import cast
 
 from protoformer.distributed import DEFAULT_TIMEOUT_S
 from protoformer.generation.sampling import MAX_SEED
+from protoformer.parallel.pipeline_schedule import resolve_schedule
 from protoformer.train.checkpoint_files import CheckpointError, JSONValue
 from protoformer.train.schedule import DECAY_STYLES, LRSchedule
 
@@ -80,6 +81,14 @@ class TrainOptions:
     reshard_after_forward: bool = True
     """With `fsdp`: free each layer's gathered parameters after its forward (gather again in
     backward); False keeps them (more memory, less communication)."""
+    pp: int = 1
+    """Pipeline-parallel size (Megatron's `pipeline_model_parallel_size`): consecutive layer
+    ranges on that many ranks, run by a `torch.distributed.pipelining` schedule."""
+    pp_schedule: str | None = None
+    """`1F1B` or `Interleaved1F1B`; None: 1F1B, or Interleaved1F1B with more than one
+    virtual stage."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Stages per pipeline rank for Interleaved1F1B (None: 2 with it, 1 with 1F1B)."""
     micro_batch_size: int | None = None
     """Sequences per forward/backward on one replica; the step accumulates the gradients of
     `batch_size / (micro_batch_size * data-parallel size)` micro-batches. None: the whole
@@ -119,7 +128,7 @@ class TrainOptions:
         if self.tokenizer is not None:
             self.tokenizer = str(self.tokenizer)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches",
-                     "save_every", "log_every", "max_corpus_bytes", "tp", "ep"):
+                     "save_every", "log_every", "max_corpus_bytes", "tp", "ep", "pp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
@@ -131,6 +140,14 @@ class TrainOptions:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed={str(self.seed)[:40]}: must be an integer from 0 to 2**62 "
                              f"({MAX_SEED})")
+        virtual = cast("object", self.virtual_pipeline_model_parallel_size)
+        if virtual is not None and (isinstance(virtual, bool) or not isinstance(virtual, int)
+                                    or virtual < 1):
+            raise ValueError(f"virtual_pipeline_model_parallel_size={virtual!r}: must be an "
+                             "integer >= 1")
+        resolve_schedule(self.pp_schedule, self.virtual_pipeline_model_parallel_size)
+        if self.pp > 1:
+            _check_pipeline_combinations(self)
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
         if not (self.lr > 0.0 and math.isfinite(self.lr)):
@@ -186,6 +203,19 @@ class TrainOptions:
                 assert value is None or isinstance(value, (bool, int, float, str))
                 document[item.name] = value
         return document
+
+
+def _check_pipeline_combinations(options: TrainOptions) -> None:
+    """One-line errors for what `pp` > 1 is not combined with."""
+    if options.ep > 1:
+        raise ValueError("--pp cannot be combined with --ep (pipeline parallelism of "
+                         "mixture-of-experts models is not supported); drop one of them")
+    if options.fsdp:
+        raise ValueError("--pp cannot be combined with --fsdp yet: the data-parallel replicas "
+                         "of a pipeline all-reduce their gradients (drop --fsdp)")
+    if options.init_from_hf is not None:
+        raise ValueError("--pp cannot be combined with --init-from-hf yet; train a preset or a "
+                         "--spec with --pp")
 
 
 def check_resumable(saved: JSONValue, options: TrainOptions, where: Path) -> None:

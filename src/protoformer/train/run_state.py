@@ -16,7 +16,6 @@ from torch.optim import AdamW
 
 from protoformer.config import TransformerConfig
 from protoformer.distributed import LaunchEnvironment
-from protoformer.models import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.random import get_rng_tracker
 from protoformer.train.checkpoint_dcp import is_sharded_checkpoint, load_sharded_checkpoint
@@ -132,10 +131,12 @@ def _history(state: JSONValue, name: str) -> list[tuple[int, float]]:
     return pairs
 
 
-def resume_run(checkpoint: Path, model: GPTModel, optimizer: AdamW, sampler: BatchSampler, *,
+def resume_run(checkpoint: Path, model: torch.nn.Module, optimizer: AdamW,
+               sampler: BatchSampler, *,
                pg: ProcessGroups, launch: LaunchEnvironment,
                ) -> tuple[int, list[tuple[int, float]], list[tuple[int, float]]]:
-    """Load everything a checkpoint holds; returns (step, train losses, validation losses)."""
+    """Load everything a checkpoint holds into `model` (a `GPTModel`, or a pipeline rank's
+    stages under the model's names); returns (step, train losses, validation losses)."""
     sharded = is_sharded_checkpoint(read_state(checkpoint))
     if sharded:
         state = load_sharded_checkpoint(checkpoint, model, optimizer, pg=pg)

@@ -22,6 +22,11 @@ from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParal
 from protoformer.parallel.fsdp import FullyShardedDataParallel, mixed_precision_policy
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.parameters import parallel_metadata
+from protoformer.parallel.pipeline_schedule import (
+    PipelineParallel,
+    check_microbatches,
+    resolve_schedule,
+)
 from protoformer.parallel.random import model_parallel_manual_seed
 from protoformer.recipes import get_preset
 from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
@@ -63,7 +68,8 @@ class TrainRun:
     optimizer: AdamW
     schedule: LRSchedule
     data_parallel: DataParallel
-    micro_batches: int  # per replica per step (gradient accumulation)
+    micro_batches: int  # per replica per step (gradient accumulation, or pipeline micro-batches)
+    pipeline: PipelineParallel | None = None  # with --pp: this rank's stages and the schedule
     start_step: int = 0
     checkpoint: Path | None = None  # the one resumed from, then the latest saved
     train_losses: list[tuple[int, float]] = field(default_factory=list[tuple[int, float]])
@@ -79,6 +85,12 @@ class TrainRun:
     @property
     def model(self) -> GPTModel:
         return self.built.model
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """The parameters this rank trains, under the model's names: the model, or with
+        --pp this rank's pipeline stages (the rest of `model` is on the meta device)."""
+        return self.pipeline.module if self.pipeline is not None else self.built.model
 
     @property
     def tokenizer(self) -> RunTokenizer:
@@ -104,6 +116,16 @@ def build_optimizer(model: torch.nn.Module, options: TrainOptions) -> AdamW:
     return AdamW(groups, lr=options.lr, betas=options.betas, eps=1e-8)
 
 
+def _check_pipeline(options: TrainOptions, launch: LaunchEnvironment) -> None:
+    """--pp needs torchrun (the unsupported combinations are refused by TrainOptions)."""
+    if options.pp == 1:
+        return
+    if not launch.is_distributed:
+        raise ValueError(f"--pp {options.pp} splits the model over {options.pp} processes, but "
+                         f"this is a single process; launch with: torchrun --nproc-per-node "
+                         f"{options.pp} -m protoformer.cli train --pp {options.pp} ...")
+
+
 def model_parameter_count(model: torch.nn.Module, tp_size: int) -> int:
     """The whole model's parameter count from one tensor-parallel rank's shard: a split
     parameter's shard is 1 / tp of it (a replicated key/value head counts once per copy)."""
@@ -122,9 +144,12 @@ def _process_groups(launch: LaunchEnvironment, options: TrainOptions) -> Process
                     f"process; launch with: torchrun --nproc-per-node {size} -m protoformer.cli "
                     f"train {flag} {size} ...")
         return ProcessGroups()
-    if launch.world_size % tp != 0:
-        raise ValueError(f"--tp {tp} must divide the number of processes {launch.world_size} "
+    if launch.world_size % (tp * options.pp) != 0:
+        what = f"--tp {tp}" + (f" x --pp {options.pp}" if options.pp > 1 else "")
+        raise ValueError(f"{what} must divide the number of processes {launch.world_size} "
                          "(the rest are data-parallel replicas)")
+    if options.pp > 1:
+        return ProcessGroups.from_torchrun(tp=tp, pp=options.pp)
     if (launch.world_size // tp) % ep != 0:
         raise ValueError(f"--ep {ep} must divide the data-parallel size {launch.world_size // tp} "
                          f"({launch.world_size} processes / --tp {tp}): expert parallelism "
@@ -162,13 +187,14 @@ def _describe(run: TrainRun) -> list[str]:
             f"nothing to the model's {model.vocab_size}-token (BPE) vocabulary: this fine-tunes "
             "it on a byte-level language, not on more text in its tokenizer's tokens")
     if run.launch.is_distributed:
-        local_params = sum(p.numel() for p in model.parameters())
+        local_params = sum(p.numel() for p in run.trained.parameters())
         messages.append(
             f"distributed: {run.launch.world_size} processes = tensor-parallel {pg.tp_size} x "
             f"data-parallel {pg.dp_size} ({run.data_parallel.name})"
+            f"{_pipeline_description(run.pipeline)}"
             f"{f', experts over {pg.ep_size} expert-parallel ranks' if pg.ep_size > 1 else ''}"
             f"{', sequence-parallel' if model.config.sequence_parallel else ''}"
-            f" ({local_params:,} parameters per tensor-parallel rank)")
+            f" ({local_params:,} parameters on rank 0)")
     return messages
 
 
@@ -180,6 +206,12 @@ def _start_watchdog(launch: LaunchEnvironment, options: TrainOptions) -> Watchdo
                         peers=local_peer_pids())
     watchdog.start()
     return watchdog
+def _pipeline_description(pipeline: PipelineParallel | None) -> str:
+    if pipeline is None:
+        return ""
+    virtual = (f", {pipeline.virtual} virtual stages per rank" if pipeline.virtual > 1 else "")
+    return (f" x pipeline-parallel {pipeline.split.num_stages // pipeline.virtual} "
+            f"({pipeline.schedule_name}{virtual}, {pipeline.microbatches} micro-batches)")
 
 
 def setup_run(options: TrainOptions) -> TrainRun:
@@ -207,9 +239,14 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
         if watchdog is not None:
             watchdog.beat(what)
 
+    _check_pipeline(options, launch)
     pg = _process_groups(launch, options)
     beat("process groups")
     micro_batches = micro_batch_count(options.batch_size, options.micro_batch_size, pg.dp_size)
+    pp_schedule, virtual = resolve_schedule(options.pp_schedule,
+                                            options.virtual_pipeline_model_parallel_size)
+    if options.pp > 1:
+        check_microbatches(micro_batches, options.pp, pp_schedule)
     checkpoint, saved = _saved_run(options)
     tokenizer = resolve_run_tokenizer(tokenizer=options.tokenizer, data=options.data,
                                       init_from_hf=options.init_from_hf, checkpoint=checkpoint)
@@ -250,14 +287,20 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
         model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
                                    pg.tp_rank)
     data_parallel: DataParallel | None = None
-    if options.fsdp:  # sharded before the optimizer is built on the (DTensor) shards
+    pipeline: PipelineParallel | None = None
+    if options.pp > 1:  # this rank's stages; the optimizer is built on their parameters
+        pipeline = PipelineParallel(model, pg, device, microbatches=micro_batches,
+                                    schedule=pp_schedule, virtual=virtual)
+        data_parallel = ReplicatedDataParallel(pipeline.module, pg, device, wrap=False)
+    elif options.fsdp:  # sharded before the optimizer is built on the (DTensor) shards
         data_parallel = FullyShardedDataParallel(
             model, pg, device, mp_policy=mixed_precision_policy(
                 "bf16" if device.type == "cuda" else "fp32"),
             reshard_after_forward=options.reshard_after_forward)
-    optimizer = build_optimizer(model, options)
+    trained = pipeline.module if pipeline is not None else model
+    optimizer = build_optimizer(trained, options)
     schedule = options.schedule()
-    resumed = _resume(checkpoint, built, optimizer, sampler, pg, launch, options)
+    resumed = _resume(checkpoint, trained, optimizer, sampler, pg, launch, options)
     beat("checkpoint loaded" if resumed is not None else "optimizer built")
     if data_parallel is None:
         # Wrapped after loading: DDP broadcasts the (loaded) weights from the first replica.
@@ -266,7 +309,7 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
     run = TrainRun(options=options, launch=launch, device=device, pg=pg, data=data,
                    sampler=sampler, validation=validation, built=built, optimizer=optimizer,
                    schedule=schedule, data_parallel=data_parallel, micro_batches=micro_batches,
-                   checkpoint=checkpoint)
+                   pipeline=pipeline, checkpoint=checkpoint)
     run.messages = _describe(run)
     if resumed is not None:
         run.start_step, run.train_losses, run.validation_losses = resumed
@@ -300,14 +343,15 @@ def _schedule_change(saved: dict[str, JSONValue] | None, options: TrainOptions,
             f"differs from the original run's"]
 
 
-def _resume(checkpoint: Path | None, built: RunModel, optimizer: AdamW, sampler: BatchSampler,
+def _resume(checkpoint: Path | None, trained: torch.nn.Module, optimizer: AdamW,
+            sampler: BatchSampler,
             pg: ProcessGroups, launch: LaunchEnvironment, options: TrainOptions,
             ) -> tuple[int, list[tuple[int, float]], list[tuple[int, float]]] | None:
     """Load the checkpoint (if resuming): weights, optimizer, RNG, sampler; returns the step and
     the loss history."""
     if checkpoint is None:
         return None
-    resumed = resume_run(checkpoint, built.model, optimizer, sampler, pg=pg, launch=launch)
+    resumed = resume_run(checkpoint, trained, optimizer, sampler, pg=pg, launch=launch)
     # The loaded optimizer state carries the saved run's weight decay and betas; this run's
     # options apply (as its learning rate and clipping do) and are what its checkpoints record.
     for group, decay in zip(optimizer.param_groups, (options.weight_decay, 0.0), strict=True):

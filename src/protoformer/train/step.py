@@ -9,6 +9,11 @@ join each micro-batch's loss; `after_optimizer_step` runs once per step (the rou
 bias update). It reads nothing back to the host: the loss (the mean over the data-parallel
 replicas, i.e. the global batch's loss) and the gradient norm come back as device scalars,
 read when they are logged.
+
+Under pipeline parallelism `pipeline_train_step` replaces the micro-batch loop: the pipeline
+schedule runs the micro-batches over the stages, then the gradients are completed over the
+tensor- and data-parallel groups (an all-reduce after the pipeline, no DDP wrapper), clipped
+to the norm over all stages and applied.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from torch.optim import Optimizer
 from protoformer.parallel.data_parallel import DataParallel
 from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.pipeline_schedule import PipelineParallel
 from protoformer.train.loss import mean_loss, replica_mean_tensor
 from protoformer.transformer.moe.aux_loss import MoEAuxLossTracker
 
-__all__ = ["StepOutput", "micro_batch_count", "train_step"]
+__all__ = ["StepOutput", "micro_batch_count", "pipeline_train_step", "train_step"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +92,18 @@ def train_step(data_parallel: DataParallel, optimizer: Optimizer, rows: Tensor, 
     mean = total if micro_batches == 1 else total / micro_batches
     aux_mean = None if aux_total is None else replica_mean_tensor(aux_total / micro_batches, pg)
     return StepOutput(loss=replica_mean_tensor(mean, pg), grad_norm=norm, aux_loss=aux_mean)
+
+
+def pipeline_train_step(pipeline: PipelineParallel, data_parallel: DataParallel,
+                        optimizer: Optimizer, rows: Tensor, *, parameters: Sequence[Tensor],
+                        grad_clip: float, pg: ProcessGroups, device: torch.device) -> StepOutput:
+    """One optimizer step of this pipeline rank on this replica's `rows` `[b, s + 1]`
+    (`pipeline.microbatches` micro-batches); the loss is the global batch's on every rank.
+    `data_parallel` (not wrapping the stages: `ReplicatedDataParallel(..., wrap=False)`)
+    completes the gradients after the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = pipeline.step(rows, device)  # [] from the last stage
+    data_parallel.finish_grads()
+    norm = clip_grad_norm_(parameters, grad_clip, pg)  # over the tp, pp (and sharded dp) groups
+    optimizer.step()  # pyright: ignore[reportUnknownMemberType]  # torch leaves `closure` unannotated
+    return StepOutput(loss=replica_mean_tensor(loss, pg), grad_norm=norm)
