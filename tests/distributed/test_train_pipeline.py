@@ -1,5 +1,5 @@
 """`protoformer train --pp 2` under torchrun (2 CPU processes, gloo): the pipelined run computes
-the single-process losses, writes a sharded (DCP) checkpoint under the full model's names that
+the single-process losses (as does one process running the schedule alone), writes a sharded (DCP) checkpoint under the full model's names that
 resumes exactly (on the same layout, and on one process), `generate` loads it, and one rank's
 failure ends the whole job with that rank's message.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from protoformer.cli import main
 from protoformer.recipes import get_preset
@@ -44,6 +45,18 @@ def test_pipeline_training_matches_one_process_and_resumes_exactly(
     single_dir = tmp_path / "single"
     single = train(dataclasses.replace(OPTIONS, data=corpus, out_dir=single_dir))
     expected = [[float(step), loss] for step, loss in single.train_losses]
+
+    # One process running the Interleaved1F1B schedule over 2 stages of its own (the code path
+    # a one-GPU check exercises): the same losses.
+    try:
+        alone = train(dataclasses.replace(OPTIONS, data=corpus, out_dir=tmp_path / "alone",
+                                          pp_schedule="Interleaved1F1B"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "pipeline schedule on this process alone: pipeline-parallel 1 (Interleaved1F1B, " \
+        "2 virtual stages per rank, 4 micro-batches)" in alone.messages
+    assert_losses_close([[float(s), v] for s, v in alone.train_losses], expected, tolerance=1e-5)
 
     run_dir = tmp_path / "pp2"
     finished = torchrun(2, *ARGS, "--pp", "2", "--data", str(corpus), "--out", str(run_dir))

@@ -156,7 +156,8 @@ def add_parser(commands: _Subparsers) -> None:
                              f"many micro-batches per step, see --micro-batch-size; default {d.pp})")
     parser.add_argument("--pp-schedule", choices=PIPELINE_SCHEDULES,
                         help="with --pp: the torch.distributed.pipelining schedule (default "
-                             "1F1B, or Interleaved1F1B with virtual stages)")
+                             "1F1B, or Interleaved1F1B with virtual stages); with --pp 1 every "
+                             "stage runs on each rank (one process included)")
     parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, metavar="V",
                         help="with --pp: stages per rank of the Interleaved1F1B schedule "
                              "(default 2 with it)")

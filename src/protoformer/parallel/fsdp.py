@@ -27,25 +27,19 @@ parameters).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator
-from typing import cast
+from collections.abc import Generator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.distributed_c10d import Store
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from protoformer.models import GPTModel
 from protoformer.parallel.grads import finalize_model_grads
-from protoformer.parallel.groups import ProcessGroup, ProcessGroups
+from protoformer.parallel.groups import ProcessGroups, single_process_group
 from protoformer.parallel.parameters import named_parallel_metadata, restore_parallel_metadata
 
 __all__ = ["FullyShardedDataParallel", "data_parallel_mesh", "mixed_precision_policy"]
-
-# An in-memory store for a world of one process (torch's stubs do not export the class).
-_hash_store = cast("Callable[[], Store]", vars(dist)["HashStore"])
 
 
 def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy:
@@ -60,17 +54,7 @@ def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy:
 def data_parallel_mesh(pg: ProcessGroups, device: torch.device) -> DeviceMesh:
     """A one-dimensional device mesh of the data-parallel group (this process alone when there
     is none: a world of one process, joined here if no process group exists yet)."""
-    group: ProcessGroup | None = pg.dp
-    if group is None:
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=_hash_store(), rank=0, world_size=1)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
-        if dist.get_world_size() != 1:
-            raise ValueError("FSDP needs the data-parallel group: build the groups with "
-                             "ProcessGroups.from_torchrun(...)")
-        world = dist.group.WORLD
-        assert isinstance(world, ProcessGroup)
-        group = world
+    group = pg.dp if pg.dp is not None else single_process_group(device)
     return DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp_shard",))
 
 

@@ -7,12 +7,34 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+from torch.distributed.distributed_c10d import Store
 
-__all__ = ["ProcessGroup", "ProcessGroups", "group_rank", "group_size"]
+__all__ = ["ProcessGroup", "ProcessGroups", "group_rank", "group_size", "single_process_group"]
+
+# An in-memory store for a world of one process (torch's stubs do not export the class).
+_hash_store = cast("Callable[[], Store]", vars(dist)["HashStore"])
+
+
+def single_process_group(device: torch.device) -> ProcessGroup:
+    """The world group of this process alone, joined here (in-memory store; NCCL on CUDA, else
+    gloo) if no process group exists yet: for engines that need a group even on one process
+    (FSDP2's mesh, pipeline stages). A ValueError if the world has other processes."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=_hash_store(), rank=0, world_size=1)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
+    if dist.get_world_size() != 1:
+        raise ValueError("this process is one of several: build the groups with "
+                         "ProcessGroups.from_torchrun(...)")
+    world = dist.group.WORLD
+    assert isinstance(world, ProcessGroup)
+    return world
 
 
 def group_size(group: ProcessGroup | None) -> int:
@@ -78,7 +100,8 @@ class ProcessGroups:
         return group_rank(self.dp)
 
     @classmethod
-    def from_torchrun(cls, *, tp: int = 1, ep: int = 1, pp: int = 1) -> ProcessGroups:
+    def from_torchrun(cls, *, tp: int = 1, ep: int = 1, pp: int = 1,
+                      pipeline: bool = False) -> ProcessGroups:
         """Build TP, DP (and with `ep > 1` EP and expert-DP, with `pp > 1` PP) groups from an
         initialised `torch.distributed` world.
 
@@ -92,7 +115,9 @@ class ProcessGroups:
         Pipeline parallelism is the outermost dimension (Megatron-Core's order tp-cp-ep-dp-pp):
         with `dp = world / (tp * pp)`, rank `t + tp * (d + dp * p)` is TP rank `t`, DP rank
         `d` and pipeline stage rank `p`; a PP group is the `pp` ranks with the same `t` and
-        `d`. Expert parallelism is not combined with `pp > 1` (ValueError).
+        `d` (built with `pp > 1`, or with `pipeline=True` also for `pp == 1`: a group of one
+        per rank, for a pipeline schedule whose stages all live on each rank). Expert
+        parallelism is not combined with pipelines (ValueError).
         Every rank must call this.
         """
         if not dist.is_available() or not dist.is_initialized():
@@ -104,7 +129,7 @@ class ProcessGroups:
         if tp < 1 or world % tp != 0:
             raise ValueError(f"tp={tp} must be >= 1 and divide the world size {world} "
                              f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
-        if pp > 1:
+        if pp > 1 or pipeline:
             return cls._with_pipeline(rank, world, tp=tp, ep=ep, pp=pp)
         tp_group: ProcessGroup | None = None
         dp_group: ProcessGroup | None = None

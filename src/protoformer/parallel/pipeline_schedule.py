@@ -32,6 +32,7 @@ from protoformer.models.gpt import GPTModel
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.mappings import all_reduce_in_place
 from protoformer.parallel.pipeline import GPTStage, StageSplit, pipeline_loss, split_stages
+from protoformer.spec import apply_module
 
 __all__ = ["PIPELINE_SCHEDULES", "PipelineParallel", "check_microbatches", "resolve_schedule"]
 
@@ -121,9 +122,19 @@ class PipelineParallel:
         was_training = module.training
         module.eval()
         try:
+            if self._pg.pp_size == 1:  # every stage here: no schedule needed to chain them
+                return self._forward_alone(rows.to(device, non_blocking=True))
             return self._run(rows, device, train=False)
         finally:
             module.train(was_training)
+
+    def _forward_alone(self, rows: Tensor) -> Tensor:
+        """The mean loss `[]` of `rows` `[b, s + 1]` through this rank's stages in order (torch's
+        schedules cannot pass activations between local stages without a backward)."""
+        outputs = rows[:, :-1]  # [b, s]
+        for stage in self.split.stages:
+            outputs = apply_module(stage)(outputs)  # [s, b, h], then the logits [s, b, v / tp]
+        return pipeline_loss(self._model, outputs, rows[:, 1:]).detach()
 
     def _run(self, rows: Tensor, device: torch.device, *, train: bool) -> Tensor:
         rows = rows.to(device, non_blocking=True)

@@ -146,7 +146,7 @@ class TrainOptions:
             raise ValueError(f"virtual_pipeline_model_parallel_size={virtual!r}: must be an "
                              "integer >= 1")
         resolve_schedule(self.pp_schedule, self.virtual_pipeline_model_parallel_size)
-        if self.pp > 1:
+        if self.pipelined:
             _check_pipeline_combinations(self)
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
@@ -174,6 +174,14 @@ class TrainOptions:
         if not (self.dist_timeout > 0.0 and math.isfinite(self.dist_timeout)):
             raise ValueError(f"dist_timeout={self.dist_timeout}: must be a positive number of "
                              "seconds")
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the steps run through a pipeline schedule: with `pp` > 1, or a schedule or
+        virtual stages named with `pp` == 1 (every stage on each rank, e.g. to check the
+        schedule's code path on one GPU)."""
+        return (self.pp > 1 or self.pp_schedule is not None
+                or self.virtual_pipeline_model_parallel_size is not None)
 
     def schedule(self) -> LRSchedule:
         """The learning-rate schedule these options describe."""

@@ -20,7 +20,7 @@ from protoformer.distributed import LaunchEnvironment, init_distributed, local_p
 from protoformer.models import GPTModel
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
 from protoformer.parallel.fsdp import FullyShardedDataParallel, mixed_precision_policy
-from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.groups import ProcessGroups, single_process_group
 from protoformer.parallel.parameters import parallel_metadata
 from protoformer.parallel.pipeline_schedule import (
     PipelineParallel,
@@ -133,7 +133,8 @@ def model_parameter_count(model: torch.nn.Module, tp_size: int) -> int:
                for p in model.parameters())
 
 
-def _process_groups(launch: LaunchEnvironment, options: TrainOptions) -> ProcessGroups:
+def _process_groups(launch: LaunchEnvironment, options: TrainOptions,
+                    device: torch.device) -> ProcessGroups:
     """Tensor- and data-parallel groups for this launch (none for a single process)."""
     tp, ep = options.tp, options.ep
     if not launch.is_distributed:
@@ -143,13 +144,15 @@ def _process_groups(launch: LaunchEnvironment, options: TrainOptions) -> Process
                     f"{flag} {size} splits the model over {size} processes, but this is a single "
                     f"process; launch with: torchrun --nproc-per-node {size} -m protoformer.cli "
                     f"train {flag} {size} ...")
+        if options.pipelined:  # every stage here; the stages need a (one-process) group
+            return ProcessGroups(pp=single_process_group(device))
         return ProcessGroups()
     if launch.world_size % (tp * options.pp) != 0:
         what = f"--tp {tp}" + (f" x --pp {options.pp}" if options.pp > 1 else "")
         raise ValueError(f"{what} must divide the number of processes {launch.world_size} "
                          "(the rest are data-parallel replicas)")
-    if options.pp > 1:
-        return ProcessGroups.from_torchrun(tp=tp, pp=options.pp)
+    if options.pipelined:
+        return ProcessGroups.from_torchrun(tp=tp, pp=options.pp, pipeline=True)
     if (launch.world_size // tp) % ep != 0:
         raise ValueError(f"--ep {ep} must divide the data-parallel size {launch.world_size // tp} "
                          f"({launch.world_size} processes / --tp {tp}): expert parallelism "
@@ -186,6 +189,9 @@ def _describe(run: TrainRun) -> list[str]:
             f"note: the corpus is fed as bytes (token ids 0-{BYTE_VOCAB_SIZE - 1}), which mean "
             f"nothing to the model's {model.vocab_size}-token (BPE) vocabulary: this fine-tunes "
             "it on a byte-level language, not on more text in its tokenizer's tokens")
+    if run.pipeline is not None and not run.launch.is_distributed:
+        messages.append(f"pipeline schedule on this process alone:"
+                        f"{_pipeline_description(run.pipeline).removeprefix(' x')}")
     if run.launch.is_distributed:
         local_params = sum(p.numel() for p in run.trained.parameters())
         messages.append(
@@ -240,12 +246,12 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
             watchdog.beat(what)
 
     _check_pipeline(options, launch)
-    pg = _process_groups(launch, options)
+    pg = _process_groups(launch, options, device)
     beat("process groups")
     micro_batches = micro_batch_count(options.batch_size, options.micro_batch_size, pg.dp_size)
     pp_schedule, virtual = resolve_schedule(options.pp_schedule,
                                             options.virtual_pipeline_model_parallel_size)
-    if options.pp > 1:
+    if options.pipelined:
         check_microbatches(micro_batches, options.pp, pp_schedule)
     checkpoint, saved = _saved_run(options)
     tokenizer = resolve_run_tokenizer(tokenizer=options.tokenizer, data=options.data,
@@ -288,7 +294,7 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
                                    pg.tp_rank)
     data_parallel: DataParallel | None = None
     pipeline: PipelineParallel | None = None
-    if options.pp > 1:  # this rank's stages; the optimizer is built on their parameters
+    if options.pipelined:  # this rank's stages; the optimizer is built on their parameters
         pipeline = PipelineParallel(model, pg, device, microbatches=micro_batches,
                                     schedule=pp_schedule, virtual=virtual)
         data_parallel = ReplicatedDataParallel(pipeline.module, pg, device, wrap=False)
