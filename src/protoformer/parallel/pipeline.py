@@ -37,6 +37,7 @@ from protoformer.models.gpt import GPTModel, mixed_precision_context
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from protoformer.parallel.parameters import named_parallel_metadata, restore_parallel_metadata
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
 from protoformer.transformer.layer import TransformerLayer
@@ -209,8 +210,10 @@ def split_stages(model: GPTModel, pg: ProcessGroups, virtual: int = 1) -> StageS
               for i in indices]
     owned = sorted(layer for i in indices for layer in ranges[i])
     module = GPTStage(model, owned, pre_process=0 in indices, post_process=last in indices)
+    records = named_parallel_metadata(model)  # the meta copies keep their split records
     _release_others(model, set(owned), pre_process=module.pre_process,
                     post_process=module.post_process)
+    restore_parallel_metadata(model, records)
     return StageSplit(stages=stages, indices=indices, num_stages=len(ranges), module=module)
 
 
