@@ -435,6 +435,18 @@ class TransformerConfig:
         its own rotary embedding (Megatron-Core's flag of the same name)."""
         return False
 
+    @property
+    def attention_head_dims(self) -> tuple[int, int]:
+        """(query/key width, value width) of one attention head (FLOP counts)."""
+        return self.head_dim, self.head_dim
+
+    @property
+    def attention_matmul_params(self) -> int:
+        """Weights of one layer's attention projections (query, key, value, output; no
+        biases): what every token multiplies through (FLOP counts, memory estimates)."""
+        return self.hidden_size * self.head_dim * (2 * self.num_attention_heads
+                                                   + 2 * self.query_groups)
+
     # Derived sizes, named as Megatron-Core derives them.
     @property
     def head_dim(self) -> int:
@@ -543,6 +555,22 @@ class MLATransformerConfig(TransformerConfig):
     def multi_latent_attention(self) -> bool:
         """Always True: these layers use multi-latent attention."""
         return True
+
+    @property
+    def attention_head_dims(self) -> tuple[int, int]:
+        """(query/key width: no-position + rotary part, value width) of one head."""
+        return self.q_head_dim, self.v_head_dim
+
+    @property
+    def attention_matmul_params(self) -> int:
+        """Query (direct, or down + up through `q_lora_rank`), key/value latent down
+        projection (with the shared rotary key), its up projection, and the output."""
+        hidden, heads = self.hidden_size, self.num_attention_heads
+        query = (hidden * heads * self.q_head_dim if self.q_lora_rank is None
+                 else self.q_lora_rank * (hidden + heads * self.q_head_dim))
+        kv_down = hidden * (self.kv_lora_rank + self.qk_pos_emb_head_dim)
+        kv_up = self.kv_lora_rank * heads * (self.qk_head_dim + self.v_head_dim)
+        return query + kv_down + kv_up + heads * self.v_head_dim * hidden
 
     @property
     def q_head_dim(self) -> int:

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.config import TransformerConfig
 from protoformer.models.common import check_sizes
 
 __all__ = ["attention_flops_per_token", "encoder_decoder_flops_per_token", "flops_per_token",
@@ -30,22 +30,7 @@ __all__ = ["attention_flops_per_token", "encoder_decoder_flops_per_token", "flop
 
 
 def _attention_params(config: TransformerConfig) -> int:
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    if isinstance(config, MLATransformerConfig):
-        q_head = config.qk_head_dim + config.qk_pos_emb_head_dim
-        if config.q_lora_rank is None:
-            query = hidden * heads * q_head
-        else:
-            query = hidden * config.q_lora_rank + config.q_lora_rank * heads * q_head
-        kv_down = hidden * (config.kv_lora_rank + config.qk_pos_emb_head_dim)
-        kv_up = config.kv_lora_rank * heads * (config.qk_head_dim + config.v_head_dim)
-        proj = heads * config.v_head_dim * hidden
-        return query + kv_down + kv_up + proj
-    head_dim = config.head_dim
-    query = hidden * heads * head_dim
-    key_value = 2 * hidden * config.query_groups * head_dim
-    proj = heads * head_dim * hidden
-    return query + key_value + proj
+    return config.attention_matmul_params  # MLA configs count their latent projections
 
 
 def _mlp_params(config: TransformerConfig, width: int | None = None) -> int:
@@ -90,10 +75,7 @@ def attention_flops_per_token(config: TransformerConfig, seq_len: int, *,
     """Forward+backward FLOPs of the attention score and context matmuls for one token
     (halved with `causal`: only the unmasked half of a causal mask's scores)."""
     heads = config.num_attention_heads
-    if isinstance(config, MLATransformerConfig):
-        d_qk, d_v = config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim
-    else:
-        d_qk = d_v = config.head_dim
+    d_qk, d_v = config.attention_head_dims
     full = 6 * config.num_layers * seq_len * heads * (d_qk + d_v)
     return full // 2 if causal else full
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from protoformer.config import MLATransformerConfig, TransformerConfig
+from protoformer.config import TransformerConfig
 
 __all__ = ["MemoryEstimate", "ModelTooLargeError", "available_bytes", "check_fits",
            "estimate_model_memory"]
@@ -52,19 +52,6 @@ class MemoryEstimate:
         return f"{_count(self.parameters)} parameters, {_bytes(self.bytes)}{what}"
 
 
-def _attention_parameters(config: TransformerConfig) -> int:
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    if isinstance(config, MLATransformerConfig):
-        q_head = config.qk_head_dim + config.qk_pos_emb_head_dim
-        query = (hidden * heads * q_head if config.q_lora_rank is None
-                 else config.q_lora_rank * (hidden + heads * q_head))
-        kv = hidden * (config.kv_lora_rank + config.qk_pos_emb_head_dim) \
-            + config.kv_lora_rank * heads * (config.qk_head_dim + config.v_head_dim)
-        return query + kv + heads * config.v_head_dim * hidden
-    head_dim = config.head_dim
-    return hidden * head_dim * (2 * heads + 2 * config.query_groups)
-
-
 def estimate_model_memory(config: TransformerConfig, vocab_size: int, *,
                           tied_embeddings: bool = False, max_sequence_length: int = 0,
                           learned_positions: bool = False, tp_size: int = 1,
@@ -75,7 +62,7 @@ def estimate_model_memory(config: TransformerConfig, vocab_size: int, *,
     few percent for every preset.
     """
     linears = 3 if config.gated_linear_unit else 2
-    per_layer = _attention_parameters(config) + linears * config.hidden_size * config.ffn_size
+    per_layer = config.attention_matmul_params + linears * config.hidden_size * config.ffn_size
     embedding = vocab_size * config.hidden_size
     parameters = config.num_layers * per_layer + embedding * (1 if tied_embeddings else 2)
     if learned_positions:

@@ -24,13 +24,14 @@ from torch import Tensor
 from protoformer.architectures.conversion import (
     DESCRIBED_FIELDS,
     ConfigReader,
-    HFConversionError,
     HFModelInfo,
     JSONDict,
     TensorRule,
     UnsupportedHFModelError,
     activation_for,
     activation_name,
+    checked_config,
+    hf_model_info,
     model_rules,
     read_rope,
     same,
@@ -189,44 +190,39 @@ def parse_deepseek_config(values: Mapping[str, object], dtype: torch.dtype) -> H
         raise UnsupportedHFModelError(f"{_WHERE}: rope_type={rope_type!r} is not supported; "
                                       "protoformer's MLA maps 'default' and 'yarn'")
     nope_dim, rope_dim = reader.get_int("qk_nope_head_dim"), reader.get_int("qk_rope_head_dim")
-    try:
-        config = MLATransformerConfig(
-            num_layers=num_layers,
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            # Unused by MLA; set only where hidden / heads would not divide.
-            kv_channels=None if hidden % heads == 0 else nope_dim + rope_dim,
-            ffn_hidden_size=reader.get_int("intermediate_size"),
-            q_lora_rank=reader.get_optional_int("q_lora_rank"),
-            kv_lora_rank=reader.get_int("kv_lora_rank"),
-            qk_head_dim=nope_dim,
-            qk_pos_emb_head_dim=rope_dim,
-            v_head_dim=reader.get_int("v_head_dim"),
-            normalization="RMSNorm",
-            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-            add_bias_linear=False,
-            add_qkv_bias=False,
-            gated_linear_unit=True,
-            activation_func=activation_for(reader),
-            init_method_std=reader.get_float("initializer_range", 0.02),
-            perform_initialization=False,
-            params_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            attention_dropout=reader.get_float("attention_dropout", 0.0),
-            hidden_dropout=0.0,
-            rotary_base=theta,
-            rope_type="yarn" if yarn else "rope",
-            rotary_scaling_factor=yarn.get("rotary_scaling_factor", 40.0),
-            original_max_position_embeddings=int(yarn.get("original_max_position_embeddings", 4096)),
-            beta_fast=yarn.get("beta_fast", 32.0),
-            beta_slow=yarn.get("beta_slow", 1.0),
-            mscale=yarn.get("mscale", 1.0),
-            mscale_all_dim=yarn.get("mscale_all_dim", 0.0),
-        )
-    except (HFConversionError, UnsupportedHFModelError):
-        raise  # already names the config key
-    except ValueError as error:  # TransformerConfig's validation
-        raise HFConversionError(f"{_WHERE}: {error}") from error
+    config = checked_config(reader, lambda: MLATransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        # Unused by MLA; set only where hidden / heads would not divide.
+        kv_channels=None if hidden % heads == 0 else nope_dim + rope_dim,
+        ffn_hidden_size=reader.get_int("intermediate_size"),
+        q_lora_rank=reader.get_optional_int("q_lora_rank"),
+        kv_lora_rank=reader.get_int("kv_lora_rank"),
+        qk_head_dim=nope_dim,
+        qk_pos_emb_head_dim=rope_dim,
+        v_head_dim=reader.get_int("v_head_dim"),
+        normalization="RMSNorm",
+        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=activation_for(reader),
+        init_method_std=reader.get_float("initializer_range", 0.02),
+        perform_initialization=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        attention_dropout=reader.get_float("attention_dropout", 0.0),
+        hidden_dropout=0.0,
+        rotary_base=theta,
+        rope_type="yarn" if yarn else "rope",
+        rotary_scaling_factor=yarn.get("rotary_scaling_factor", 40.0),
+        original_max_position_embeddings=int(yarn.get("original_max_position_embeddings", 4096)),
+        beta_fast=yarn.get("beta_fast", 32.0),
+        beta_slow=yarn.get("beta_slow", 1.0),
+        mscale=yarn.get("mscale", 1.0),
+        mscale_all_dim=yarn.get("mscale_all_dim", 0.0),
+    ))
     if experts is not None:
         config = with_moe(config, experts, _WHERE)
     extra = reader.get_optional_int("num_nextn_predict_layers")
@@ -239,18 +235,10 @@ def parse_deepseek_config(values: Mapping[str, object], dtype: torch.dtype) -> H
     if config.rope_type == "yarn":
         names += ("rotary_scaling_factor", "original_max_position_embeddings", "beta_fast",
                   "beta_slow", "mscale", "mscale_all_dim")
-    return HFModelInfo(
-        model_type="deepseek_v3",
-        architecture=_HF_CLASS,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=max_positions,
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
-        hf_config=dict(values),
-        rope_interleave=reader.get_bool("rope_interleave", True),
-        extra_layers=extra,
-        described_fields=names,
-    )
+    return hf_model_info(reader, config, model_type="deepseek_v3", architecture=_HF_CLASS,
+                         max_sequence_length=max_positions,
+                         rope_interleave=reader.get_bool("rope_interleave", True),
+                         extra_layers=extra, described_fields=names)
 
 
 # ------------------------------------------------------------------ config: protoformer -> HF

@@ -28,6 +28,8 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
+    checked_config,
+    hf_model_info,
     model_rules,
     read_rope,
 )
@@ -71,45 +73,33 @@ def parse_gemma_config(values: Mapping[str, object], model_type: str,
                                       "supported; protoformer's Gemma layers are causal")
     activation = activation_for(ConfigReader(
         {"hidden_act": reader.get_str("hidden_act", "gelu_pytorch_tanh")}, reader.where))
-    try:
-        config = TransformerConfig(
-            num_layers=reader.get_int("num_hidden_layers"),
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-            kv_channels=head_dim,
-            ffn_hidden_size=reader.get_int("intermediate_size"),
-            normalization="RMSNorm",
-            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-            layernorm_zero_centered_gamma=True,
-            add_bias_linear=False,
-            gated_linear_unit=True,
-            activation_func=activation,
-            init_method_std=reader.get_float("initializer_range", 0.02),
-            perform_initialization=False,
-            params_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            attention_dropout=reader.get_float("attention_dropout", 0.0),
-            hidden_dropout=0.0,
-            rotary_base=theta,
-            embedding_multiplier=math.sqrt(hidden),
-        )
-    except (HFConversionError, UnsupportedHFModelError):
-        raise  # already names the config key
-    except ValueError as error:  # TransformerConfig's validation
-        raise HFConversionError(f"{reader.where}: {error}") from error
+    config = checked_config(reader, lambda: TransformerConfig(
+        num_layers=reader.get_int("num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=reader.get_int("intermediate_size"),
+        normalization="RMSNorm",
+        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+        layernorm_zero_centered_gamma=True,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=activation,
+        init_method_std=reader.get_float("initializer_range", 0.02),
+        perform_initialization=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        attention_dropout=reader.get_float("attention_dropout", 0.0),
+        hidden_dropout=0.0,
+        rotary_base=theta,
+        embedding_multiplier=math.sqrt(hidden),
+    ))
     names: tuple[str, ...] = (*DESCRIBED_FIELDS, "num_query_groups", "kv_channels",
                               "layernorm_zero_centered_gamma", "embedding_multiplier")
-    return HFModelInfo(
-        model_type=model_type,
-        architecture=_HF_CLASSES[model_type],
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", True),
-        hf_config=dict(values),
-        described_fields=names,
-    )
+    return hf_model_info(reader, config, model_type=model_type,
+                         architecture=_HF_CLASSES[model_type], tied_by_default=True,
+                         described_fields=names)
 
 
 # ------------------------------------------------------------------ config: protoformer -> HF

@@ -35,6 +35,8 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
+    checked_config,
+    hf_model_info,
     mlp_rules,
     same,
 )
@@ -157,35 +159,32 @@ def gemma_family_config(reader: ConfigReader, dtype: torch.dtype, *, rotary_base
         raise HFConversionError(f"{reader.where}: query_pre_attn_scalar={scalar} must be > 0")
     activation = activation_for(ConfigReader(
         {"hidden_act": reader.get_str("hidden_activation", "gelu_pytorch_tanh")}, reader.where))
-    try:
-        return TransformerConfig(
-            num_layers=reader.get_int("num_hidden_layers"),
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-            kv_channels=head_dim,
-            ffn_hidden_size=reader.get_int("intermediate_size"),
-            normalization="RMSNorm",
-            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-            layernorm_zero_centered_gamma=True,
-            qk_layernorm=qk_layernorm,
-            add_bias_linear=False,
-            gated_linear_unit=True,
-            activation_func=activation,
-            init_method_std=reader.get_float("initializer_range", 0.02),
-            perform_initialization=False,
-            params_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            attention_dropout=reader.get_float("attention_dropout", 0.0),
-            hidden_dropout=0.0,
-            softmax_scale=scalar ** -0.5,
-            attn_logit_softcapping=attn_softcap,
-            final_logit_softcapping=final_softcap,
-            rotary_base=rotary_base,
-            embedding_multiplier=math.sqrt(hidden),
-        )
-    except ValueError as error:  # TransformerConfig's validation names the field
-        raise HFConversionError(f"{reader.where}: {error}") from error
+    return checked_config(reader, lambda: TransformerConfig(
+        num_layers=reader.get_int("num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=reader.get_int("intermediate_size"),
+        normalization="RMSNorm",
+        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+        layernorm_zero_centered_gamma=True,
+        qk_layernorm=qk_layernorm,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=activation,
+        init_method_std=reader.get_float("initializer_range", 0.02),
+        perform_initialization=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        attention_dropout=reader.get_float("attention_dropout", 0.0),
+        hidden_dropout=0.0,
+        softmax_scale=scalar ** -0.5,
+        attn_logit_softcapping=attn_softcap,
+        final_logit_softcapping=final_softcap,
+        rotary_base=rotary_base,
+        embedding_multiplier=math.sqrt(hidden),
+    ))
 
 
 def _optional_cap(reader: ConfigReader, key: str, default: float | None) -> float | None:
@@ -210,16 +209,8 @@ def parse_gemma2_config(values: Mapping[str, object], dtype: torch.dtype) -> HFM
         attn_softcap=_optional_cap(reader, "attn_logit_softcapping", 50.0),
         final_softcap=_optional_cap(reader, "final_logit_softcapping", 30.0))
     gemma_windows(reader, config.num_layers, pattern=2)  # a malformed window fails here
-    return HFModelInfo(
-        model_type="gemma2",
-        architecture=_HF_CLASS,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", True),
-        hf_config=dict(values),
-        described_fields=GEMMA2_DESCRIBED_FIELDS,
-    )
+    return hf_model_info(reader, config, model_type="gemma2", architecture=_HF_CLASS,
+                         tied_by_default=True, described_fields=GEMMA2_DESCRIBED_FIELDS)
 
 
 # ------------------------------------------------------------------ config: protoformer -> HF

@@ -31,6 +31,7 @@ from protoformer.architectures.conversion import (
     JSONDict,
     TensorRule,
     UnsupportedHFModelError,
+    hf_model_info,
 )
 from protoformer.architectures.gemma2 import (
     GEMMA2_DESCRIBED_FIELDS,
@@ -124,16 +125,8 @@ def parse_gemma3_config(values: Mapping[str, object], dtype: torch.dtype) -> HFM
         config = dataclasses.replace(config, rope_scaling="linear",
                                      rope_scaling_factor=global_rope.linear_factor)
     _windows(reader, config.num_layers)  # a malformed window fails here, with the config
-    return HFModelInfo(
-        model_type="gemma3_text",
-        architecture=_HF_CLASS,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", True),
-        hf_config=dict(values),
-        described_fields=_DESCRIBED,
-    )
+    return hf_model_info(reader, config, model_type="gemma3_text", architecture=_HF_CLASS,
+                         tied_by_default=True, described_fields=_DESCRIBED)
 
 
 def _windows(reader: ConfigReader, num_layers: int) -> tuple[int | None, ...]:

@@ -31,6 +31,8 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
+    checked_config,
+    hf_model_info,
     model_rules,
     owned,
     read_rope,
@@ -217,49 +219,38 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
             f"{reader.where}: rope_type={rope_type!r} is not supported; protoformer maps "
             "'default', 'llama3', 'linear' and 'dynamic'")
     add_bias_linear, add_qkv_bias = _biases(model_type, reader)
-    try:
-        config = TransformerConfig(
-            num_layers=num_layers,
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-            kv_channels=head_dim,
-            ffn_hidden_size=reader.get_int("intermediate_size"),
-            normalization="RMSNorm",
-            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-            qk_layernorm=model_type == "qwen3",
-            add_bias_linear=add_bias_linear,
-            add_qkv_bias=add_qkv_bias,
-            gated_linear_unit=True,
-            activation_func=activation_for(reader),
-            init_method_std=reader.get_float("initializer_range", 0.02),
-            perform_initialization=False,
-            params_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            attention_dropout=reader.get_float("attention_dropout", 0.0),
-            hidden_dropout=0.0,
-            rotary_base=theta,
-            rope_scaling=scaling,
-            rope_scaling_factor=factor,
-            rope_low_freq_factor=low_freq,
-            rope_high_freq_factor=high_freq,
-            rope_original_max_position_embeddings=original,
-        )
-    except (HFConversionError, UnsupportedHFModelError):
-        raise  # already names the config key
-    except ValueError as error:  # TransformerConfig's validation
-        raise HFConversionError(f"{reader.where}: {error}") from error
+    config = checked_config(reader, lambda: TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=reader.get_int("intermediate_size"),
+        normalization="RMSNorm",
+        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+        qk_layernorm=model_type == "qwen3",
+        add_bias_linear=add_bias_linear,
+        add_qkv_bias=add_qkv_bias,
+        gated_linear_unit=True,
+        activation_func=activation_for(reader),
+        init_method_std=reader.get_float("initializer_range", 0.02),
+        perform_initialization=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        attention_dropout=reader.get_float("attention_dropout", 0.0),
+        hidden_dropout=0.0,
+        rotary_base=theta,
+        rope_scaling=scaling,
+        rope_scaling_factor=factor,
+        rope_low_freq_factor=low_freq,
+        rope_high_freq_factor=high_freq,
+        rope_original_max_position_embeddings=original,
+    ))
     layer_windows(values, model_type)  # a malformed window setting fails here, with the config
-    return HFModelInfo(
-        model_type=model_type,
-        architecture=_HF_CLASSES[model_type],
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=max_sequence_length,
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
-        hf_config=dict(values),
-        described_fields=_described_fields(config),
-    )
+    return hf_model_info(reader, config, model_type=model_type,
+                         architecture=_HF_CLASSES[model_type],
+                         max_sequence_length=max_sequence_length,
+                         described_fields=_described_fields(config))
 
 
 def _described_fields(config: TransformerConfig) -> tuple[str, ...]:

@@ -31,13 +31,10 @@ from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.moe_conversion import (
     MOE_DESCRIBED_FIELDS,
     ExpertNames,
-    MoEFields,
-    aux_loss_coeff,
     gpt_moe_config_values,
     gpt_moe_exportable_problems,
     moe_layer_rules,
-    read_gpt_attention_config,
-    with_moe,
+    read_gpt_moe_info,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
@@ -65,27 +62,9 @@ def parse_mixtral_config(values: Mapping[str, object], dtype: torch.dtype) -> HF
         raise UnsupportedHFModelError(
             f"{_WHERE}: router_jitter_noise={jitter} is not supported; protoformer's router "
             "adds no noise in training (set it to 0.0)")
-    expert_ffn = reader.get_int("intermediate_size")
-    config = read_gpt_attention_config(reader, dtype, ffn_hidden_size=expert_ffn,
-                                       qk_layernorm=False, add_qkv_bias=False)
-    config = with_moe(config, MoEFields(
-        num_experts=reader.get_int("num_local_experts"),
-        expert_ffn_size=expert_ffn,
-        topk=reader.get_int("num_experts_per_tok"),
-        moe_layers=(True,) * config.num_layers,
-        normalize_topk=True,
-        aux_loss_coeff=aux_loss_coeff(reader),
-    ), _WHERE)
-    return HFModelInfo(
-        model_type="mixtral",
-        architecture=_HF_CLASS,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
-        hf_config=dict(values),
-        described_fields=_DESCRIBED,
-    )
+    return read_gpt_moe_info(reader, dtype, model_type="mixtral", architecture=_HF_CLASS,
+                             experts_key="num_local_experts", expert_ffn_key="intermediate_size",
+                             normalize_topk=True, described_fields=_DESCRIBED)
 
 
 def _window(values: Mapping[str, object]) -> int | None:

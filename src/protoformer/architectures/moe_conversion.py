@@ -33,6 +33,8 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_for,
     activation_name,
+    checked_config,
+    hf_model_info,
     mlp_rules,
     owned,
     read_rope,
@@ -51,6 +53,8 @@ __all__ = [
     "layers_from_sparse_step",
     "moe_layer_rules",
     "read_gpt_attention_config",
+    "read_gpt_moe_info",
+    "refuse_attention_bias",
     "refuse_sliding_window",
     "routed_expert_rules",
     "uses_fused_experts",
@@ -147,31 +151,70 @@ def read_gpt_attention_config(reader: ConfigReader, dtype: torch.dtype, *, ffn_h
         raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
                                       "supported for this mixture-of-experts family; protoformer "
                                       "maps 'default'")
-    try:
-        return TransformerConfig(
-            num_layers=reader.get_int("num_hidden_layers"),
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-            kv_channels=head_dim,
-            ffn_hidden_size=ffn_hidden_size,
-            normalization="RMSNorm",
-            layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-            qk_layernorm=qk_layernorm,
-            add_bias_linear=False,
-            add_qkv_bias=add_qkv_bias,
-            gated_linear_unit=True,
-            activation_func=activation_for(reader),
-            init_method_std=reader.get_float("initializer_range", 0.02),
-            perform_initialization=False,
-            params_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            attention_dropout=reader.get_float("attention_dropout", 0.0),
-            hidden_dropout=0.0,
-            rotary_base=theta,
-        )
-    except ValueError as error:  # TransformerConfig's validation names the field
-        raise HFConversionError(f"{reader.where}: {error}") from error
+    return checked_config(reader, lambda: TransformerConfig(
+        num_layers=reader.get_int("num_hidden_layers"),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+        qk_layernorm=qk_layernorm,
+        add_bias_linear=False,
+        add_qkv_bias=add_qkv_bias,
+        gated_linear_unit=True,
+        activation_func=activation_for(reader),
+        init_method_std=reader.get_float("initializer_range", 0.02),
+        perform_initialization=False,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        attention_dropout=reader.get_float("attention_dropout", 0.0),
+        hidden_dropout=0.0,
+        rotary_base=theta,
+    ))
+
+
+def read_gpt_moe_info(reader: ConfigReader, dtype: torch.dtype, *, model_type: str,
+                      architecture: str, experts_key: str, expert_ffn_key: str,
+                      normalize_topk: bool | None, every_layer: bool = True,
+                      qk_layernorm: bool = False, add_qkv_bias: bool = False,
+                      shared_expert_key: str | None = None,
+                      described_fields: tuple[str, ...] = MOE_DESCRIBED_FIELDS) -> HFModelInfo:
+    """A Llama-style MoE config (Mixtral, Qwen-MoE, OLMoE) -> `HFModelInfo`: the attention
+    part (`read_gpt_attention_config`, dense width `intermediate_size`) with the experts.
+
+    `experts_key` / `expert_ffn_key`: the keys of the expert count and width;
+    `normalize_topk` None reads `norm_topk_prob` (default false); `every_layer=False` places
+    the experts by Qwen's `decoder_sparse_step` / `mlp_only_layers`; `shared_expert_key`
+    names the width of a gated shared expert (Qwen2-MoE).
+    """
+    config = read_gpt_attention_config(reader, dtype,
+                                       ffn_hidden_size=reader.get_int("intermediate_size"),
+                                       qk_layernorm=qk_layernorm, add_qkv_bias=add_qkv_bias)
+    layers = config.num_layers
+    config = with_moe(config, MoEFields(
+        num_experts=reader.get_int(experts_key),
+        expert_ffn_size=reader.get_int(expert_ffn_key),
+        topk=reader.get_int("num_experts_per_tok"),
+        moe_layers=(True,) * layers if every_layer else layers_from_sparse_step(reader, layers),
+        normalize_topk=(normalize_topk if normalize_topk is not None
+                        else reader.get_bool("norm_topk_prob", False)),
+        shared_expert_size=(reader.get_int(shared_expert_key) if shared_expert_key is not None
+                            else None),
+        shared_expert_gate=shared_expert_key is not None,
+        aux_loss_coeff=aux_loss_coeff(reader),
+    ), reader.where)
+    return hf_model_info(reader, config, model_type=model_type, architecture=architecture,
+                         described_fields=described_fields)
+
+
+def refuse_attention_bias(reader: ConfigReader) -> None:
+    """Refuse `attention_bias=true` where it biases q/k/v and o_proj but not the experts."""
+    if reader.get_bool("attention_bias", False):
+        raise UnsupportedHFModelError(
+            f"{reader.where}: attention_bias=true puts a bias on o_proj but not on the experts, "
+            "which protoformer's add_bias_linear cannot represent")
 
 
 def refuse_sliding_window(reader: ConfigReader, *, switch: str | None = None) -> None:

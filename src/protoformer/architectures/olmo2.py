@@ -29,6 +29,7 @@ from protoformer.architectures.conversion import (
     TensorRule,
     UnsupportedHFModelError,
     activation_name,
+    hf_model_info,
     same,
 )
 from protoformer.architectures.gemma2 import sandwich_rules
@@ -97,16 +98,8 @@ def parse_olmo2_config(values: Mapping[str, object], dtype: torch.dtype) -> HFMo
             f"{_WHERE}: head_dim={config.head_dim} with hidden_size={config.hidden_size} and "
             f"num_attention_heads={config.num_attention_heads}: transformers sizes OLMo 2's "
             "heads by hidden_size / num_attention_heads, so head_dim must equal it")
-    return HFModelInfo(
-        model_type="olmo2",
-        architecture=_HF_CLASS,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
-        hf_config=dict(values),
-        described_fields=(*DESCRIBED_FIELDS, "num_query_groups", "kv_channels"),
-    )
+    return hf_model_info(reader, config, model_type="olmo2", architecture=_HF_CLASS,
+                         described_fields=(*DESCRIBED_FIELDS, "num_query_groups", "kv_channels"))
 
 
 def export_olmo2_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict:

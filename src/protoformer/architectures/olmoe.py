@@ -33,14 +33,12 @@ from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.moe_conversion import (
     MOE_DESCRIBED_FIELDS,
     ExpertNames,
-    MoEFields,
-    aux_loss_coeff,
     gpt_moe_config_values,
     gpt_moe_exportable_problems,
     moe_layer_rules,
-    read_gpt_attention_config,
+    read_gpt_moe_info,
+    refuse_attention_bias,
     refuse_sliding_window,
-    with_moe,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
@@ -92,35 +90,17 @@ def parse_olmoe_config(values: Mapping[str, object], dtype: torch.dtype) -> HFMo
     if clip is not None:
         raise UnsupportedHFModelError(f"{_WHERE}: clip_qkv={clip!r} is not supported; protoformer "
                                       "does not clamp queries, keys and values (set it to null)")
-    if reader.get_bool("attention_bias", False):
-        raise UnsupportedHFModelError(f"{_WHERE}: attention_bias=true puts a bias on o_proj but "
-                                      "not on the experts, which add_bias_linear cannot represent")
-    expert_ffn = reader.get_int("intermediate_size")
-    config = read_gpt_attention_config(reader, dtype, ffn_hidden_size=expert_ffn,
-                                       qk_layernorm=False, add_qkv_bias=False)
+    refuse_attention_bias(reader)
+    info = read_gpt_moe_info(reader, dtype, model_type="olmoe", architecture=_HF_CLASS,
+                             experts_key="num_experts", expert_ffn_key="intermediate_size",
+                             normalize_topk=None, described_fields=_DESCRIBED)
+    config = info.config
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         raise UnsupportedHFModelError(
             f"{_WHERE}: head_dim={config.head_dim} with hidden_size={config.hidden_size} and "
             f"num_attention_heads={config.num_attention_heads}: transformers sizes OLMoE's q/k "
             "norms by hidden_size / num_attention_heads, so head_dim must equal it")
-    config = with_moe(config, MoEFields(
-        num_experts=reader.get_int("num_experts"),
-        expert_ffn_size=expert_ffn,
-        topk=reader.get_int("num_experts_per_tok"),
-        moe_layers=(True,) * config.num_layers,
-        normalize_topk=reader.get_bool("norm_topk_prob", False),
-        aux_loss_coeff=aux_loss_coeff(reader),
-    ), _WHERE)
-    return HFModelInfo(
-        model_type="olmoe",
-        architecture=_HF_CLASS,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
-        hf_config=dict(values),
-        described_fields=_DESCRIBED,
-    )
+    return info
 
 
 def export_olmoe_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict:

@@ -30,17 +30,13 @@ from protoformer.architectures.conversion import (
 )
 from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.moe_conversion import (
-    MOE_DESCRIBED_FIELDS,
     ExpertNames,
-    MoEFields,
-    aux_loss_coeff,
     gpt_moe_config_values,
     gpt_moe_exportable_problems,
-    layers_from_sparse_step,
     moe_layer_rules,
-    read_gpt_attention_config,
+    read_gpt_moe_info,
+    refuse_attention_bias,
     refuse_sliding_window,
-    with_moe,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
@@ -60,35 +56,15 @@ def parse_qwen_moe_config(values: Mapping[str, object], model_type: str,
     reader = ConfigReader(values, f"{hf_class} config")
     refuse_sliding_window(reader, switch="use_sliding_window")
     qwen2 = model_type == "qwen2_moe"
-    if not qwen2 and reader.get_bool("attention_bias", False):
-        raise UnsupportedHFModelError(
-            f"{reader.where}: attention_bias=true puts a bias on o_proj but not on the experts, "
-            "which protoformer's add_bias_linear cannot represent")
-    config = read_gpt_attention_config(
-        reader, dtype, ffn_hidden_size=reader.get_int("intermediate_size"),
-        qk_layernorm=not qwen2, add_qkv_bias=qwen2 and reader.get_bool("qkv_bias", True))
+    if not qwen2:
+        refuse_attention_bias(reader)
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
     experts_key = "num_experts" if reader.present("num_experts") else "num_local_experts"
-    config = with_moe(config, MoEFields(
-        num_experts=reader.get_int(experts_key),
-        expert_ffn_size=reader.get_int("moe_intermediate_size"),
-        topk=reader.get_int("num_experts_per_tok"),
-        moe_layers=layers_from_sparse_step(reader, config.num_layers),
-        normalize_topk=reader.get_bool("norm_topk_prob", False),
-        shared_expert_size=reader.get_int("shared_expert_intermediate_size") if qwen2 else None,
-        shared_expert_gate=qwen2,
-        aux_loss_coeff=aux_loss_coeff(reader),
-    ), reader.where)
-    return HFModelInfo(
-        model_type=model_type,
-        architecture=hf_class,
-        config=config,
-        vocab_size=reader.get_int("vocab_size"),
-        max_sequence_length=reader.get_int("max_position_embeddings"),
-        tie_word_embeddings=reader.get_bool("tie_word_embeddings", False),
-        hf_config=dict(values),
-        described_fields=MOE_DESCRIBED_FIELDS,
-    )
+    return read_gpt_moe_info(
+        reader, dtype, model_type=model_type, architecture=hf_class, experts_key=experts_key,
+        expert_ffn_key="moe_intermediate_size", normalize_topk=None, every_layer=False,
+        qk_layernorm=not qwen2, add_qkv_bias=qwen2 and reader.get_bool("qkv_bias", True),
+        shared_expert_key="shared_expert_intermediate_size" if qwen2 else None)
 
 
 def export_qwen_moe_config(config: TransformerConfig, sizes: ModelSizes,
