@@ -1,4 +1,4 @@
-"""The `protoformer` command: `train`, `prepare-data`, `generate`, `inspect` and `check`.
+"""The `protoformer` command: `train`, `prepare-data`, `generate`, `export`, `inspect`, `check`.
 
 Errors in what the user gave (an unknown preset, a missing file, a corrupt checkpoint, a
 miswired spec, an optional package that is not installed) print one line,
@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from protoformer.cli import check, generate, inspect, prepare_data, train
+from protoformer.cli import check, export, generate, inspect, prepare_data, train
 from protoformer.distributed import DEBUG_VARIABLE, debug_enabled
 from protoformer.spec import SpecError
 from protoformer.train.checkpoint import CheckpointError
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(commands)
     prepare_data.add_parser(commands)
     generate.add_parser(commands)
+    export.add_parser(commands)
     inspect.add_parser(commands)
     check.add_parser(commands)
     return parser

@@ -49,6 +49,7 @@ _FLAGS = {
     "fsdp": "fsdp", "reshard_after_forward": "reshard_after_forward",
     "pp": "pp", "pp_schedule": "pp_schedule",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
+    "ckpt_format": "ckpt_format", "async_save": "async_save",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -171,6 +172,14 @@ def add_parser(commands: _Subparsers) -> None:
                         action="store_false", default=None,
                         help="with --fsdp: keep each layer's gathered parameters from forward "
                              "to backward (more memory, less communication)")
+    parser.add_argument("--ckpt-format", choices=("torch_dist", "safetensors"),
+                        help="checkpoint format: torch_dist (sharded, torch.distributed."
+                             "checkpoint; resumes on another --tp/--fsdp layout or one process) "
+                             "or safetensors (one file per tensor-parallel rank); default "
+                             "torch_dist with --fsdp or --pp, else safetensors")
+    parser.add_argument("--async-save", action="store_true", default=None,
+                        help="with torch_dist checkpoints: write them in the background while "
+                             "training goes on (published at the next save or at the end)")
     parser.add_argument("--dist-timeout", type=float,
                         help="seconds a rank waits for the others in a collective before the "
                              f"run fails (default {d.dist_timeout:.0f})")

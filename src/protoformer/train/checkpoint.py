@@ -178,7 +178,8 @@ def load_checkpoint(
     the problem and leaves both unchanged. A checkpoint saved with tensor parallelism loads
     its weights into this single-process model by merging the shards
     (`protoformer.train.checkpoint_merge`); its optimizer state needs the same split. A
-    sharded (DCP) checkpoint of an FSDP run saved without tensor parallelism loads whole.
+    sharded (torch_dist / DCP) checkpoint loads whole whatever layout saved it (weights and
+    optimizer state).
     A file that state.json records no checksum for is refused unless `verify=False`, which
     skips the size and checksum comparison (the user asked to load an unverified copy).
     """
@@ -186,7 +187,7 @@ def load_checkpoint(
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     document = read_state(directory)
-    if is_sharded_checkpoint(document):  # written by an FSDP run: DCP re-slices it
+    if is_sharded_checkpoint(document):  # torch_dist: DCP re-slices it for one process
         return load_sharded_checkpoint(directory, model, optimizer, pg=ProcessGroups())
     saved_tp = saved_tensor_parallel_size(document)
     saved_ep = saved_expert_parallel_size(document)

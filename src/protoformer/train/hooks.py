@@ -22,7 +22,7 @@ from protoformer.distributed import LaunchEnvironment
 from protoformer.flops import flops_per_token
 from protoformer.interop.hf_tokenizer import TOKENIZER_FILE
 from protoformer.train.checkpoint import save_checkpoint
-from protoformer.train.checkpoint_dcp import save_sharded_checkpoint
+from protoformer.train.checkpoint_dcp import PendingSave, start_sharded_checkpoint
 from protoformer.train.checkpoint_dist import save_distributed_checkpoint
 from protoformer.train.dataset import bits_per_byte
 from protoformer.train.loss import evaluate, evaluate_pipeline
@@ -235,15 +235,25 @@ class ProgressLog:
 
 
 class Checkpointing:
-    """Saves the run every `save_every` steps and at the last (collective under torchrun)."""
+    """Saves the run every `save_every` steps and at the last (collective under torchrun).
+
+    With `--async-save` a sharded save is written in the background and published when the
+    next one starts or the run ends (`finish`)."""
 
     def __init__(self, run: TrainRun) -> None:
         self._run = run
+        self._pending: PendingSave | None = None
 
     def after_step(self, report: StepReport) -> None:
         run = self._run
         if _is_due(report.step, run.options.save_every, run.options.steps):
             run.checkpoint = self.save(report.step)
+
+    def finish(self) -> None:
+        """Publish the save still being written, if any (collective)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._run.checkpoint = pending.finish()
 
     def save(self, step: int) -> Path:
         run = self._run
@@ -251,12 +261,15 @@ class Checkpointing:
                              run.validation_losses, run.data)
         tokenizer = run.tokenizer.file  # the tokenizer travels with every checkpoint
         extra = {TOKENIZER_FILE: tokenizer} if tokenizer is not None else {}
-        if run.options.fsdp or run.pipeline is not None:
-            # Sharded (DCP): each rank writes its shards or stages under the model's names.
-            # (The tokenizer file is not copied into sharded checkpoints.)
-            return save_sharded_checkpoint(run.options.out_dir, step, run.trained,
-                                           run.optimizer, document, pg=run.pg,
-                                           rng_state=rng_state())
+        if run.options.sharded_checkpoints:
+            self.finish()
+            pending = start_sharded_checkpoint(
+                run.options.out_dir, step, run.trained, run.optimizer, document, pg=run.pg,
+                rng_state=rng_state(), extra_files=extra, asynchronous=run.options.async_save)
+            if not run.options.async_save:
+                return pending.finish()
+            self._pending = pending
+            return run.checkpoint if run.checkpoint is not None else pending.step_directory
         if run.launch.is_distributed:
             return save_distributed_checkpoint(run.options.out_dir, step, run.model,
                                                run.optimizer, document, pg=run.pg,

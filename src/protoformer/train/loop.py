@@ -194,6 +194,7 @@ def _run_steps(run: TrainRun, progress: TrainProgress, metrics: MetricsLog,
         if on_step is not None:
             on_step(StepMetrics(report.step, report.loss, report.lr, report.grad_norm,
                                 report.tokens_per_second, report.validation_loss))
+    checkpointing.finish()  # an asynchronous save still being written is published
     return loss_log
 
 

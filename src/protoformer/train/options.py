@@ -78,6 +78,14 @@ class TrainOptions:
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over the data-parallel ranks (FSDP2)
     instead of replicating them (DDP); checkpoints are then sharded (DCP)."""
+    ckpt_format: str | None = None
+    """Checkpoint format (Megatron-Core's names): "torch_dist" (sharded with
+    `torch.distributed.checkpoint`, resumable on another --tp / --fsdp layout) or "safetensors"
+    (one file per tensor-parallel rank); None: torch_dist with `fsdp` or `pp`, else
+    safetensors."""
+    async_save: bool = False
+    """With torch_dist checkpoints: write them in a background thread (`dcp.async_save`);
+    each is published when the next save starts or the run ends."""
     reshard_after_forward: bool = True
     """With `fsdp`: free each layer's gathered parameters after its forward (gather again in
     backward); False keeps them (more memory, less communication)."""
@@ -148,6 +156,17 @@ class TrainOptions:
         resolve_schedule(self.pp_schedule, self.virtual_pipeline_model_parallel_size)
         if self.pipelined:
             _check_pipeline_combinations(self)
+        if self.ckpt_format not in (None, "torch_dist", "safetensors"):
+            raise ValueError(f"ckpt_format={self.ckpt_format!r}: use torch_dist or safetensors")
+        if (self.fsdp or self.pp > 1) and self.ckpt_format == "safetensors":
+            raise ValueError(f"--{'fsdp' if self.fsdp else 'pp'} writes sharded checkpoints: use "
+                             "--ckpt-format torch_dist (or leave the flag out)")
+        if self.sharded_checkpoints and self.ep > 1:
+            raise ValueError("--ckpt-format torch_dist does not map expert parallelism yet: "
+                             "use --ckpt-format safetensors with --ep (and no --fsdp)")
+        if self.async_save and not self.sharded_checkpoints:
+            raise ValueError("--async-save needs sharded checkpoints: add --ckpt-format "
+                             "torch_dist (or --fsdp)")
         if not 0 <= self.warmup_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps}: must be >= 0")
         if not (self.lr > 0.0 and math.isfinite(self.lr)):
@@ -194,6 +213,12 @@ class TrainOptions:
                           warmup_steps=warmup, total_steps=self.steps,
                           decay_style=self.lr_decay_style, wsd_decay_steps=wsd)
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are torch_dist (DCP) ones."""
+        return self.ckpt_format == "torch_dist" or (
+            self.ckpt_format is None and (self.fsdp or self.pp > 1))
+
     def to_json(self) -> dict[str, JSONValue]:
         """The options as stored in a checkpoint: all but where and how the run is shown."""
         document: dict[str, JSONValue] = {}
@@ -226,15 +251,20 @@ def _check_pipeline_combinations(options: TrainOptions) -> None:
                          "--spec with --pp")
 
 
-def check_resumable(saved: JSONValue, options: TrainOptions, where: Path) -> None:
-    """Refuse to resume when `saved` (a checkpoint's train_options) defines a different run."""
+def check_resumable(saved: JSONValue, options: TrainOptions, where: Path, *,
+                    any_layout: bool = False) -> None:
+    """Refuse to resume when `saved` (a checkpoint's train_options) defines a different run.
+
+    `any_layout`: the checkpoint is a sharded (torch_dist) one, which resumes on another
+    tensor-parallel size (`tp` may change; `pp` is not run-defining)."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where}: state.json has no 'train_options'; cannot resume")
     current = options.to_json()
     changed = [f"{name}: checkpoint {saved.get(name, _IMPLIED.get(name))!r}, now "
                f"{current.get(name)!r}"
                for name in RUN_DEFINING
-               if saved.get(name, _IMPLIED.get(name)) != current.get(name)]
+               if not (any_layout and name == "tp")
+               and saved.get(name, _IMPLIED.get(name)) != current.get(name)]
     if changed:
         raise ValueError(f"cannot resume from {where}: the run was started with different "
                          f"settings ({'; '.join(changed)}); use the same ones or a new --out")

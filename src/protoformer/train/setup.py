@@ -30,6 +30,7 @@ from protoformer.parallel.pipeline_schedule import (
 from protoformer.parallel.random import model_parallel_manual_seed
 from protoformer.recipes import get_preset
 from protoformer.train.checkpoint import JSONValue, latest_checkpoint, read_state
+from protoformer.train.checkpoint_dcp import is_sharded_checkpoint, layout_change_note
 from protoformer.train.data import BatchSampler, validation_batches
 from protoformer.train.dataset import TrainingData, load_training_data, resolve_run_tokenizer
 from protoformer.train.options import TrainOptions, check_resumable
@@ -169,7 +170,8 @@ def _saved_run(options: TrainOptions) -> tuple[Path | None, dict[str, JSONValue]
         raise ValueError(f"--resume: no checkpoint in {options.out_dir / 'checkpoints'}; "
                          "train without --resume to start a new run")
     saved = read_state(checkpoint)
-    check_resumable(saved.get("train_options"), options, checkpoint)
+    check_resumable(saved.get("train_options"), options, checkpoint,
+                    any_layout=is_sharded_checkpoint(saved))
     return checkpoint, saved
 
 
@@ -321,6 +323,10 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
         run.start_step, run.train_losses, run.validation_losses = resumed
         run.messages.append(f"resumed from {checkpoint} at step {run.start_step}")
         run.messages.extend(_schedule_change(saved, options, run.start_step))
+        if saved is not None and is_sharded_checkpoint(saved):
+            note = layout_change_note(saved, pg, launch.world_size)
+            if note is not None:
+                run.messages.append(note)
         if run.start_step >= options.steps:  # the loop runs no step
             run.messages.append(f"note: the checkpoint is already at step {run.start_step}, at "
                                 f"or past --steps {options.steps}: nothing left to train; raise "
