@@ -214,10 +214,10 @@ def start_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         temp.mkdir()
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    # Only the per-parameter optimizer states: the hyperparameters (param_groups) come from the
+    # resuming run's options, and differ per pipeline stage (one DCP key would collide).
     states = _global_states(model, model_state, cast("Mapping[str, object]", optimizer_state),
                             pg)
-    states["optimizer"] = {**cast("_State", states["optimizer"]),
-                           "param_groups": optimizer_state["param_groups"]}
     upload: Future[object] | None = None
     if asynchronous:
         if not distributed:  # the warning comes from the writing thread: filtered for good
