@@ -34,7 +34,11 @@ from typing import cast
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint import state_dict_loader, state_dict_saver
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.optim import Optimizer
 
 from protoformer.distributed import all_gather_objects, barrier
@@ -296,7 +300,10 @@ def _load_per_tensor_parallel_rank(directory: Path, document: Mapping[str, JSONV
             f"parallelism over {saved_tp} rank(s), but this run uses --tp {pg.tp_size}; "
             f"resume with --tp {saved_tp}")
     optimizers = [] if optimizer is None else [optimizer]
-    model_state, optimizer_state = get_state_dict(model, optimizers, options=_OPTIONS)
+    # Saved by the first pipeline-parallel version: the optimizer state flattened per name.
+    options = StateDictOptions(flatten_optimizer_state_dict=isinstance(layout, dict)
+                               and "pipeline_parallel" in layout)
+    model_state, optimizer_state = get_state_dict(model, optimizers, options=options)
     wanted: dict[str, object] = {"model": model_state}
     if optimizer is not None:
         wanted["optimizer"] = optimizer_state
@@ -305,7 +312,8 @@ def _load_per_tensor_parallel_rank(directory: Path, document: Mapping[str, JSONV
         _dcp_load({prefix: wanted}, checkpoint_id=directory / DCP_DIR,
                   no_dist=not dist.is_initialized())
     set_state_dict(model, optimizers, model_state_dict=model_state,
-                   optim_state_dict=optimizer_state if optimizer is not None else {})
+                   optim_state_dict=optimizer_state if optimizer is not None else {},
+                   options=options)
     return dict(document)
 
 
