@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from protoformer.config import TransformerConfig
 
-__all__ = ["MemoryEstimate", "ModelTooLargeError", "available_bytes", "check_fits",
-           "estimate_model_memory"]
+__all__ = ["LayoutMemory", "MemoryEstimate", "ModelTooLargeError", "ParallelLayout",
+           "activation_bytes_per_layer", "available_bytes", "check_fits",
+           "estimate_layout_memory", "estimate_model_memory"]
 
 SKIP_ENV = "PROTOFORMER_SKIP_MEMORY_CHECK"
 _ADAM_BYTES_PER_PARAMETER = 8  # exp_avg and exp_avg_sq, float32
@@ -124,3 +126,167 @@ def _bytes(value: int) -> str:
         if value >= scale:
             return f"{value / scale:.1f} {unit}"
     return f"{value} bytes"
+
+
+# --- "will it fit": per-GPU memory of a training layout ------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """A training layout: tensor / pipeline / data-parallel sizes, micro-batch, sequence."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    """Data-parallel size (FSDP's shard count when `fsdp`, else DDP replicas)."""
+    fsdp: bool = False
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    """"none" (every layer keeps its activations) or "full" (each layer keeps its input only
+    and recomputes the rest in backward)."""
+    num_microbatches: int = 1
+    """Micro-batches per step and pipeline: 1F1B keeps min(pp - stage, this) in flight."""
+    compute_bytes: int = 2
+    """Bytes per element of the activations autocast computes in (bf16 on GPU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "micro_batch_size", "seq_len", "num_microbatches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if self.recompute not in ("none", "full"):
+            raise ValueError(f"recompute={self.recompute!r}: use none or full")
+
+
+@dataclass(frozen=True)
+class LayoutMemory:
+    """Bytes one GPU of the most loaded pipeline stage needs to train (see `estimate_layout_memory`)."""
+
+    stage: int
+    parameters: int  # held on this GPU (its tensor-parallel slice, its FSDP shard)
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int  # AdamW exp_avg + exp_avg_sq (the parameters' dtype)
+    gathered_bytes: int  # FSDP: all-gathered parameters and unsharded gradients in flight
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes
+                + self.gathered_bytes + self.activation_bytes)
+
+    def lines(self) -> list[str]:
+        """The report `protoformer inspect --tp/--pp/--fsdp` prints."""
+        rows = [("parameters", self.parameter_bytes), ("gradients", self.gradient_bytes),
+                ("optimizer state (AdamW m, v)", self.optimizer_bytes)]
+        if self.gathered_bytes:
+            rows.append(("FSDP gathered parameters / gradients", self.gathered_bytes))
+        rows += [("activations", self.activation_bytes), ("total", self.total_bytes)]
+        return [f"  {name:<38} {_bytes(value):>12}" for name, value in rows]
+
+
+def activation_bytes_per_layer(config: TransformerConfig, layout: ParallelLayout) -> int:
+    """Activation bytes one transformer layer saves for backward, for one micro-batch.
+
+    Korthikanti et al. (2022)'s count, adapted to what our layers save under bf16 autocast with
+    fused (flash) attention: no s x s score or dropout tensors (the `5as/h` term goes), the
+    residual stream in float32. Per token (T = s b), t = tp:
+      norms: input (fp32) + normalised output (bf16) for attention and MLP: 2 (4h + 2h)
+      attention: q, k, v after RoPE (2 (h + 2 g d) / t), the output and its [s, b, h] copy
+        for the output projection (2 * 2h / t)
+      MLP: fc1 output (2 * 2F/t gated, 2F/t otherwise), the activation's output and (gated)
+        the product fed to fc2 (2F/t each)
+    Sequence parallelism divides the norm terms by t. Full recompute keeps only the layer
+    input (4h, / t with SP)."""
+    tokens = layout.micro_batch_size * layout.seq_len
+    t, hidden, c = layout.tp, config.hidden_size, layout.compute_bytes
+    norm_share = t if layout.sequence_parallel else 1
+    if layout.recompute == "full":
+        return tokens * 4 * hidden // norm_share
+    kv = 2 * config.query_groups * config.head_dim
+    norms = 2 * (4 * hidden + c * hidden) // norm_share
+    attention = c * (hidden + kv) // t + 2 * c * hidden // t
+    ffn = config.ffn_size
+    mlp = (c * 2 * ffn // t + 2 * c * ffn // t) if config.gated_linear_unit \
+        else (c * ffn // t + c * ffn // t)
+    return tokens * (norms + attention + mlp)
+
+
+def _stage_of(name: str, layers_per_stage: int, pp: int) -> int:
+    """The pipeline stage holding parameter `name` (Megatron-Core's split: embedding first,
+    final norm and output layer last, layers in equal consecutive ranges)."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "decoder" and parts[1] == "layers":
+        return int(parts[2]) // layers_per_stage
+    if parts[0] in ("embedding", "position_embeddings"):
+        return 0
+    return pp - 1
+
+
+def estimate_layout_memory(model: nn.Module, config: TransformerConfig, vocab_size: int,
+                           layout: ParallelLayout) -> LayoutMemory:
+    """Per-GPU training memory of `model` (built on one process, e.g. on the meta device) in
+    `layout`, for the pipeline stage that needs the most.
+
+    Parameters: each parameter's `ParallelMetadata` says whether it is split over the
+    tensor-parallel ranks (numel / tp) or replicated; FSDP divides by `dp`. Gradients take
+    the parameters' size and dtype (no separate float32 main copy: bf16 autocast keeps
+    float32 parameters as the main weights), AdamW two moments in the parameters' dtype. FSDP
+    adds the gathered (bf16) parameters of the root module and of two layers (the one running
+    and the one prefetched) and one layer's unsharded float32 gradients. Activations:
+    `activation_bytes_per_layer` x layers of the stage x micro-batches in flight (1F1B: pp -
+    stage), plus the last stage's float32 logits of one micro-batch (vocab / tp).
+    """
+    from protoformer.parallel.parameters import parallel_metadata  # (parallel imports models)
+
+    if config.num_layers % layout.pp != 0:
+        raise ValueError(f"--pp {layout.pp} must divide the {config.num_layers} layers")
+    per_stage = config.num_layers // layout.pp
+    stage_params = [0] * layout.pp
+    stage_bytes = [0] * layout.pp
+    layer_params = 0  # one layer's tensor-parallel-local parameters
+    root_params = 0  # FSDP's root unit: embedding, final norm, output layer
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        local = param.numel()
+        if parallel_metadata(param).partition_dim is not None:
+            local = -(-local // layout.tp)
+        stage = _stage_of(name, per_stage, layout.pp)
+        if id(param) in seen and stage == 0:
+            continue  # tied: held once on a single stage
+        seen.add(id(param))
+        stage_params[stage] += local
+        stage_bytes[stage] += local * param.element_size()
+        if name.startswith("decoder.layers.0."):
+            layer_params += local
+        elif not name.startswith("decoder.layers."):
+            root_params += local
+    shards = layout.dp if layout.fsdp else 1
+    per_layer = activation_bytes_per_layer(config, layout)
+    tokens = layout.micro_batch_size * layout.seq_len
+    best: LayoutMemory | None = None
+    for stage in range(layout.pp):
+        in_flight = min(layout.pp - stage, layout.num_microbatches)
+        activations = per_stage * in_flight * per_layer
+        if layout.recompute == "full":
+            activations += activation_bytes_per_layer(
+                config, ParallelLayout(tp=layout.tp, micro_batch_size=layout.micro_batch_size,
+                                       seq_len=layout.seq_len,
+                                       sequence_parallel=layout.sequence_parallel,
+                                       compute_bytes=layout.compute_bytes))
+        if stage == layout.pp - 1:
+            activations += tokens * 4 * vocab_size // layout.tp
+        gathered = 0
+        if layout.fsdp and layout.dp > 1:
+            gathered = layout.compute_bytes * (root_params + 2 * layer_params) + 4 * layer_params
+        params = -(-stage_params[stage] // shards)
+        param_bytes = -(-stage_bytes[stage] // shards)
+        estimate = LayoutMemory(stage=stage, parameters=params, parameter_bytes=param_bytes,
+                                gradient_bytes=param_bytes, optimizer_bytes=2 * param_bytes,
+                                gathered_bytes=gathered, activation_bytes=activations)
+        if best is None or estimate.total_bytes > best.total_bytes:
+            best = estimate
+    assert best is not None
+    return best

@@ -23,6 +23,8 @@ from protoformer.flops import (
     flops_per_token,
     inactive_expert_params,
 )
+from protoformer.memory import ParallelLayout, estimate_layout_memory
+from protoformer.models import GPTModel
 from protoformer.recipes import get_preset, list_presets
 from protoformer.recipes.t5_presets import get_t5_preset, list_t5_presets
 from protoformer.spec import diff, spec_equal
@@ -48,9 +50,22 @@ def add_parser(commands: _Subparsers) -> None:
                     f"encoder-decoder: {', '.join(list_t5_presets())}.")
     parser.add_argument("preset", help="preset name")
     parser.add_argument("--backend", default="local", help="backend (default local)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help=f"sequence length for the FLOPs count (default: "
-                             f"min({DEFAULT_FLOPS_SEQ_LEN}, the preset's maximum))")
+    parser.add_argument("--seq-len", "--seq", type=int, default=None,
+                        help=f"sequence length for the FLOPs count and the memory estimate "
+                             f"(default: min({DEFAULT_FLOPS_SEQ_LEN}, the preset's maximum))")
+    fit = parser.add_argument_group(
+        "will it fit", "per-GPU training memory for a layout (any of these flags turns it on): "
+        "parameters, gradients, AdamW state and activations of the most loaded pipeline stage")
+    fit.add_argument("--tp", type=int, help="tensor-parallel size (default 1)")
+    fit.add_argument("--pp", type=int, help="pipeline-parallel size (default 1)")
+    fit.add_argument("--fsdp", type=int, metavar="D",
+                     help="FSDP2 over D data-parallel ranks (parameters, gradients and optimizer "
+                          "state sharded D ways)")
+    fit.add_argument("--micro-batch-size", type=int, help="sequences per micro-batch (default 1)")
+    fit.add_argument("--sequence-parallel", action="store_true",
+                     help="with --tp: norms on sequence slices (their activations / tp)")
+    fit.add_argument("--recompute", choices=("none", "full"), default=None,
+                     help="activation recomputation (default none)")
     add_spec_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -292,4 +307,27 @@ def run(args: argparse.Namespace) -> int:
                             layer_spec=spec)
     for line in format_report(report):
         print(line)
+    fit = (args.tp, args.pp, args.fsdp, args.micro_batch_size, args.recompute)
+    if any(value is not None for value in fit) or args.sequence_parallel:
+        for line in _fit_lines(args, report, preset.vocab_size):
+            print(line)
     return 0
+
+
+def _fit_lines(args: argparse.Namespace, report: PresetReport, vocab_size: int) -> list[str]:
+    """The "will it fit" section: `estimate_layout_memory` for the flags' layout."""
+    model = report.model
+    assert isinstance(model, GPTModel)
+    pp = int(args.pp or 1)
+    layout = ParallelLayout(tp=int(args.tp or 1), pp=pp, dp=int(args.fsdp or 1),
+                            fsdp=args.fsdp is not None,
+                            micro_batch_size=int(args.micro_batch_size or 1),
+                            seq_len=report.seq_len, sequence_parallel=bool(args.sequence_parallel),
+                            recompute=str(args.recompute or "none"), num_microbatches=pp)
+    memory = estimate_layout_memory(model, model.config, vocab_size, layout)
+    where = f"pipeline stage {memory.stage} of {pp} (the most loaded)" if pp > 1 else "one stage"
+    dp = f"FSDP over {layout.dp}" if layout.fsdp else "DDP / one replica"
+    return ["", f"memory per GPU, training: tp={layout.tp} x pp={pp} x {dp}, micro-batch "
+                f"{layout.micro_batch_size} x seq {layout.seq_len}, bf16 activations, "
+                f"recompute {layout.recompute}; {where}, {memory.parameters:,} parameters:",
+            *memory.lines()]
