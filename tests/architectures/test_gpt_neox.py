@@ -84,3 +84,25 @@ def test_pythia_1b_preset_has_the_published_parameter_count() -> None:
     assert all(layer.parallel_residual for layer in model.decoder.layers)
     # EleutherAI/pythia-1b: 1,011,781,632 parameters.
     assert sum(p.numel() for p in model.parameters()) == 1_011_781_632
+
+
+def test_an_older_checkpoint_file_with_embed_out_and_mask_buffers_loads(tmp_path: Path) -> None:
+    # transformers 4 era files (Pythia on the hub): the head is `embed_out.weight` and each
+    # layer may store its causal-mask buffers; half precision, which from_hf keeps.
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    hf_model = neox()
+    state = {name: tensor.half() for name, tensor in hf_model.state_dict().items()}
+    state["embed_out.weight"] = state.pop("lm_head.weight")
+    for index in range(2):
+        state[f"gpt_neox.layers.{index}.attention.bias"] = torch.ones(1, 1, 64, 64).tril()
+        state[f"gpt_neox.layers.{index}.attention.masked_bias"] = torch.tensor(-1e9)
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_model.config.to_dict()))
+    with pytest.warns(UserWarning, match="not loading 4 tensor"):
+        ours = from_hf(tmp_path)
+    assert ours.embedding.weight.dtype == torch.float16
+    assert torch.equal(ours.output_layer.weight, state["embed_out.weight"])

@@ -201,7 +201,11 @@ class GPTNeoXArchitecture:
         return export_gpt_neox_config(config, sizes, parallel_residual=True)
 
 
-register_architecture(GPTNeoXArchitecture())
+# Pythia and GPT-NeoX-20B checkpoint files (transformers 4) name the output layer embed_out
+# and may store each layer's causal-mask buffers (transformers skips them too).
+register_architecture(GPTNeoXArchitecture(),
+                      renamed_tensors={"embed_out.weight": "lm_head.weight"},
+                      unused_tensor_suffixes=(".attention.bias", ".attention.masked_bias"))
 
 
 # ------------------------------------------------------------------ presets of published sizes

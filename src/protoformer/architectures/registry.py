@@ -50,8 +50,10 @@ __all__ = [
     "register_architecture",
     "register_seq2seq_architecture",
     "registered_model_types",
+    "renamed_tensors",
     "seq2seq_architecture",
     "supported_list",
+    "unused_tensor_suffixes",
 ]
 
 
@@ -140,6 +142,8 @@ class Seq2SeqArchitecture(Protocol):
 SUPPORTED_ARCHITECTURES: dict[str, str] = {}
 _CAUSAL: dict[str, CausalLMArchitecture] = {}
 _SEQ2SEQ: dict[str, Seq2SeqArchitecture] = {}
+_RENAMED: dict[str, dict[str, str]] = {}
+_UNUSED: dict[str, tuple[str, ...]] = {}
 # model_type -> why it is refused (a family's unsupported relative, e.g. a multimodal variant).
 _REFUSED: dict[str, str] = {}
 
@@ -152,11 +156,30 @@ def _claim(model_type: str, hf_class: str) -> None:
     SUPPORTED_ARCHITECTURES[model_type] = hf_class
 
 
-def register_architecture(architecture: CausalLMArchitecture) -> None:
+def register_architecture(architecture: CausalLMArchitecture, *,
+                          renamed_tensors: Mapping[str, str] | None = None,
+                          unused_tensor_suffixes: tuple[str, ...] = ()) -> None:
     """Make `architecture` the handler of its `model_type` (a family owns its model types:
-    registering one twice is an error)."""
+    registering one twice is an error). `renamed_tensors`: names older checkpoint files use
+    -> the names `tensor_rules` read (e.g. GPT-NeoX's `embed_out.weight` -> `lm_head.weight`),
+    applied when loading; `unused_tensor_suffixes`: stored buffers older files carry that the
+    model recomputes (e.g. GPT-NeoX's `attention.bias` causal mask), skipped with a warning."""
     _claim(architecture.model_type, architecture.hf_class)
     _CAUSAL[architecture.model_type] = architecture
+    if renamed_tensors:
+        _RENAMED[architecture.model_type] = dict(renamed_tensors)
+    if unused_tensor_suffixes:
+        _UNUSED[architecture.model_type] = unused_tensor_suffixes
+
+
+def unused_tensor_suffixes(model_type: str) -> tuple[str, ...]:
+    """Suffixes of stored tensors `model_type`'s loader skips (see `register_architecture`)."""
+    return _UNUSED.get(model_type, ())
+
+
+def renamed_tensors(model_type: str) -> Mapping[str, str]:
+    """Older tensor names -> current ones for `model_type` (empty for most families)."""
+    return _RENAMED.get(model_type, {})
 
 
 def register_seq2seq_architecture(architecture: Seq2SeqArchitecture) -> None:

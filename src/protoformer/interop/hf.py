@@ -44,10 +44,15 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
 )
 from protoformer.architectures.moe_conversion import uses_fused_experts
-from protoformer.architectures.registry import default_export_architectures
+from protoformer.architectures.registry import (
+    default_export_architectures,
+    renamed_tensors,
+    unused_tensor_suffixes,
+)
 from protoformer.backends import get_backend
 from protoformer.config import TransformerConfig
 from protoformer.interop.hf_files import (
+    RenamedSource,
     SafetensorsSource,
     StateDictSource,
     TensorSource,
@@ -245,7 +250,7 @@ def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSourc
                     "from model.embed_tokens.weight; set tie_word_embeddings=false in the config")
         elif layer is not None and layers <= int(layer.group(1)) < layers + info.extra_layers:
             ignored.append(name)
-        elif name.endswith("rotary_emb.inv_freq"):
+        elif name.endswith(("rotary_emb.inv_freq", *unused_tensor_suffixes(info.model_type))):
             ignored.append(name)
         else:
             unexpected.append(name)
@@ -256,9 +261,10 @@ def _check_names(info: HFModelInfo, rules: list[TensorRule], source: TensorSourc
             + (name_listing("unexpected", unexpected) if unexpected else "")
             + "\nCheck that config.json belongs to these weights (a *ForCausalLM checkpoint).")
     if ignored:
+        extra = (f"DeepSeek multi-token-prediction layers {layers}..."
+                 f"{layers + info.extra_layers - 1}, " if info.extra_layers else "")
         warnings.warn(f"{source.where}: not loading {len(ignored)} tensor(s) protoformer does not "
-                      f"use (DeepSeek multi-token-prediction layers {layers}..."
-                      f"{layers + info.extra_layers - 1} or stored rotary tables): "
+                      f"use ({extra}stored rotary tables or attention-mask buffers): "
                       f"{', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}",
                       stacklevel=3)
 
@@ -290,6 +296,14 @@ def open_hf_source(source: HFSource) -> tuple[JSONDict, TensorSource]:
                     f"{type(source).__qualname__}")
 
 
+def _embedding_dtype(info: HFModelInfo, tensors: TensorSource) -> torch.dtype | None:
+    names = set(tensors.names())
+    for rule in tensor_rules(info):
+        if rule.ours == "embedding.weight" and rule.theirs[0] in names:
+            return tensors.dtype(rule.theirs[0])
+    return None
+
+
 def from_hf(source: HFSource, *, dtype: torch.dtype | None = None,
             device: torch.device | str | None = None) -> GPTModel:
     """A protoformer `GPTModel` with the weights of a Hugging Face causal LM.
@@ -302,9 +316,14 @@ def from_hf(source: HFSource, *, dtype: torch.dtype | None = None,
     module: call `.eval()` for inference.
     """
     values, tensors = open_hf_source(source)
-    if dtype is None and "model.embed_tokens.weight" in tensors.names():
-        dtype = tensors.dtype("model.embed_tokens.weight")
     info = parse_hf_config(values, dtype=dtype if dtype is not None else torch.float32)
+    renamed = renamed_tensors(info.model_type)
+    if renamed:
+        tensors = RenamedSource(tensors, renamed)
+    if dtype is None:  # the checkpoint's: that of the tensor our embedding is made from
+        stored = _embedding_dtype(info, tensors)
+        if stored is not None and stored != torch.float32:
+            info = parse_hf_config(values, dtype=stored)
     if uses_fused_experts(tensors.names()):  # a transformers 5 model's routed experts
         info = dataclasses.replace(info, fused_experts=True)
     rules = tensor_rules(info)

@@ -76,6 +76,26 @@ class StateDictSource:
         return self.tensors[name].dtype
 
 
+class RenamedSource:
+    """`source` with some tensors read under new names (`renamed`: old name -> new name)."""
+
+    def __init__(self, source: TensorSource, renamed: Mapping[str, str]) -> None:
+        self.source = source
+        self.where = source.where
+        present = set(source.names())
+        self.old_of = {new: old for old, new in renamed.items() if old in present}
+
+    def names(self) -> list[str]:
+        renamed = {old: new for new, old in self.old_of.items()}
+        return [renamed.get(name, name) for name in self.source.names()]
+
+    def get(self, name: str) -> Tensor:
+        return self.source.get(self.old_of.get(name, name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(self.old_of.get(name, name))
+
+
 class _Slice(Protocol):
     def get_dtype(self) -> str: ...
 
