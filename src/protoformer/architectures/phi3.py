@@ -103,9 +103,9 @@ def parse_phi3_config(values: Mapping[str, object], dtype: torch.dtype) -> HFMod
     short: tuple[float, ...] | None = None
     long: tuple[float, ...] | None = None
     attention_factor = 1.0
-    # Phi-3 keeps the pretraining length at the top level (it wins over the rope parameters').
-    original = reader.get_int("original_max_position_embeddings",
-                              rope.get_int("original_max_position_embeddings", max_positions))
+    # Phi-3 keeps the pretraining length at the top level; transformers' Phi3Config always has
+    # it (default 4096) and it wins over the rope parameters'.
+    original = reader.get_int("original_max_position_embeddings", 4096)
     if rope_type in _LONGROPE_NAMES:
         scaling, short, long = "longrope", _factors(rope, "short_factor"), _factors(rope, "long_factor")
         factor = rope.get_float("factor", max_positions / original)
