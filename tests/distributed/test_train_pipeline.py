@@ -117,6 +117,12 @@ def test_unsupported_pipeline_layouts_are_refused_in_one_line(corpus: Path,  # n
                                                               tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
         train(dataclasses.replace(OPTIONS, pp=2, data=corpus, out_dir=tmp_path))
+    # A run checkpointed in the per-rank safetensors format is not resumed by pipeline stages.
+    plain = dataclasses.replace(OPTIONS, steps=1, data=corpus, out_dir=tmp_path / "plain")
+    train(plain)
+    with pytest.raises(ValueError, match="safetensors format, which pipeline stages cannot load"):
+        train(dataclasses.replace(plain, steps=2, resume=True, pp_schedule="1F1B"))
+    assert not dist.is_initialized()  # refused before any process group
     for options, message in [
             (dict(pp_schedule="1F1B", virtual_pipeline_model_parallel_size=2),
              "needs --pp-schedule Interleaved1F1B"),

@@ -248,6 +248,11 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
             watchdog.beat(what)
 
     _check_pipeline(options, launch)
+    checkpoint, saved = _saved_run(options)
+    if options.pipelined and saved is not None and not is_sharded_checkpoint(saved):
+        raise ValueError(f"--resume: {checkpoint} is in the per-rank safetensors format, which "
+                         "pipeline stages cannot load; resume it without --pp / --pp-schedule "
+                         "(pipelined runs write sharded checkpoints)")
     pg = _process_groups(launch, options, device)
     beat("process groups")
     micro_batches = micro_batch_count(options.batch_size, options.micro_batch_size, pg.dp_size)
@@ -255,7 +260,6 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
                                             options.virtual_pipeline_model_parallel_size)
     if options.pipelined:
         check_microbatches(micro_batches, options.pp, pp_schedule)
-    checkpoint, saved = _saved_run(options)
     tokenizer = resolve_run_tokenizer(tokenizer=options.tokenizer, data=options.data,
                                       init_from_hf=options.init_from_hf, checkpoint=checkpoint)
     preset = get_preset(options.preset) if options.init_from_hf is None else None
