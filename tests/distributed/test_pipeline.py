@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from protoformer import TransformerConfig
 from protoformer.parallel import ProcessGroups
-from protoformer.parallel.data_parallel import ReplicatedDataParallel
+from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
+from protoformer.parallel.fsdp import FullyShardedStages
 from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.pipeline_schedule import PipelineParallel
 from protoformer.train.loss import replica_mean_tensor, replica_rows
@@ -66,9 +68,13 @@ def reference_step(reference: nn.Module, optimizer: torch.optim.Optimizer,
     return loss.detach(), norm
 
 
+def _full(tensor: Tensor) -> Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
-                    virtual: int) -> None:
-    what = f"PP=2 {schedule} x TP={pg.tp_size} x DP={pg.dp_size}"
+                    virtual: int, *, fsdp: bool = False) -> None:
+    what = f"PP=2 {schedule} x TP={pg.tp_size} x {'FSDP' if fsdp else 'DP'}={pg.dp_size}"
     torch.manual_seed(0)
     reference = build_gpt(single_process_twin(config), None)
     model = build_gpt(config, pg)
@@ -85,7 +91,8 @@ def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
     assert (any(n.startswith("decoder.final_layernorm.") for n in names)) == last
     expected = dict(reference.named_parameters())
     assert set(names) <= set(expected), f"{what}: names not the full model's: {names}"
-    replicated = ReplicatedDataParallel(module, pg, device(), wrap=False)
+    replicated: DataParallel = (FullyShardedStages(pipeline.split, pg, device()) if fsdp
+                                else ReplicatedDataParallel(module, pg, device(), wrap=False))
     ref_optimizer, optimizer = optimizer_for(reference), optimizer_for(module)
     parameters = list(module.parameters())
     for step in range(STEPS):
@@ -100,9 +107,10 @@ def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
         for name, param in module.named_parameters():
             full = expected[name]
             assert param.grad is not None and full.grad is not None, f"{what}: {name} no grad"
-            close(param.grad, expected_shard(name, full.grad, param, config, pg.tp_rank,
-                                             pg.tp_size), f"{what}, step {step}: grad of {name}")
-            close(param.detach(), expected_shard(name, full.detach(), param, config, pg.tp_rank,
+            close(_full(param.grad), expected_shard(name, full.grad, param, config, pg.tp_rank,
+                                                    pg.tp_size),
+                  f"{what}, step {step}: grad of {name}")
+            close(_full(param.detach()), expected_shard(name, full.detach(), param, config, pg.tp_rank,
                                                  pg.tp_size), f"{what}, step {step}: {name}")
     # Evaluation through the schedule: forward only, the reference's loss, no gradients.
     rows = batch(STEPS)
@@ -134,6 +142,11 @@ def check_pipeline_times_dp(rank: int, world_size: int, schedule: str, virtual: 
     train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual)
 
 
+def check_pipeline_times_fsdp(rank: int, world_size: int, schedule: str, virtual: int) -> None:
+    pg = ProcessGroups.from_torchrun(tp=1, pp=2)
+    train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual, fsdp=True)
+
+
 @pytest.mark.parametrize(("schedule", "virtual"), [("1F1B", 1), ("Interleaved1F1B", 2)])
 def test_pipeline_trains_like_one_process(schedule: str, virtual: int) -> None:
     run(check_pipeline, 2, schedule, virtual)
@@ -149,3 +162,8 @@ def test_pipeline_times_tensor_parallel_trains_like_one_process(schedule: str,
 @pytest.mark.slow  # four processes
 def test_pipeline_times_data_parallel_trains_like_one_process() -> None:
     run(check_pipeline_times_dp, 4, "1F1B", 1, timeout_s=240)
+
+
+@pytest.mark.slow  # four processes
+def test_pipeline_times_fsdp_trains_like_one_process() -> None:
+    run(check_pipeline_times_fsdp, 4, "Interleaved1F1B", 2, timeout_s=240)

@@ -128,7 +128,6 @@ def test_unsupported_pipeline_layouts_are_refused_in_one_line(corpus: Path,  # n
              "needs --pp-schedule Interleaved1F1B"),
             (dict(pp_schedule="GPipe"), "use one of 1F1B, Interleaved1F1B"),
             (dict(ep=2), "--pp cannot be combined with --ep"),
-            (dict(fsdp=True), "--pp cannot be combined with --fsdp"),
             (dict(init_from_hf=tmp_path), "--pp cannot be combined with --init-from-hf")]:
         with pytest.raises(ValueError, match=message):
             TrainOptions(pp=2, **options)  # type: ignore[arg-type]

@@ -38,8 +38,10 @@ from protoformer.models import GPTModel
 from protoformer.parallel.grads import finalize_model_grads
 from protoformer.parallel.groups import ProcessGroups, single_process_group
 from protoformer.parallel.parameters import named_parallel_metadata, restore_parallel_metadata
+from protoformer.parallel.pipeline import StageSplit
 
-__all__ = ["FullyShardedDataParallel", "data_parallel_mesh", "mixed_precision_policy"]
+__all__ = ["FullyShardedDataParallel", "FullyShardedStages", "data_parallel_mesh",
+           "mixed_precision_policy"]
 
 
 def mixed_precision_policy(compute: str) -> MixedPrecisionPolicy:
@@ -115,3 +117,44 @@ class FullyShardedDataParallel:
         # FSDP averaged over the data-parallel group in backward; what is left is the
         # tensor-parallel sum of partial gradients, on the local shards.
         finalize_model_grads(self._model, self._pg, reduce_data_parallel=False)
+
+
+class FullyShardedStages:
+    """FSDP2 over `pg.dp` for a pipeline rank's stages (a `DataParallel`): each layer one unit,
+    each stage's embedding / final norm / output layer its root unit, as torchtitan shards
+    pipeline stages. The pipeline schedule drives the units (no gradient sync before a
+    stage's last backward, then the reduce-scatter), so `accumulating` does nothing."""
+
+    def __init__(self, split: StageSplit, pg: ProcessGroups, device: torch.device, *,
+                 mp_policy: MixedPrecisionPolicy | None = None,
+                 reshard_after_forward: bool = True) -> None:
+        self._module = split.module
+        self._pg = pg
+        if pg.tp_size > 1 and split.module.config.query_groups < pg.tp_size:
+            raise ValueError(f"--fsdp with --tp {pg.tp_size} needs at least {pg.tp_size} "
+                             f"key/value groups (the model has {split.module.config.query_groups})"
+                             "; lower --tp or drop --fsdp")
+        records = named_parallel_metadata(split.module)
+        mesh = data_parallel_mesh(pg, device)
+        policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+        for stage in split.stages:
+            for layer in stage.decoder.layers.values():
+                fully_shard(layer, mesh=mesh, mp_policy=policy,
+                            reshard_after_forward=reshard_after_forward)
+            fully_shard(stage, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        restore_parallel_metadata(split.module, records)
+
+    @property
+    def name(self) -> str:
+        return "FSDP2"
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Generator[None, None, None]:
+        yield
+
+    def finish_grads(self) -> None:
+        finalize_model_grads(self._module, self._pg, reduce_data_parallel=False)

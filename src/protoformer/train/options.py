@@ -243,9 +243,6 @@ def _check_pipeline_combinations(options: TrainOptions) -> None:
     if options.ep > 1:
         raise ValueError("--pp cannot be combined with --ep (pipeline parallelism of "
                          "mixture-of-experts models is not supported); drop one of them")
-    if options.fsdp:
-        raise ValueError("--pp cannot be combined with --fsdp yet: the data-parallel replicas "
-                         "of a pipeline all-reduce their gradients (drop --fsdp)")
     if options.init_from_hf is not None:
         raise ValueError("--pp cannot be combined with --init-from-hf yet; train a preset or a "
                          "--spec with --pp")

@@ -19,7 +19,11 @@ from protoformer.backends import get_backend
 from protoformer.distributed import LaunchEnvironment, init_distributed, local_peer_pids
 from protoformer.models import GPTModel
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
-from protoformer.parallel.fsdp import FullyShardedDataParallel, mixed_precision_policy
+from protoformer.parallel.fsdp import (
+    FullyShardedDataParallel,
+    FullyShardedStages,
+    mixed_precision_policy,
+)
 from protoformer.parallel.groups import ProcessGroups, single_process_group
 from protoformer.parallel.parameters import parallel_metadata
 from protoformer.parallel.pipeline_schedule import (
@@ -303,7 +307,12 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
     if options.pipelined:  # this rank's stages; the optimizer is built on their parameters
         pipeline = PipelineParallel(model, pg, device, microbatches=micro_batches,
                                     schedule=pp_schedule, virtual=virtual)
-        data_parallel = ReplicatedDataParallel(pipeline.module, pg, device, wrap=False)
+        data_parallel = (FullyShardedStages(pipeline.split, pg, device,
+                                            mp_policy=mixed_precision_policy(
+                                                "bf16" if device.type == "cuda" else "fp32"),
+                                            reshard_after_forward=options.reshard_after_forward)
+                         if options.fsdp
+                         else ReplicatedDataParallel(pipeline.module, pg, device, wrap=False))
     elif options.fsdp:  # sharded before the optimizer is built on the (DTensor) shards
         data_parallel = FullyShardedDataParallel(
             model, pg, device, mp_policy=mixed_precision_policy(
