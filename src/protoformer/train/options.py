@@ -158,7 +158,7 @@ class TrainOptions:
             _check_pipeline_combinations(self)
         if self.ckpt_format not in (None, "torch_dist", "safetensors"):
             raise ValueError(f"ckpt_format={self.ckpt_format!r}: use torch_dist or safetensors")
-        if (self.fsdp or self.pp > 1) and self.ckpt_format == "safetensors":
+        if (self.fsdp or self.pipelined) and self.ckpt_format == "safetensors":
             raise ValueError(f"--{'fsdp' if self.fsdp else 'pp'} writes sharded checkpoints: use "
                              "--ckpt-format torch_dist (or leave the flag out)")
         if self.sharded_checkpoints and self.ep > 1:
@@ -217,7 +217,7 @@ class TrainOptions:
     def sharded_checkpoints(self) -> bool:
         """Whether checkpoints are torch_dist (DCP) ones."""
         return self.ckpt_format == "torch_dist" or (
-            self.ckpt_format is None and (self.fsdp or self.pp > 1))
+            self.ckpt_format is None and (self.fsdp or self.pipelined))
 
     def to_json(self) -> dict[str, JSONValue]:
         """The options as stored in a checkpoint: all but where and how the run is shown."""
