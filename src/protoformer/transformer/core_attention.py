@@ -23,7 +23,8 @@ Shared semantics
 - `attention_bias` (floating, broadcastable to `[b, np, sq, sk]`) is added to the scaled scores.
 - Soft-capping (`config.attn_logit_softcapping = c`, Gemma 2): the scaled scores become
   `c * tanh(scores / c)` before masks and bias apply. SDPA cannot soft-cap, so `SDPAttention`
-  computes such layers explicitly (as `DotProductAttention`, materializing the scores).
+  computes such layers explicitly (as `DotProductAttention`, materializing the scores) — except
+  on CUDA, where plain causal soft-capped or sliding layers run FlexAttention (`flex_attention`).
 - Scale: the `softmax_scale` argument, else `config.softmax_scale`, else `1 / sqrt(hn)`.
 - Dropout on the probabilities with `attention_dropout` (else `config.attention_dropout`), only
   in training mode.
@@ -44,6 +45,7 @@ from protoformer.config import TransformerConfig
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.transformer.enums import AttnMaskType
+from protoformer.transformer.flex_attention import flex_attention_available, flex_causal_attention
 from protoformer.transformer.interfaces import AttentionTypeName
 from protoformer.transformer.masks import (
     causal_mask,
@@ -272,6 +274,11 @@ class SDPAttention(_CoreAttentionBase):
         """`[sq, b, np, hn]`, `[sk, b, ng, hn]`, `[sk, b, ng, hv]` -> `[sq, b, np * hv]`."""
         batch, heads, sq, sk = self._check_inputs(query, key, value)
         groups, hv = key.shape[2], value.shape[3]
+        if self._flex_applies(query, key, value, attention_mask, attn_mask_type, attention_bias):
+            window = self.window_size if self.window_size is not None \
+                and sk > self.window_size else None
+            return flex_causal_attention(query, key, value, scale=self._scale_for(query.shape[3]),
+                                         softcap=self.attn_logit_softcapping, window=window)
         mask, is_plain_causal = self._effective_mask(
             attention_mask, attn_mask_type, attention_bias, (batch, heads, sq, sk), query.device)
         if self.attn_logit_softcapping is not None:
@@ -325,6 +332,21 @@ class SDPAttention(_CoreAttentionBase):
         if blocked_rows is not None:
             out = out.masked_fill(blocked_rows, 0.0)
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * hv)  # [sq, b, np * hv]
+
+
+    def _flex_applies(self, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, attn_mask_type: AttnMaskType | None,
+                      attention_bias: Tensor | None) -> bool:
+        """Whether this call takes FlexAttention: a soft-capping or sliding layer, plain causal
+        self-attention over `sq <= sk` keys (no padding mask, bias or dropout), on CUDA."""
+        if self.attn_logit_softcapping is None and self.window_size is None:
+            return False
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        return (mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+                and attention_mask is None and attention_bias is None
+                and 1 < query.shape[0] <= key.shape[0]
+                and not (self.training and self.attention_dropout > 0.0)
+                and flex_attention_available(query, key, value))
 
 
 def _fold_query_heads(mask: Tensor, groups: int, per_group: int) -> Tensor:
