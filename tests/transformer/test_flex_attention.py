@@ -81,3 +81,22 @@ def test_padding_masks_keep_the_sdpa_path(monkeypatch: pytest.MonkeyPatch) -> No
     padding[1, ..., :3] = True
     core(q, k, v, padding)
     assert calls == []
+
+
+def test_a_flex_failure_is_warned_once_and_the_math_path_answers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr("protoformer.transformer.core_attention.flex_attention_available",
+                        lambda *args: True)
+    monkeypatch.setattr("protoformer.transformer.core_attention.flex_causal_attention", broken)
+    monkeypatch.setattr(SDPAttention, "flex_failed", False)
+    config = _config(1.5)
+    core = SDPAttention(config, 1, AttnMaskType.causal, window_size=4)
+    q, k, v = (torch.randn(9, 2, n, 64) for n in (8, 2, 2))
+    with pytest.warns(UserWarning, match="FlexAttention failed"):
+        got = core(q, k, v, None)
+    expected = DotProductAttention(config, 1, AttnMaskType.causal, window_size=4)(q, k, v, None)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert SDPAttention.flex_failed

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -258,7 +259,11 @@ class SDPAttention(_CoreAttentionBase):
     Grouped key/value heads use `enable_gqa` when no explicit mask is needed (torch >= 2.5),
     otherwise they are repeated to one per query head. The kernel chooses its own softmax
     precision (float32 accumulation), so `config.attention_softmax_in_fp32` does not apply.
+    On CUDA, soft-capped or sliding plain causal calls run FlexAttention (`flex_attention`);
+    if it cannot compile, that is warned once and the other paths take over.
     """
+
+    flex_failed = False  # set once FlexAttention has failed in this process
 
     def forward(
         self,
@@ -277,8 +282,15 @@ class SDPAttention(_CoreAttentionBase):
         if self._flex_applies(query, key, value, attention_mask, attn_mask_type, attention_bias):
             window = self.window_size if self.window_size is not None \
                 and sk > self.window_size else None
-            return flex_causal_attention(query, key, value, scale=self._scale_for(query.shape[3]),
-                                         softcap=self.attn_logit_softcapping, window=window)
+            try:
+                return flex_causal_attention(
+                    query, key, value, scale=self._scale_for(query.shape[3]),
+                    softcap=self.attn_logit_softcapping, window=window)
+            except Exception as error:  # no working compiler toolchain: keep going, unfused
+                SDPAttention.flex_failed = True
+                warnings.warn(f"SDPAttention: FlexAttention failed to compile or run ({error!r}); "
+                              "soft-capped and sliding layers use SDPA / explicit attention",
+                              stacklevel=2)
         mask, is_plain_causal = self._effective_mask(
             attention_mask, attn_mask_type, attention_bias, (batch, heads, sq, sk), query.device)
         if self.attn_logit_softcapping is not None:
@@ -339,7 +351,8 @@ class SDPAttention(_CoreAttentionBase):
                       attention_bias: Tensor | None) -> bool:
         """Whether this call takes FlexAttention: a soft-capping or sliding layer, plain causal
         self-attention over `sq <= sk` keys (no padding mask, bias or dropout), on CUDA."""
-        if self.attn_logit_softcapping is None and self.window_size is None:
+        if (self.attn_logit_softcapping is None and self.window_size is None) \
+                or SDPAttention.flex_failed:
             return False
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         return (mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
