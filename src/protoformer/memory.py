@@ -150,6 +150,9 @@ class ParallelLayout:
     """Micro-batches per step and pipeline: 1F1B keeps min(pp - stage, this) in flight."""
     compute_bytes: int = 2
     """Bytes per element of the activations autocast computes in (bf16 on GPU)."""
+    composite_rms_norm: bool = False
+    """torch's `rms_norm` without a fused kernel (the CPU's): it also saves the normalized
+    float32 input for the weight's gradient. CUDA's fused kernel saves the input and 1/rms."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "micro_batch_size", "seq_len", "num_microbatches"):
@@ -188,30 +191,42 @@ class LayoutMemory:
 
 
 def activation_bytes_per_layer(config: TransformerConfig, layout: ParallelLayout) -> int:
-    """Activation bytes one transformer layer saves for backward, for one micro-batch.
+    """Activation bytes one transformer layer keeps for backward, for one micro-batch.
 
-    Korthikanti et al. (2022)'s count, adapted to what our layers save under bf16 autocast with
-    fused (flash) attention: no s x s score or dropout tensors (the `5as/h` term goes), the
-    residual stream in float32. Per token (T = s b), t = tp:
-      norms: input (fp32) + normalised output (bf16) for attention and MLP: 2 (4h + 2h)
-      attention: q, k, v after RoPE (2 (h + 2 g d) / t), the output and its [s, b, h] copy
-        for the output projection (2 * 2h / t)
-      MLP: fc1 output (2 * 2F/t gated, 2F/t otherwise), the activation's output and (gated)
-        the product fed to fc2 (2F/t each)
-    Sequence parallelism divides the norm terms by t. Full recompute keeps only the layer
-    input (4h, / t with SP)."""
+    Korthikanti et al. (2022)'s count, redone for what our local layers save under bf16
+    autocast with float32 parameters (checked tensor by tensor with `saved_tensors_hooks`, see
+    benchmarks/memory_fit.py). Fused attention saves no s x s scores or dropout masks (their
+    `5as/h` term goes); the residual stream is float32. Per token (T = s b), t = tp, c = 2:
+      each of the two norms: its float32 input (4h), with `layout.composite_rms_norm` also
+        the normalized float32 input the weight multiplies (4h), and the bf16 copy autocast
+        feeds the next linear (c h); 1/rms (4 bytes) is left out
+      attention: the fused qkv output (c (h + 2 g d) / t; the value is a view of it and keeps
+        it whole), query and key after RoPE (c (h + g d) / t), the core output, also the
+        output projection's input (c h / t), the softmax log-sum-exp (4 n / t)
+      MLP: fc1's output (c 2F / t gated, c F / t otherwise), the activation's output (c F / t)
+        and, gated, the product fed to fc2 (c F / t)
+    RoPE's cos/sin tables (16 d s bytes, no batch) are left out. Sequence parallelism divides
+    the norm terms by t. Full recompute keeps only the layer input (4h, / t with SP)."""
     tokens = layout.micro_batch_size * layout.seq_len
     t, hidden, c = layout.tp, config.hidden_size, layout.compute_bytes
     norm_share = t if layout.sequence_parallel else 1
     if layout.recompute == "full":
         return tokens * 4 * hidden // norm_share
-    kv = 2 * config.query_groups * config.head_dim
-    norms = 2 * (4 * hidden + c * hidden) // norm_share
-    attention = c * (hidden + kv) // t + 2 * c * hidden // t
+    norms = 2 * _norm_bytes_per_token(config, layout) // norm_share
+    kv = config.query_groups * config.head_dim
+    attention = (c * (hidden + 2 * kv) + c * (hidden + kv) + c * hidden
+                 + 4 * config.num_attention_heads) // t
     ffn = config.ffn_size
-    mlp = (c * 2 * ffn // t + 2 * c * ffn // t) if config.gated_linear_unit \
-        else (c * ffn // t + c * ffn // t)
+    mlp = (c * 2 * ffn + 2 * c * ffn) // t if config.gated_linear_unit else 2 * c * ffn // t
     return tokens * (norms + attention + mlp)
+
+
+def _norm_bytes_per_token(config: TransformerConfig, layout: ParallelLayout) -> int:
+    """One norm and the bf16 input of the linear after it: float32 input (4h), the
+    normalized float32 input when torch's rms_norm is composite (4h, see
+    `ParallelLayout.composite_rms_norm`), the bf16 copy (c h)."""
+    normalized = 4 if layout.composite_rms_norm and config.normalization == "RMSNorm" else 0
+    return (4 + normalized + layout.compute_bytes) * config.hidden_size
 
 
 def _stage_of(name: str, layers_per_stage: int, pp: int) -> int:
@@ -237,7 +252,7 @@ def estimate_layout_memory(model: nn.Module, config: TransformerConfig, vocab_si
     adds the gathered (bf16) parameters of the root module and of two layers (the one running
     and the one prefetched) and one layer's unsharded float32 gradients. Activations:
     `activation_bytes_per_layer` x layers of the stage x micro-batches in flight (1F1B: pp -
-    stage), plus the last stage's float32 logits of one micro-batch (vocab / tp).
+    stage), plus the last stage's final norm and float32 logits of one micro-batch (vocab / tp).
     """
     from protoformer.parallel.parameters import parallel_metadata  # (parallel imports models)
 
@@ -275,9 +290,14 @@ def estimate_layout_memory(model: nn.Module, config: TransformerConfig, vocab_si
                 config, ParallelLayout(tp=layout.tp, micro_batch_size=layout.micro_batch_size,
                                        seq_len=layout.seq_len,
                                        sequence_parallel=layout.sequence_parallel,
-                                       compute_bytes=layout.compute_bytes))
+                                       compute_bytes=layout.compute_bytes,
+                                       composite_rms_norm=layout.composite_rms_norm))
         if stage == layout.pp - 1:
-            activations += tokens * 4 * vocab_size // layout.tp
+            # The final norm (as a layer's), and the float32 logits the cross-entropy saves
+            # (the output layer's bf16 logits are not kept).
+            norm_share = layout.tp if layout.sequence_parallel else 1
+            activations += tokens * (_norm_bytes_per_token(config, layout) // norm_share
+                                     + 4 * vocab_size // layout.tp)
         gathered = 0
         if layout.fsdp and layout.dp > 1:
             gathered = layout.compute_bytes * (root_params + 2 * layer_params) + 4 * layer_params
