@@ -38,20 +38,10 @@ from protoformer.train.checkpoint_files import (
     shard_file_names,
     verify_file,
 )
+from protoformer.train.checkpoint_layout import owner_config
 from protoformer.train.checkpoint_state import check_model_tensors, read_model_file
 
 __all__ = ["load_merged_weights", "merge_shards"]
-
-
-def _owner_config(model: nn.Module, name: str) -> TransformerConfig | None:
-    """The config of the module that owns the module holding parameter `name`, if any."""
-    path = name.rsplit(".", 2)[0]  # the owner of e.g. "...self_attention" in "...linear_qkv.weight"
-    try:
-        owner = model.get_submodule(path)
-    except AttributeError:
-        return None
-    config = getattr(owner, "config", None)
-    return config if isinstance(config, TransformerConfig) else None
 
 
 def _merge_grouped(shards: Sequence[Tensor], config: TransformerConfig, *, queries: bool) -> Tensor:
@@ -141,7 +131,7 @@ def load_merged_weights(directory: Path, document: Mapping[str, JSONValue], mode
         pieces = [tensors[name] for tensors in shards]
         param: Tensor = params[name] if name in params else expected[name]  # buffers: replicated
         try:
-            merged[name] = merge_shards(name, pieces, param, _owner_config(model, name))
+            merged[name] = merge_shards(name, pieces, param, owner_config(model, name))
         except RuntimeError as error:
             raise CheckpointError(f"{directory}: cannot merge the {tp_size} shards of {name} "
                                   f"({error}); was it saved from a different model?") from error
