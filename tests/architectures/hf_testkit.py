@@ -92,7 +92,10 @@ def assert_export_loads(hf_model: Any, ours: GPTModel, directory: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     save_hf(ours, directory)
-    reloaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    # The reference's attention implementation, not the loader's default: transformers 5.17
+    # picks SDPA for Gemma 2, which does not soft-cap (5.24 picks eager).
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation=hf_model.config._attn_implementation).eval()
     assert type(reloaded) is type(hf_model)
     for name, tensor in hf_model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name

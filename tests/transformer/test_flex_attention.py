@@ -66,8 +66,9 @@ def test_flex_matches_the_math_path(monkeypatch: pytest.MonkeyPatch, cap: float 
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad.double())
 
     assert calls == [1]
-    assert (got.double() - expected).abs().max().item() < tol
-    for mine, theirs in zip(got_grads, expected_grads, strict=True):
+    # Relative to the largest value, as the gradients: on an H200 (torch 2.11) fp32 outputs
+    # near 8 differ by 6e-5 and bf16 ones by one bf16 step (0.03) from the float64 reference.
+    for mine, theirs in zip((got, *got_grads), (expected, *expected_grads), strict=True):
         scale = theirs.abs().max().item()
         assert (mine.double() - theirs).abs().max().item() < tol * max(1.0, scale)
 

@@ -138,7 +138,9 @@ class PipelineParallel:
 
     def _run(self, rows: Tensor, device: torch.device, *, train: bool) -> Tensor:
         rows = rows.to(device, non_blocking=True)
-        inputs, labels = rows[:, :-1], rows[:, 1:]  # [b, s] each
+        # Contiguous: torch's stages check each micro-batch's strides against the first one's
+        # (torch 2.11 on CUDA refuses the [b, s] views of `[b, s + 1]` rows: stride s + 1).
+        inputs, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # [b, s] each
         args = (inputs,) if self.is_first else ()
         target = labels if self.is_last else None
         losses: list[Tensor] = []
