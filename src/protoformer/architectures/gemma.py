@@ -21,7 +21,6 @@ import torch
 from protoformer.architectures.conversion import (
     DESCRIBED_FIELDS,
     ConfigReader,
-    HFConversionError,
     HFModelInfo,
     JSONDict,
     TensorRule,
@@ -31,7 +30,9 @@ from protoformer.architectures.conversion import (
     checked_config,
     hf_model_info,
     model_rules,
-    read_rope,
+    read_decoder_config,
+    read_head_dim,
+    require_default_rope,
 )
 from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.registry import ModelSizes, register_architecture
@@ -42,28 +43,22 @@ from protoformer.recipes.presets import Preset, register_preset
 from protoformer.transformer.block import LayerSpecs
 from protoformer.transformer.mlp import gelu_tanh
 
-__all__ = ["GemmaArchitecture", "export_gemma_config", "parse_gemma_config"]
+__all__ = [
+    "GemmaArchitecture",
+    "export_gemma_config",
+    "gemma_config",
+    "gemma_config_values",
+    "gemma_exportable_problems",
+    "parse_gemma_config",
+    "refuse_gemma_options",
+]
 
 _HF_CLASSES = {"gemma": "GemmaForCausalLM"}
 
 
 # ------------------------------------------------------------------ config: HF -> protoformer
-def parse_gemma_config(values: Mapping[str, object], model_type: str,
-                       dtype: torch.dtype) -> HFModelInfo:
-    """A Gemma config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
-    reader = ConfigReader(values, f"{_HF_CLASSES[model_type]} config")
-    hidden = reader.get_int("hidden_size")
-    heads = reader.get_int("num_attention_heads")
-    head_dim = reader.get_optional_int("head_dim")
-    if head_dim is None:
-        if hidden % heads != 0:
-            raise HFConversionError(f"{reader.where}: hidden_size={hidden} is not divisible by "
-                                    f"num_attention_heads={heads} and head_dim is not given")
-        head_dim = hidden // heads
-    rope_type, theta, _ = read_rope(reader)
-    if rope_type != "default":
-        raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
-                                      f"supported; protoformer maps 'default' for {model_type}")
+def refuse_gemma_options(reader: ConfigReader) -> None:
+    """The Gemma options (every generation) protoformer does not represent, refused by name."""
     if reader.get_bool("attention_bias", False):
         raise UnsupportedHFModelError(
             f"{reader.where}: attention_bias=true puts a bias on o_proj but not on the MLP, "
@@ -71,30 +66,30 @@ def parse_gemma_config(values: Mapping[str, object], model_type: str,
     if reader.get_bool("use_bidirectional_attention", False):
         raise UnsupportedHFModelError(f"{reader.where}: use_bidirectional_attention=true is not "
                                       "supported; protoformer's Gemma layers are causal")
-    activation = activation_for(ConfigReader(
-        {"hidden_act": reader.get_str("hidden_act", "gelu_pytorch_tanh")}, reader.where))
-    config = checked_config(reader, lambda: TransformerConfig(
-        num_layers=reader.get_int("num_hidden_layers"),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        ffn_hidden_size=reader.get_int("intermediate_size"),
-        normalization="RMSNorm",
-        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-        layernorm_zero_centered_gamma=True,
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=activation,
-        init_method_std=reader.get_float("initializer_range", 0.02),
-        perform_initialization=False,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        attention_dropout=reader.get_float("attention_dropout", 0.0),
-        hidden_dropout=0.0,
-        rotary_base=theta,
-        embedding_multiplier=math.sqrt(hidden),
-    ))
+
+
+def gemma_config(reader: ConfigReader, dtype: torch.dtype, *, head_dim: int, hidden_act: str,
+                 rotary_base: float) -> TransformerConfig:
+    """The `TransformerConfig` every Gemma generation shares: a Llama-style decoder
+    (`read_decoder_config`) with `(1 + w)` RMSNorm and embeddings scaled by
+    `sqrt(hidden_size)`. Gemma 2 and 3 replace what they add."""
+    activation = activation_for(ConfigReader({"hidden_act": hidden_act}, reader.where))
+    base = read_decoder_config(reader, dtype, head_dim=head_dim, rotary_base=rotary_base,
+                               activation_func=activation)
+    return checked_config(reader, lambda: dataclasses.replace(
+        base, layernorm_zero_centered_gamma=True,
+        embedding_multiplier=math.sqrt(base.hidden_size)))
+
+
+def parse_gemma_config(values: Mapping[str, object], model_type: str,
+                       dtype: torch.dtype) -> HFModelInfo:
+    """A Gemma config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
+    reader = ConfigReader(values, f"{_HF_CLASSES[model_type]} config")
+    head_dim = read_head_dim(reader)
+    theta, _ = require_default_rope(reader, model_type)
+    refuse_gemma_options(reader)
+    config = gemma_config(reader, dtype, head_dim=head_dim, rotary_base=theta,
+                          hidden_act=reader.get_str("hidden_act", "gelu_pytorch_tanh"))
     names: tuple[str, ...] = (*DESCRIBED_FIELDS, "num_query_groups", "kv_channels",
                               "layernorm_zero_centered_gamma", "embedding_multiplier")
     return hf_model_info(reader, config, model_type=model_type,
@@ -103,7 +98,9 @@ def parse_gemma_config(values: Mapping[str, object], model_type: str,
 
 
 # ------------------------------------------------------------------ config: protoformer -> HF
-def _check_exportable(config: TransformerConfig, model_type: str) -> None:
+def gemma_exportable_problems(config: TransformerConfig, *, qk_layernorm: bool) -> list[str]:
+    """Why `config` is not a Gemma config with (or without) per-head q/k norms (empty when
+    it is); each generation adds its own checks."""
     problems: list[str] = []
     if type(config) is not TransformerConfig:
         problems.append(f"a {type(config).__name__} (Gemma takes a plain TransformerConfig)")
@@ -114,21 +111,19 @@ def _check_exportable(config: TransformerConfig, model_type: str) -> None:
                         f"the embeddings by sqrt(hidden_size)={math.sqrt(config.hidden_size)})")
     if not config.gated_linear_unit or config.add_bias_linear or config.add_qkv_bias:
         problems.append("Gemma has a gated MLP and no biases")
-    if config.qk_layernorm or config.rotary_percent != 1.0 or config.rotary_interleaved \
-            or config.rope_scaling is not None:
-        problems.append("Gemma has no q/k norms and plain rotary embeddings of whole heads")
-    if config.softmax_scale is not None:
-        problems.append(f"softmax_scale={config.softmax_scale} (Gemma uses 1/sqrt(head_dim))")
-    if problems:
-        raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASSES[model_type]}: "
-                                      + "; ".join(problems))
+    if config.qk_layernorm != qk_layernorm:
+        problems.append(f"qk_layernorm={config.qk_layernorm} (this Gemma has "
+                        f"{'per-head' if qk_layernorm else 'no'} q/k norms)")
+    if config.rotary_percent != 1.0 or config.rotary_interleaved:
+        problems.append("Gemma rotates whole heads, in halves")
+    return problems
 
 
-def export_gemma_config(config: TransformerConfig, sizes: ModelSizes, model_type: str) -> JSONDict:
-    """A config.json mapping for a Gemma model."""
-    _check_exportable(config, model_type)
-    values: JSONDict = {
-        "architectures": [_HF_CLASSES[model_type]],
+def gemma_config_values(config: TransformerConfig, sizes: ModelSizes, *, model_type: str,
+                        hf_class: str) -> JSONDict:
+    """The config.json values every Gemma generation writes."""
+    return {
+        "architectures": [hf_class],
         "model_type": model_type,
         "vocab_size": sizes.vocab_size,
         "hidden_size": config.hidden_size,
@@ -143,11 +138,27 @@ def export_gemma_config(config: TransformerConfig, sizes: ModelSizes, model_type
         "attention_dropout": config.attention_dropout,
         "attention_bias": False,
         "tie_word_embeddings": sizes.tie_word_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
-        "rope_theta": config.rotary_base,
         "use_cache": True,
     }
-    values["hidden_act"] = activation_name(config)
+
+
+def export_gemma_config(config: TransformerConfig, sizes: ModelSizes, model_type: str) -> JSONDict:
+    """A config.json mapping for a Gemma model."""
+    problems = gemma_exportable_problems(config, qk_layernorm=False)
+    if config.rope_scaling is not None:
+        problems.append("Gemma has no rope scaling")
+    if config.softmax_scale is not None:
+        problems.append(f"softmax_scale={config.softmax_scale} (Gemma uses 1/sqrt(head_dim))")
+    if problems:
+        raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASSES[model_type]}: "
+                                      + "; ".join(problems))
+    values = gemma_config_values(config, sizes, model_type=model_type,
+                                 hf_class=_HF_CLASSES[model_type])
+    values.update({
+        "hidden_act": activation_name(config),
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
+        "rope_theta": config.rotary_base,
+    })
     return values
 
 

@@ -19,6 +19,7 @@ q/k norms and a rotary base of its own for the sliding layers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -33,12 +34,18 @@ from protoformer.architectures.conversion import (
     JSONDict,
     TensorRule,
     UnsupportedHFModelError,
-    activation_for,
     activation_name,
     checked_config,
     hf_model_info,
     mlp_rules,
+    require_default_rope,
     same,
+)
+from protoformer.architectures.gemma import (
+    gemma_config,
+    gemma_config_values,
+    gemma_exportable_problems,
+    refuse_gemma_options,
 )
 from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.registry import ModelSizes, register_architecture
@@ -55,13 +62,11 @@ from protoformer.transformer.mlp import MLP, gelu_tanh
 __all__ = [
     "GEMMA2_DESCRIBED_FIELDS",
     "Gemma2Architecture",
+    "gemma2_config_values",
     "gemma2_layer_spec",
     "gemma2_layer_specs",
-    "gemma_config_values",
-    "gemma_exportable_problems",
     "gemma_family_config",
     "gemma_windows",
-    "refuse_gemma_options",
     "sandwich_rules",
 ]
 
@@ -136,54 +141,23 @@ def gemma_windows(reader: ConfigReader, num_layers: int, *,
 
 
 # ------------------------------------------------------------------ config: HF -> protoformer
-def refuse_gemma_options(reader: ConfigReader) -> None:
-    """The Gemma 2/3 options protoformer does not represent, refused by name."""
-    if reader.get_bool("attention_bias", False):
-        raise UnsupportedHFModelError(
-            f"{reader.where}: attention_bias=true puts a bias on o_proj but not on the MLP, "
-            "which protoformer's add_bias_linear cannot represent")
-    if reader.get_bool("use_bidirectional_attention", False):
-        raise UnsupportedHFModelError(f"{reader.where}: use_bidirectional_attention=true is not "
-                                      "supported; protoformer's Gemma layers are causal")
-
-
 def gemma_family_config(reader: ConfigReader, dtype: torch.dtype, *, rotary_base: float,
                         qk_layernorm: bool, attn_softcap: float | None,
                         final_softcap: float | None) -> TransformerConfig:
-    """The `TransformerConfig` of a Gemma 2/3 config.json."""
-    hidden = reader.get_int("hidden_size")
-    heads = reader.get_int("num_attention_heads")
-    head_dim = reader.get_int("head_dim", 256)  # transformers' default for Gemma 2 and 3
+    """The `TransformerConfig` of a Gemma 2/3 config.json: Gemma's (`gemma_config`) with
+    q/k norms, the `query_pre_attn_scalar` score scale and the soft-caps."""
     scalar = reader.get_float("query_pre_attn_scalar", 256.0)
     if not scalar > 0.0:
         raise HFConversionError(f"{reader.where}: query_pre_attn_scalar={scalar} must be > 0")
-    activation = activation_for(ConfigReader(
-        {"hidden_act": reader.get_str("hidden_activation", "gelu_pytorch_tanh")}, reader.where))
-    return checked_config(reader, lambda: TransformerConfig(
-        num_layers=reader.get_int("num_hidden_layers"),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        ffn_hidden_size=reader.get_int("intermediate_size"),
-        normalization="RMSNorm",
-        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-        layernorm_zero_centered_gamma=True,
+    head_dim = reader.get_int("head_dim", 256)  # transformers' default for Gemma 2 and 3
+    base = gemma_config(reader, dtype, head_dim=head_dim, rotary_base=rotary_base,
+                        hidden_act=reader.get_str("hidden_activation", "gelu_pytorch_tanh"))
+    return checked_config(reader, lambda: dataclasses.replace(
+        base,
         qk_layernorm=qk_layernorm,
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=activation,
-        init_method_std=reader.get_float("initializer_range", 0.02),
-        perform_initialization=False,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        attention_dropout=reader.get_float("attention_dropout", 0.0),
-        hidden_dropout=0.0,
         softmax_scale=scalar ** -0.5,
         attn_logit_softcapping=attn_softcap,
         final_logit_softcapping=final_softcap,
-        rotary_base=rotary_base,
-        embedding_multiplier=math.sqrt(hidden),
     ))
 
 
@@ -197,13 +171,7 @@ def parse_gemma2_config(values: Mapping[str, object], dtype: torch.dtype) -> HFM
     """A Gemma 2 config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
     reader = ConfigReader(values, f"{_HF_CLASS} config")
     refuse_gemma_options(reader)
-    params = reader.get_mapping("rope_scaling") or reader.get_mapping("rope_parameters") or {}
-    rope = ConfigReader(params, f"{reader.where} rope parameters")
-    rope_type = rope.get_str("rope_type", rope.get_str("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
-                                      "supported; protoformer maps 'default' for gemma2")
-    theta = rope.get_float("rope_theta", reader.get_float("rope_theta", 10000.0))
+    theta, _ = require_default_rope(reader, "gemma2")
     config = gemma_family_config(
         reader, dtype, rotary_base=theta, qk_layernorm=False,
         attn_softcap=_optional_cap(reader, "attn_logit_softcapping", 50.0),
@@ -214,53 +182,20 @@ def parse_gemma2_config(values: Mapping[str, object], dtype: torch.dtype) -> HFM
 
 
 # ------------------------------------------------------------------ config: protoformer -> HF
-def gemma_exportable_problems(config: TransformerConfig, *, qk_layernorm: bool) -> list[str]:
-    """Why `config` is not a Gemma 2/3 config (empty when it is)."""
-    problems: list[str] = []
-    if type(config) is not TransformerConfig:
-        problems.append(f"a {type(config).__name__} (Gemma takes a plain TransformerConfig)")
-    if config.normalization != "RMSNorm" or not config.layernorm_zero_centered_gamma:
-        problems.append("Gemma's norms are RMSNorm with layernorm_zero_centered_gamma=True")
-    if not math.isclose(config.embedding_multiplier, math.sqrt(config.hidden_size)):
-        problems.append(f"embedding_multiplier={config.embedding_multiplier} (Gemma scales "
-                        f"the embeddings by sqrt(hidden_size)={math.sqrt(config.hidden_size)})")
-    if not config.gated_linear_unit or config.add_bias_linear or config.add_qkv_bias:
-        problems.append("Gemma has a gated MLP and no biases")
-    if config.qk_layernorm != qk_layernorm:
-        problems.append(f"qk_layernorm={config.qk_layernorm} (this Gemma has "
-                        f"{'per-head' if qk_layernorm else 'no'} q/k norms)")
-    if config.rotary_percent != 1.0 or config.rotary_interleaved:
-        problems.append("Gemma rotates whole heads, in halves")
-    return problems
-
-
-def gemma_config_values(config: TransformerConfig, sizes: ModelSizes, *, model_type: str,
-                        hf_class: str) -> JSONDict:
-    """The config.json values Gemma 2 and 3 share."""
+def gemma2_config_values(config: TransformerConfig, sizes: ModelSizes, *, model_type: str,
+                         hf_class: str) -> JSONDict:
+    """The config.json values Gemma 2 and 3 share: Gemma's (`gemma_config_values`), the
+    activation under its Gemma 2 key, the score scale and the soft-caps."""
     scale = config.softmax_scale if config.softmax_scale is not None \
         else config.head_dim ** -0.5
-    return {
-        "architectures": [hf_class],
-        "model_type": model_type,
-        "vocab_size": sizes.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.query_groups,
-        "head_dim": config.head_dim,
+    values = gemma_config_values(config, sizes, model_type=model_type, hf_class=hf_class)
+    values.update({
         "hidden_activation": activation_name(config),
-        "max_position_embeddings": sizes.max_sequence_length,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "initializer_range": config.init_method_std,
-        "attention_dropout": config.attention_dropout,
-        "attention_bias": False,
         "query_pre_attn_scalar": scale ** -2,
         "attn_logit_softcapping": config.attn_logit_softcapping,
         "final_logit_softcapping": config.final_logit_softcapping,
-        "tie_word_embeddings": sizes.tie_word_embeddings,
-        "use_cache": True,
-    }
+    })
+    return values
 
 
 def export_gemma2_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
@@ -271,7 +206,7 @@ def export_gemma2_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDi
     if problems:
         raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASS}: "
                                       + "; ".join(problems))
-    values = gemma_config_values(config, sizes, model_type="gemma2", hf_class=_HF_CLASS)
+    values = gemma2_config_values(config, sizes, model_type="gemma2", hf_class=_HF_CLASS)
     values.update({
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
         "rope_theta": config.rotary_base,

@@ -33,14 +33,13 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     hf_model_info,
 )
+from protoformer.architectures.gemma import gemma_exportable_problems, refuse_gemma_options
 from protoformer.architectures.gemma2 import (
     GEMMA2_DESCRIBED_FIELDS,
+    gemma2_config_values,
     gemma2_layer_specs,
-    gemma_config_values,
-    gemma_exportable_problems,
     gemma_family_config,
     gemma_windows,
-    refuse_gemma_options,
     sandwich_rules,
 )
 from protoformer.architectures.llama import dense_attention_rules
@@ -142,7 +141,7 @@ def export_gemma3_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDi
     if problems:
         raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASS}: "
                                       + "; ".join(problems))
-    values = gemma_config_values(config, sizes, model_type="gemma3_text", hf_class=_HF_CLASS)
+    values = gemma2_config_values(config, sizes, model_type="gemma3_text", hf_class=_HF_CLASS)
     full: JSONDict = {"rope_type": "default", "rope_theta": config.rotary_base}
     if config.rope_scaling == "linear":
         full = {"rope_type": "linear", "factor": config.rope_scaling_factor,

@@ -28,7 +28,7 @@ from protoformer.architectures.conversion import (
     checked_config,
     hf_model_info,
     read_partial_rotary_factor,
-    read_rope,
+    require_default_rope,
     same,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
@@ -56,10 +56,7 @@ def gpt_neox_layer_spec(backend: BackendSpecProvider, config: TransformerConfig,
 def parse_gpt_neox_config(values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
     """A GPT-NeoX config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
     reader = ConfigReader(values, _WHERE)
-    rope_type, _, rope = read_rope(reader, partial_rotary=True)
-    if rope_type != "default":
-        raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
-                                      "supported; protoformer maps 'default' for gpt_neox")
+    _, rope = require_default_rope(reader, "gpt_neox", partial_rotary=True)
     # Older configs name the rotary settings `rotary_emb_base` and `rotary_pct` (default 1/4).
     theta = rope.get_float("rope_theta", reader.get_float(
         "rope_theta", reader.get_float("rotary_emb_base", 10000.0)))

@@ -14,6 +14,7 @@ gate/up into `linear_fc1` (gate rows first); the rest keep their shape under new
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,12 +30,13 @@ from protoformer.architectures.conversion import (
     JSONDict,
     TensorRule,
     UnsupportedHFModelError,
-    activation_for,
     activation_name,
     checked_config,
     hf_model_info,
     model_rules,
     owned,
+    read_decoder_config,
+    read_head_dim,
     read_rope,
     same,
 )
@@ -187,15 +189,7 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
     `layer_windows` when the layer specs are made.
     """
     reader = ConfigReader(values, f"{_HF_CLASSES[model_type]} config")
-    hidden = reader.get_int("hidden_size")
-    heads = reader.get_int("num_attention_heads")
-    head_dim = reader.get_optional_int("head_dim")
-    if head_dim is None:
-        if hidden % heads != 0:
-            raise HFConversionError(f"{reader.where}: hidden_size={hidden} is not divisible by "
-                                    f"num_attention_heads={heads} and head_dim is not given")
-        head_dim = hidden // heads
-    num_layers = reader.get_int("num_hidden_layers")
+    head_dim = read_head_dim(reader)
     max_positions = reader.get_int("max_position_embeddings")
     rope_type, theta, rope = read_rope(reader)
     # Frequency scaling; the values a rope type does not use keep TransformerConfig's defaults.
@@ -219,27 +213,12 @@ def parse_dense_config(values: Mapping[str, object], model_type: str,
             f"{reader.where}: rope_type={rope_type!r} is not supported; protoformer maps "
             "'default', 'llama3', 'linear' and 'dynamic'")
     add_bias_linear, add_qkv_bias = _biases(model_type, reader)
-    config = checked_config(reader, lambda: TransformerConfig(
-        num_layers=num_layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        ffn_hidden_size=reader.get_int("intermediate_size"),
-        normalization="RMSNorm",
-        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
+    base = read_decoder_config(reader, dtype, head_dim=head_dim, rotary_base=theta)
+    config = checked_config(reader, lambda: dataclasses.replace(
+        base,
         qk_layernorm=model_type == "qwen3",
         add_bias_linear=add_bias_linear,
         add_qkv_bias=add_qkv_bias,
-        gated_linear_unit=True,
-        activation_func=activation_for(reader),
-        init_method_std=reader.get_float("initializer_range", 0.02),
-        perform_initialization=False,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        attention_dropout=reader.get_float("attention_dropout", 0.0),
-        hidden_dropout=0.0,
-        rotary_base=theta,
         rope_scaling=scaling,
         rope_scaling_factor=factor,
         rope_low_freq_factor=low_freq,

@@ -31,13 +31,14 @@ from protoformer.architectures.conversion import (
     MLPLayerRules,
     TensorRule,
     UnsupportedHFModelError,
-    activation_for,
     activation_name,
     checked_config,
     hf_model_info,
     mlp_rules,
     owned,
-    read_rope,
+    read_decoder_config,
+    read_head_dim,
+    require_default_rope,
     same,
 )
 from protoformer.architectures.registry import ModelSizes
@@ -138,41 +139,12 @@ def read_gpt_attention_config(reader: ConfigReader, dtype: torch.dtype, *, ffn_h
                               qk_layernorm: bool, add_qkv_bias: bool) -> TransformerConfig:
     """The dense part of a Llama-style MoE config (Mixtral, Qwen-MoE, OLMoE): sizes, grouped
     query attention, RMSNorm, the gated activation and plain RoPE (`rope_type` 'default')."""
-    hidden = reader.get_int("hidden_size")
-    heads = reader.get_int("num_attention_heads")
-    head_dim = reader.get_optional_int("head_dim")
-    if head_dim is None:
-        if hidden % heads != 0:
-            raise HFConversionError(f"{reader.where}: hidden_size={hidden} is not divisible by "
-                                    f"num_attention_heads={heads} and head_dim is not given")
-        head_dim = hidden // heads
-    rope_type, theta, _ = read_rope(reader)
-    if rope_type != "default":
-        raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
-                                      "supported for this mixture-of-experts family; protoformer "
-                                      "maps 'default'")
-    return checked_config(reader, lambda: TransformerConfig(
-        num_layers=reader.get_int("num_hidden_layers"),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        ffn_hidden_size=ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-6),
-        qk_layernorm=qk_layernorm,
-        add_bias_linear=False,
-        add_qkv_bias=add_qkv_bias,
-        gated_linear_unit=True,
-        activation_func=activation_for(reader),
-        init_method_std=reader.get_float("initializer_range", 0.02),
-        perform_initialization=False,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        attention_dropout=reader.get_float("attention_dropout", 0.0),
-        hidden_dropout=0.0,
-        rotary_base=theta,
-    ))
+    head_dim = read_head_dim(reader)
+    theta, _ = require_default_rope(reader, "this family")
+    base = read_decoder_config(reader, dtype, head_dim=head_dim, rotary_base=theta,
+                               ffn_hidden_size=ffn_hidden_size)
+    return checked_config(reader, lambda: dataclasses.replace(
+        base, qk_layernorm=qk_layernorm, add_qkv_bias=add_qkv_bias))
 
 
 def read_gpt_moe_info(reader: ConfigReader, dtype: torch.dtype, *, model_type: str,

@@ -12,6 +12,7 @@ a sliding window on every layer (`sliding_window`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from protoformer.architectures.conversion import (
     JSONDict,
     TensorRule,
     UnsupportedHFModelError,
-    activation_for,
     activation_name,
     checked_config,
     hf_model_info,
     owned,
+    read_decoder_config,
+    read_head_dim,
     read_partial_rotary_factor,
     read_rope,
     same,
@@ -88,14 +90,7 @@ def _window(reader: ConfigReader) -> int | None:
 def parse_phi3_config(values: Mapping[str, object], dtype: torch.dtype) -> HFModelInfo:
     """A Phi-3 config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
     reader = ConfigReader(values, _WHERE)
-    hidden = reader.get_int("hidden_size")
-    heads = reader.get_int("num_attention_heads")
-    head_dim = reader.get_optional_int("head_dim")
-    if head_dim is None:
-        if hidden % heads != 0:
-            raise HFConversionError(f"{reader.where}: hidden_size={hidden} is not divisible by "
-                                    f"num_attention_heads={heads} and head_dim is not given")
-        head_dim = hidden // heads
+    head_dim = read_head_dim(reader)
     max_positions = reader.get_int("max_position_embeddings")
     rope_type, theta, rope = read_rope(reader, partial_rotary=True)
     partial = read_partial_rotary_factor(reader, rope)
@@ -119,25 +114,11 @@ def parse_phi3_config(values: Mapping[str, object], dtype: torch.dtype) -> HFMod
         raise UnsupportedHFModelError(
             f"{reader.where}: resid_pdrop={dropouts['resid_pdrop']} differs from embd_pdrop="
             f"{dropouts['embd_pdrop']}; protoformer's hidden_dropout covers both")
-    config = checked_config(reader, lambda: TransformerConfig(
-        num_layers=reader.get_int("num_hidden_layers"),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        ffn_hidden_size=reader.get_int("intermediate_size"),
-        normalization="RMSNorm",
-        layernorm_epsilon=reader.get_float("rms_norm_eps", 1e-5),
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=activation_for(reader),
-        init_method_std=reader.get_float("initializer_range", 0.02),
-        perform_initialization=False,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        attention_dropout=reader.get_float("attention_dropout", 0.0),
+    base = read_decoder_config(reader, dtype, head_dim=head_dim, rotary_base=theta,
+                               layernorm_epsilon=1e-5)
+    config = checked_config(reader, lambda: dataclasses.replace(
+        base,
         hidden_dropout=dropouts["resid_pdrop"],
-        rotary_base=theta,
         rotary_percent=partial,
         rope_scaling=scaling,
         rope_original_max_position_embeddings=original,
