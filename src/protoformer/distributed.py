@@ -181,9 +181,10 @@ def init_distributed(
 
     A single process (no torchrun variables, or a world of one) gets no process group and
     needs none. Otherwise the backend is NCCL for CUDA devices and gloo for the CPU (or
-    `backend`), the CUDA device is made current, and every collective raises after `timeout`
-    seconds instead of hanging (for NCCL, set `TORCH_NCCL_ASYNC_ERROR_HANDLING=1`, torch's
-    default, so the watchdog aborts the rank). Calling it again reuses the existing group.
+    `backend`), the CUDA device is made current (and an NCCL group is bound to it), and
+    every collective raises after `timeout` seconds instead of hanging (for NCCL, set
+    `TORCH_NCCL_ASYNC_ERROR_HANDLING=1`, torch's default, so the watchdog aborts the rank).
+    Calling it again reuses the existing group.
     """
     launch = LaunchEnvironment.from_env()
     resolved = resolve_device(device, launch)
@@ -207,7 +208,12 @@ def init_distributed(
     if limit.total_seconds() <= 0:
         raise ValueError(f"timeout={timeout}: must be positive")
     if not dist.is_initialized():
-        dist.init_process_group(backend=chosen, timeout=limit)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
+        if "nccl" in chosen and resolved.type == "cuda":
+            # Bound to this rank's GPU: NCCL collectives that take no tensor (barrier) use it
+            # instead of guessing from the current device (and warning about it on every run).
+            dist.init_process_group(backend=chosen, timeout=limit, device_id=resolved)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
+        else:
+            dist.init_process_group(backend=chosen, timeout=limit)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
     return launch, resolved
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,37 @@ def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) 
     assert not (dist.is_available() and dist.is_initialized())
     model = torch.nn.Linear(2, 2)
     assert wrap_data_parallel(model, ProcessGroups(), device) is model
+
+
+def _fake_torchrun_on_gpus(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """Rank 1 of 2 on a node with 2 (pretended) GPUs; the process-group calls are recorded."""
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                        "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "10.1.2.3"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_nccl_group_is_bound_to_the_ranks_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bound, torch's barrier() uses that GPU instead of warning "barrier(): using the device
+    # under current context" on every run.
+    calls = _fake_torchrun_on_gpus(monkeypatch)
+    _, device = init_distributed("cuda", timeout=30)
+    assert device == torch.device("cuda", 1)
+    assert calls == [{"backend": "nccl", "timeout": timedelta(seconds=30),
+                      "device_id": torch.device("cuda", 1)}]
+
+
+def test_gloo_group_is_not_bound_to_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_torchrun_on_gpus(monkeypatch)
+    init_distributed("cpu", timeout=30)
+    init_distributed("cuda", backend="gloo", timeout=30)
+    assert calls == [{"backend": "gloo", "timeout": timedelta(seconds=30)}] * 2
 
 
 def test_resolve_device() -> None:

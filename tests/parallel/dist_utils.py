@@ -45,10 +45,13 @@ def _worker(fn: Callable[..., object], rank: int, world_size: int, init_file: st
     torch.set_num_threads(1)  # the ranks share the machine's cores
     group_up = False
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+        # NCCL's group is bound to the rank's GPU (barrier uses it, without torch's warning).
+        gpu = torch.device("cuda", rank % torch.cuda.device_count()) if backend == "nccl" else None
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                                device_id=gpu)
         # Every rank's connections are up before any rank moves on: otherwise a rank whose
         # function returns at once can close its sockets while a peer is still connecting
         # ("Gloo connectFullMesh failed ... Connection closed by peer").

@@ -27,8 +27,14 @@ def single_process_group(device: torch.device) -> ProcessGroup:
     gloo) if no process group exists yet: for engines that need a group even on one process
     (FSDP2's mesh, pipeline stages). A ValueError if the world has other processes."""
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=_hash_store(), rank=0, world_size=1)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
+        if device.type == "cuda":  # NCCL, bound to the device (barrier then needs no guess)
+            # torch's stubs type `index` as int; a bare torch.device("cuda") has None.
+            bare = device.index is None  # pyright: ignore[reportUnnecessaryComparison]
+            index = torch.cuda.current_device() if bare else device.index
+            dist.init_process_group("nccl", store=_hash_store(), rank=0, world_size=1,  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
+                                    device_id=torch.device("cuda", index))
+        else:
+            dist.init_process_group("gloo", store=_hash_store(), rank=0, world_size=1)  # pyright: ignore[reportUnknownMemberType]  # torch leaves `pg_options` unannotated
     if dist.get_world_size() != 1:
         raise ValueError("this process is one of several: build the groups with "
                          "ProcessGroups.from_torchrun(...)")
