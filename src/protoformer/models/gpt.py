@@ -21,7 +21,7 @@ from protoformer.models.common import (
 )
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
-from protoformer.parallel.groups import ProcessGroups
+from protoformer.parallel.groups import ProcessGroup, ProcessGroups
 from protoformer.parallel.layers import VocabParallelEmbedding
 from protoformer.parallel.parameters import mark_sequence_parallel
 from protoformer.parallel.random import tensor_parallel_rng_fork
@@ -30,13 +30,13 @@ from protoformer.transformer.block import LayerSpecs, TransformerBlock
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.mlp import init_method_normal
 from protoformer.transformer.moe.aux_loss import (
-    ExpertBiasOwner,
     MoEAuxLossTracker,
     bind_aux_loss_tracker,
+    update_expert_biases,
 )
 from protoformer.transformer.rope import RotaryEmbedding, rotary_emb_from_config
 
-__all__ = ["GPTModel", "PositionEmbeddingType", "mixed_precision_context"]
+__all__ = ["GPTModel", "PositionEmbeddingType", "expert_bias_groups", "mixed_precision_context"]
 
 PositionEmbeddingType = Literal["rope", "learned_absolute", "none"]
 _POSITION_EMBEDDING_TYPES = ("rope", "learned_absolute", "none")
@@ -130,12 +130,7 @@ class GPTModel(nn.Module):
         """Move every router's aux-loss-free expert bias by its token counts since the last
         call, summed over the ranks that route different tokens (data-parallel, and the
         tensor-parallel group under sequence parallelism); call once per optimizer step."""
-        groups = [self.pg.dp]
-        if self.config.sequence_parallel:
-            groups.append(self.pg.tp)
-        for module in self.decoder.modules():
-            if isinstance(module, ExpertBiasOwner):
-                module.update_expert_bias(groups)
+        update_expert_biases(self.decoder, expert_bias_groups(self.config, self.pg))
 
     def forward(
         self,
@@ -330,6 +325,16 @@ class GPTModel(nn.Module):
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:
     """`cap * tanh(logits / cap)` (Gemma 2's final-logit soft-capping), or `logits` for None."""
     return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def expert_bias_groups(config: TransformerConfig, pg: ProcessGroups) -> list[ProcessGroup | None]:
+    """The groups over which the routers' token counts are summed before an expert-bias update:
+    the ranks that route different tokens (data-parallel, and tensor-parallel under sequence
+    parallelism)."""
+    groups = [pg.dp]
+    if config.sequence_parallel:
+        groups.append(pg.tp)
+    return groups
 
 
 def mixed_precision_context(config: TransformerConfig,

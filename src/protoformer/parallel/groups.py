@@ -166,8 +166,8 @@ class ProcessGroups:
                        pp: int) -> ProcessGroups:
         """TP, DP and PP groups in the layout `rank = t + tp * (d + dp * p)`."""
         if ep != 1:
-            raise ValueError(f"pp={pp} cannot be combined with ep={ep}: pipeline parallelism "
-                             "of mixture-of-experts models is not supported")
+            raise ValueError(f"pp={pp} cannot be combined with ep={ep}: expert parallelism "
+                             "inside pipeline stages is not supported")
         if world % (tp * pp) != 0:
             raise ValueError(f"tp={tp} x pp={pp} must divide the world size {world} "
                              f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")

@@ -17,9 +17,14 @@ every stage starts with the weights the single-process model would have), plus o
 holding all of this rank's parts (what the optimizer and checkpoints see); the parts of the
 model this rank does not hold are moved to the meta device (their memory freed).
 
+Per-layer specs (dense first layers, then mixture-of-experts layers) are split as they are:
+each stage holds its layers whatever their kind. The MoE routers' auxiliary losses reach the
+backward through the activations (`MoEAuxLossTracker.attach_to_activations`, set by
+`PipelineParallel`), and `GPTStage.update_expert_bias` moves the expert biases of the
+routers this rank holds.
+
 Refused (ValueError, one line each): layers not divisible by `pp * virtual`, tied input and
-output embeddings (the weight would live on two stages), mixture-of-experts layers (their
-auxiliary losses are not routed through the schedule), deferred weight gradients.
+output embeddings (the weight would live on two stages), deferred weight gradients.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
-from protoformer.models.gpt import GPTModel, mixed_precision_context
+from protoformer.models.gpt import GPTModel, expert_bias_groups, mixed_precision_context
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -41,6 +46,7 @@ from protoformer.parallel.parameters import named_parallel_metadata, restore_par
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
 from protoformer.transformer.layer import TransformerLayer
+from protoformer.transformer.moe.aux_loss import update_expert_biases
 from protoformer.transformer.norm import LayerNormInterface
 from protoformer.transformer.rope import RotaryEmbedding
 
@@ -83,10 +89,6 @@ def check_pipeline_supported(model: GPTModel, pp: int, virtual: int = 1) -> None
         raise ValueError("--pp cannot split a model whose output layer shares the embedding's "
                          "weight (tied embeddings: the weight would live on the first and the "
                          "last stage); untie them or train without --pp")
-    if config.num_moe_experts is not None:
-        raise ValueError("--pp does not support mixture-of-experts models yet (their routers' "
-                         "auxiliary losses are not carried through the pipeline schedule); use "
-                         "--tp/--ep without --pp")
     if config.delay_wgrad_compute:
         raise ValueError("--pp cannot be combined with delay_wgrad_compute (the schedule runs "
                          "the backward passes); turn it off")
@@ -132,6 +134,11 @@ class GPTStage(nn.Module):
             blocks, model.decoder.final_layernorm if post_process else None)
         self.output_layer: ColumnParallelLinear | None = (
             model.output_layer if post_process else None)
+
+    def update_expert_bias(self) -> None:
+        """`GPTModel.update_expert_bias` for the routers of this stage's layers (once per
+        optimizer step)."""
+        update_expert_biases(self.decoder, expert_bias_groups(self.config, self.pg))
 
     def forward(self, inputs: Tensor) -> Tensor:
         """Token ids `[b, s]` (first stage) or hidden states `[s, b, h]` -> hidden states or

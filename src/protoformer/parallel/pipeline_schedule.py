@@ -10,7 +10,16 @@ accumulated gradients by the micro-batch count, so they are the gradients of the
 over the rows, as one process computes them.
 
 The step's loss lives on the last stage; `step` and `evaluate` return it on every rank of the
-pipeline group (summed over `pg.pp`, where the other stages contribute zero). Gradients are
+pipeline group (summed over `pg.pp`, where the other stages contribute zero).
+
+Mixture-of-experts layers: each router's auxiliary losses are attached to its output
+activation (`MoEAuxLossTracker.attach_to_activations`), so the backward of each micro-batch
+gives them the gradient 1 on whichever stage they live, and the schedule's division by the
+micro-batch count makes the step's gradient that of `mean(loss_i + aux_i)` over the
+micro-batches, the one-process step's objective. `take_aux_loss` returns their mean over the
+micro-batches, summed over the stages (reported beside the loss, which excludes it).
+torch's metadata inference (recent torch runs each stage once on placeholder tensors before
+the first step) runs with the tracker paused: no losses recorded, no tokens counted. Gradients are
 completed afterwards by the caller (tensor-parallel partial sums, the data-parallel
 average: `finalize_model_grads`) and clipped to the global norm (`grad_norm` sums the
 squares over `pg.pp`: each parameter lives on one stage).
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -33,6 +42,7 @@ from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.mappings import all_reduce_in_place
 from protoformer.parallel.pipeline import GPTStage, StageSplit, pipeline_loss, split_stages
 from protoformer.spec import apply_module
+from protoformer.transformer.moe.aux_loss import MoEAuxLossTracker
 
 __all__ = ["PIPELINE_SCHEDULES", "PipelineParallel", "check_microbatches", "resolve_schedule"]
 
@@ -71,6 +81,22 @@ def check_microbatches(microbatches: int, pp: int, schedule: str) -> None:
                          f"of --pp {pp}); change --micro-batch-size or --global-batch-size")
 
 
+class _TrainingStage(PipelineStage):
+    """A `PipelineStage` whose metadata-inference forward (torch runs each stage once on
+    placeholder tensors, with gradients on, before its first step) pauses the model's
+    auxiliary-loss tracker, so the routers neither record losses nor count tokens in it."""
+
+    def __init__(self, submodule: GPTStage, stage_index: int, num_stages: int,
+                 device: torch.device, *, group: torch.distributed.ProcessGroup | None,
+                 tracker: MoEAuxLossTracker) -> None:
+        super().__init__(submodule, stage_index, num_stages, device, group=group)
+        self._aux_losses = tracker
+
+    def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        with self._aux_losses.pause():
+            return super()._forward_metadata_inference(*args, **kwargs)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType, reportAttributeAccessIssue]  # torch >= 2.12 only; older versions infer shapes under no_grad, which the routers already skip
+
+
 class PipelineParallel:
     """This rank's stages of a `GPTModel` and the schedule that runs a step over them."""
 
@@ -87,8 +113,13 @@ class PipelineParallel:
         self._model = model
         self._pg = pg
         self.split: StageSplit = split_stages(model, pg, virtual)
+        self.moe = model.config.num_moe_experts is not None
+        # The schedule divides every gradient by the micro-batch count after the backward
+        # (scale_grads): each auxiliary loss's gradient is 1 per micro-batch, as its loss's.
+        model.moe_aux_losses.attach_to_activations(grad_scale=1.0)
         stages: list[_PipelineStageBase] = [
-            PipelineStage(stage, index, self.split.num_stages, device, group=pg.pp)
+            _TrainingStage(stage, index, self.split.num_stages, device, group=pg.pp,
+                           tracker=model.moe_aux_losses)
             for stage, index in zip(self.split.stages, self.split.indices, strict=True)]
         loss_fn = cast("Callable[[Tensor, Tensor], Tensor]", partial(pipeline_loss, model))
         self._schedule: PipelineScheduleSingle | PipelineScheduleMulti
@@ -112,8 +143,20 @@ class PipelineParallel:
 
     def step(self, rows: Tensor, device: torch.device) -> Tensor:
         """Forward and backward of this replica's `rows` `[b, s + 1]` through the pipeline;
-        the gradients are accumulated in `.grad`. Returns the mean loss `[]` on every rank."""
+        the gradients are accumulated in `.grad`. Returns the mean loss `[]` on every rank
+        (the language-model loss; MoE auxiliary losses: `take_aux_loss`)."""
         return self._run(rows, device, train=True)
+
+    def take_aux_loss(self, device: torch.device) -> Tensor | None:
+        """The MoE auxiliary losses of the last `step` `[]`: per micro-batch the sum over every
+        layer, averaged over the micro-batches, on every rank of the pipeline group; None
+        for a dense model. (The one-process step reports the same value.)"""
+        if not self.moe:
+            return None
+        attached = self._model.moe_aux_losses.take_attached()  # this rank's layers
+        total = (torch.zeros((), dtype=torch.float32, device=device) if attached is None
+                 else attached.detach().float())
+        return all_reduce_in_place(total, self._pg.pp) / self.microbatches
 
     @torch.no_grad()
     def evaluate(self, rows: Tensor, device: torch.device) -> Tensor:

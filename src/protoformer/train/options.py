@@ -241,8 +241,9 @@ class TrainOptions:
 def _check_pipeline_combinations(options: TrainOptions) -> None:
     """One-line errors for what `pp` > 1 is not combined with."""
     if options.ep > 1:
-        raise ValueError("--pp cannot be combined with --ep (pipeline parallelism of "
-                         "mixture-of-experts models is not supported); drop one of them")
+        raise ValueError("--pp cannot be combined with --ep (expert parallelism inside pipeline "
+                         "stages is not supported); train the MoE model with --pp and --tp/--fsdp, "
+                         "or with --ep without --pp")
     if options.init_from_hf is not None:
         raise ValueError("--pp cannot be combined with --init-from-hf yet; train a preset or a "
                          "--spec with --pp")

@@ -13,7 +13,9 @@ read when they are logged.
 Under pipeline parallelism `pipeline_train_step` replaces the micro-batch loop: the pipeline
 schedule runs the micro-batches over the stages, then the gradients are completed over the
 tensor- and data-parallel groups (an all-reduce after the pipeline, no DDP wrapper), clipped
-to the norm over all stages and applied.
+to the norm over all stages and applied. MoE auxiliary losses reach the backward through the
+activations (see `pipeline_schedule`); the step reports them as the one-process step does,
+and updates the expert biases of this rank's routers.
 """
 
 from __future__ import annotations
@@ -103,7 +105,11 @@ def pipeline_train_step(pipeline: PipelineParallel, data_parallel: DataParallel,
     completes the gradients after the schedule."""
     optimizer.zero_grad(set_to_none=True)
     loss = pipeline.step(rows, device)  # [] from the last stage
+    aux = pipeline.take_aux_loss(device)  # [] summed over the stages, or None (dense)
     data_parallel.finish_grads()
     norm = clip_grad_norm_(parameters, grad_clip, pg)  # over the tp, pp (and sharded dp) groups
     optimizer.step()  # pyright: ignore[reportUnknownMemberType]  # torch leaves `closure` unannotated
-    return StepOutput(loss=replica_mean_tensor(loss, pg), grad_norm=norm)
+    if pipeline.moe:
+        pipeline.module.update_expert_bias()  # this rank's routers, once per step
+    return StepOutput(loss=replica_mean_tensor(loss, pg), grad_norm=norm,
+                      aux_loss=None if aux is None else replica_mean_tensor(aux, pg))

@@ -6,8 +6,10 @@ from protoformer.transformer.moe.alltoall_dispatcher import MoEAlltoAllTokenDisp
 from protoformer.transformer.moe.aux_loss import (
     AuxLossReporter,
     ExpertBiasOwner,
+    MoEAuxLossAutoScaler,
     MoEAuxLossTracker,
     bind_aux_loss_tracker,
+    update_expert_biases,
 )
 from protoformer.transformer.moe.dispatcher import MoELocalTokenDispatcher
 from protoformer.transformer.moe.experts import (
@@ -53,6 +55,7 @@ __all__ = [
     "GroupedMLP",
     "GroupedMLPSubmodules",
     "MoEAlltoAllTokenDispatcher",
+    "MoEAuxLossAutoScaler",
     "MoEAuxLossTracker",
     "MoELayer",
     "MoELocalTokenDispatcher",
@@ -67,4 +70,5 @@ __all__ = [
     "TokenDispatcherInterface",
     "TopKRouter",
     "bind_aux_loss_tracker",
+    "update_expert_biases",
 ]

@@ -35,7 +35,9 @@ class TopKRouter(nn.Module):
     moved by `update_expert_bias` once per optimizer step from the token counts of the
     training forwards since the last update). In training it records the load-balancing loss
     (`moe_aux_loss_coeff > 0`) and the z-loss (`moe_z_loss_coeff`) into the tracker its
-    model gives it. A capacity factor drops tokens after the aux losses are taken.
+    model gives it, and returns its probs through `tracker.attach` (which, under pipeline
+    parallelism, carries those losses' gradients in the probs' backward). A capacity factor
+    drops tokens after the aux losses are taken.
     """
 
     expert_bias: Tensor | None
@@ -72,11 +74,15 @@ class TopKRouter(nn.Module):
         logits = torch.nn.functional.linear(input.to(dtype), self.weight.to(dtype))  # [T, E]
         scoring = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         probs, indices = topk_routing(scoring, self.config, self.expert_bias)  # [T, k] each
-        if self.training and torch.is_grad_enabled():
+        tracker = self._aux_loss_tracker
+        if self.training and torch.is_grad_enabled() and not (tracker is not None
+                                                               and tracker.paused):
             self._account(scoring, indices)
         if self.config.moe_expert_capacity_factor is not None:
             probs, indices = apply_capacity(probs, indices, self.config)
-        return probs.to(input.dtype), indices
+        probs = probs.to(input.dtype)
+        # Under pipeline parallelism the losses just recorded ride on the probs' backward.
+        return (probs if tracker is None else tracker.attach(probs)), indices
 
     def _account(self, logits: Tensor, indices: Tensor) -> None:
         counts = expert_counts(indices, self.num_experts)  # [E]
