@@ -1,6 +1,6 @@
 """Greedy decode throughput: protoformer (eager and CUDA-graph) against Hugging Face `generate`.
 
-The same Llama-style model as `train_step.py` (bf16 weights, copied from protoformer into
+The same Llama-style model as `_peers.py` (bf16 weights, copied from protoformer into
 `transformers.LlamaForCausalLM` with `attn_implementation="sdpa"`) decodes `--new-tokens`
 tokens greedily after a random `--prompt`-token prompt, at each `--batch`:
 
@@ -29,10 +29,10 @@ import statistics
 import time
 from collections.abc import Callable
 
+import _peers
 import torch
-import train_step
+from _peers import build_hf, build_protoformer, copy_weights, llama_1b_config
 from torch import Tensor
-from train_step import build_hf, build_protoformer, copy_weights, llama_1b_config
 
 import protoformer.backends.fused  # noqa: F401  (registers the fused backend)
 from protoformer.generation import GraphDecoder, greedy_generate
@@ -40,12 +40,12 @@ from protoformer.generation import GraphDecoder, greedy_generate
 
 def timed(fn: Callable[[], Tensor], repeats: int) -> tuple[float, Tensor]:
     out = fn()  # warm-up (and, for the graph decoder, capture)
-    train_step.synchronize()
+    _peers.synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn()
-        train_step.synchronize()
+        _peers.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -105,16 +105,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    train_step.add_shape_arguments(parser)
+    _peers.add_shape_arguments(parser)
     parser.add_argument("--attention-kernels", default="flash,cudnn,efficient")
     parser.add_argument("--anatomy", action="store_true",
                         help="profile the step (kernels per token) instead of comparing")
     parser.add_argument("--device", default="cuda", help="cpu only to smoke-test the script")
     args = parser.parse_args()
-    train_step.DEVICE = torch.device(args.device)
-    if train_step.DEVICE.type == "cuda" and not torch.cuda.is_available():
+    _peers.DEVICE = torch.device(args.device)
+    if _peers.DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("decode.py needs a CUDA GPU (or --device cpu for a smoke test)")
-    card = torch.cuda.get_device_name() if train_step.DEVICE.type == "cuda" else "cpu"
+    card = torch.cuda.get_device_name() if _peers.DEVICE.type == "cuda" else "cpu"
     print(f"card: {card}; torch {torch.__version__}", flush=True)
 
     config = llama_1b_config(args)
@@ -129,7 +129,7 @@ def main() -> None:
 
     rows = []
     for batch in args.batch:
-        prompts = torch.randint(0, args.vocab, (batch, args.prompt), device=train_step.DEVICE)
+        prompts = torch.randint(0, args.vocab, (batch, args.prompt), device=_peers.DEVICE)
 
         def run_hf(prompts: Tensor = prompts) -> Tensor:
             with torch.inference_mode():
@@ -139,7 +139,7 @@ def main() -> None:
             return out[:, args.prompt:]
 
         decoder = GraphDecoder(ours, batch_size=batch, max_sequence_length=total)
-        if args.anatomy and train_step.DEVICE.type == "cuda":
+        if args.anatomy and _peers.DEVICE.type == "cuda":
             anatomy(decoder, GraphDecoder(ours, batch_size=batch, max_sequence_length=total,
                                           use_cuda_graph=False), prompts, n)
             continue

@@ -6,7 +6,9 @@ Every model runs in this one process with the same weights (protoformer's, copie
 - `protoformer`: `GPTModel` with `FusedSpecProvider` and `fused_config` (Triton RoPE,
   liger-kernel RMSNorm / SwiGLU, fused SDPA, fused linear + cross-entropy), the mean loss
   from `loss_reduction="mean"` (`--per-token-loss`: per-token losses averaged outside);
-- `protoformer-compiled`: the same with each `TransformerLayer` `.compile()`d;
+- `protoformer-compiled`: the same after `protoformer.models.compile_layers` (regional
+  `torch.compile`: inside each layer Inductor fuses the norms, SwiGLU, RoPE, residual adds
+  and casts; core attention stays the fused SDPA kernel, the loss stays ours);
 - `protoformer-per-token`: the same with per-token losses averaged outside (on CUDA with
   liger-kernel: liger's fused linear cross-entropy, logits recomputed in backward) instead
   of the mean loss (gradients in forward, no host synchronisation);
@@ -26,52 +28,42 @@ causal count (attention halved), against 989 TFLOP/s (dense bf16, H100 SXM and H
     python benchmarks/train_step.py --shape tinyllama --seq 4096 --batch 2 8
     python benchmarks/train_step.py --shape llama3.2-1b --seq 4096 --batch 2 4 8 --profile prof.txt
 
-Needs a CUDA GPU and transformers (and liger-kernel for `hf-liger`); `--device cpu` with a
+The models are built in `_peers.py`. Needs a CUDA GPU and transformers (and liger-kernel for `hf-liger`); `--device cpu` with a
 tiny `--layers/--hidden/...` shape only smoke-tests the script.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import _peers
 import torch
-import torch.nn.functional as F
+from _peers import (
+    add_shape_arguments,
+    build_hf,
+    build_protoformer,
+    compile_protoformer,
+    empty_cache,
+    llama_1b_config,
+    load_hf_state,
+    make_hf_peer,
+    synchronize,
+)
 from torch import Tensor, nn
 
 from protoformer import TransformerConfig
-from protoformer.backends.fused import FusedSpecProvider, fused_config
+from protoformer.backends.fused import FusedSpecProvider
 from protoformer.flops import flops_per_token
 from protoformer.interop.hf import to_hf
 from protoformer.models import GPTModel
-from protoformer.recipes import gpt_layer_spec
 
 PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 (H200: the same chip, same peak)
-DEVICE = torch.device("cuda")  # `--device cpu` (tiny shapes) only smoke-tests this script
-
-# name -> (vocab, layers, hidden, heads, groups, ffn, rope base)
-SHAPES: dict[str, tuple[int, int, int, int, int, int, float]] = {
-    "llama3.2-1b": (128256, 16, 2048, 32, 8, 8192, 500000.0),  # untied output layer here
-    "tinyllama": (32000, 22, 2048, 32, 4, 5632, 10000.0),
-    "llama3-8b-layers": (128256, 4, 4096, 32, 8, 14336, 500000.0),  # 4 of 32 layers
-}
 MODELS = ("protoformer", "protoformer-compiled", "protoformer-per-token", "hf-sdpa",
           "hf-compiled", "hf-liger")
-
-
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def empty_cache() -> None:
-    gc.collect()
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -87,73 +79,6 @@ class Result:
     status: str = "ok"
 
 
-def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--shape` and per-field overrides (`--layers`, `--hidden`, ...) read by `llama_1b_config`."""
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
-    for name in ("vocab", "layers", "hidden", "heads", "groups", "ffn"):
-        parser.add_argument(f"--{name}", type=int, default=None,
-                            help=f"override the --shape's {name}")
-
-
-def llama_1b_config(args: argparse.Namespace) -> TransformerConfig:
-    """The `--shape` (default Llama-3.2-1B) as a bf16 Llama config; sets `args.vocab`."""
-    vocab, layers, hidden, heads, groups, ffn, base = SHAPES[args.shape]
-    args.vocab = args.vocab or vocab
-    return TransformerConfig(
-        num_layers=args.layers or layers, hidden_size=args.hidden or hidden,
-        num_attention_heads=args.heads or heads, num_query_groups=args.groups or groups,
-        ffn_hidden_size=args.ffn or ffn, normalization="RMSNorm", layernorm_epsilon=1e-5,
-        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
-        attention_dropout=0.0, hidden_dropout=0.0, rotary_base=base,
-        params_dtype=torch.bfloat16, bf16=True,
-    )
-
-
-def build_protoformer(config: TransformerConfig, vocab: int, max_len: int,
-                      kernels: tuple[str, ...]) -> GPTModel:
-    backend = FusedSpecProvider(attention_kernels=kernels)  # type: ignore[arg-type]
-    fast = fused_config(config)
-    with DEVICE:
-        model = GPTModel(fast, gpt_layer_spec(backend, fast), vocab, max_len)
-    return model
-
-
-def build_hf(config: TransformerConfig, vocab: int, max_len: int) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_config = LlamaConfig(
-        hidden_size=config.hidden_size, intermediate_size=config.ffn_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.query_groups, head_dim=config.head_dim, vocab_size=vocab,
-        max_position_embeddings=max_len, rms_norm_eps=config.layernorm_epsilon,
-        rope_theta=config.rotary_base, tie_word_embeddings=False, attention_bias=False,
-        mlp_bias=False, hidden_act="silu", attention_dropout=0.0,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,  # random weights: no stop token
-    )
-    with DEVICE:
-        model: nn.Module = LlamaForCausalLM._from_config(
-            hf_config, attn_implementation="sdpa", dtype=torch.bfloat16)
-    return model
-
-
-def copy_weights(ours: GPTModel, hf: nn.Module) -> str:
-    load_hf_state(hf, {k: v.detach().clone() for k, v in to_hf(ours).items()})
-    return "protoformer.interop.hf.to_hf"
-
-
-def load_hf_state(hf: nn.Module, state: dict[str, Tensor]) -> None:
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [m for m in missing if "rotary_emb" not in m]
-    if missing or unexpected:
-        raise RuntimeError(f"weight copy incomplete: missing {missing}, unexpected {unexpected}")
-
-
-@torch.no_grad()
-def logits_agreement(ours: nn.Module, hf: nn.Module, ids: Tensor) -> float:
-    a = ours(ids).float()
-    b = hf(input_ids=ids).logits.float()
-    return float((a - b).norm() / b.norm())
-
 
 def make_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], vocab: int,
               seq: int, batch: int) -> tuple[Callable[[], None], torch.optim.Optimizer]:
@@ -161,10 +86,10 @@ def make_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], voc
 
     Nothing in it waits on the host (the loss stays on the device)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=DEVICE.type == "cuda")
-    generator = torch.Generator(device=DEVICE).manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq), device=DEVICE, generator=generator)
-    labels = torch.randint(0, vocab, (batch, seq), device=DEVICE, generator=generator)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=_peers.DEVICE.type == "cuda")
+    generator = torch.Generator(device=_peers.DEVICE).manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), device=_peers.DEVICE, generator=generator)
+    labels = torch.randint(0, vocab, (batch, seq), device=_peers.DEVICE, generator=generator)
 
     def step() -> None:
         loss = loss_fn(ids, labels)
@@ -180,7 +105,7 @@ def timed_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
     synchronize()
-    if DEVICE.type != "cuda":
+    if _peers.DEVICE.type != "cuda":
         import time
         start_s = time.perf_counter()
         for _ in range(steps):
@@ -206,7 +131,7 @@ def bench(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
           config: TransformerConfig, vocab: int, seq: int, batch: int,
           args: argparse.Namespace) -> Result:
     model.train()
-    if DEVICE.type == "cuda":
+    if _peers.DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     optimizer: torch.optim.Optimizer | None = None
     try:
@@ -215,7 +140,7 @@ def bench(name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tenso
     except torch.OutOfMemoryError:
         release(model, optimizer)
         return Result(name, seq, batch, status="OOM")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE.type == "cuda" else 0.0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if _peers.DEVICE.type == "cuda" else 0.0
     release(model, optimizer)
     tokens_per_s = batch * seq / step_s
     palm = tokens_per_s * flops_per_token(config, vocab, seq) / 1e12 / PEAK_BF16_TFLOPS
@@ -333,7 +258,7 @@ def run_model(name: str, make: Callable[[], tuple[nn.Module, Callable[[Tensor, T
         print(markdown(results[-1:]), flush=True)
         if results[-1].status != "ok":
             break
-    if args.profile and name in args.profile_models and DEVICE.type == "cuda":
+    if args.profile and name in args.profile_models and _peers.DEVICE.type == "cuda":
         batch = args.profile_batch or args.batch[0]
         try:
             profiles.append(profile_summary(name, model, loss_fn, args.vocab, seq, batch,
@@ -353,7 +278,7 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
     ours = build_protoformer(config, args.vocab, seq, kernels)
     print(f"seq {seq}: fused kernels: {FusedSpecProvider().kernel_report()}", flush=True)
     hf_state = {k: v.detach().to("cpu", copy=True) for k, v in to_hf(ours).items()}
-    check_ids = torch.randint(0, args.vocab, (2, min(256, seq)), device=DEVICE)
+    check_ids = torch.randint(0, args.vocab, (2, min(256, seq)), device=_peers.DEVICE)
     with torch.no_grad():
         ours.eval()
         reference = ours(check_ids).float()
@@ -373,8 +298,8 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
             torch.manual_seed(0)  # the same weights again
             model = build_protoformer(config, args.vocab, seq, kernels)
         if compiled:
-            for layer in model.decoder.layers:
-                layer.compile()
+            print(f"seq {seq}: protoformer-compiled: {compile_protoformer(model)} layers "
+                  "compiled (compile_layers)", flush=True)
         return model, ours_loss(model, per_token or args.per_token_loss)
 
     def hf_loss(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
@@ -382,22 +307,13 @@ def run_seq(config: TransformerConfig, seq: int, args: argparse.Namespace,
 
     def make_hf(kind: str) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
         model = build_hf(config, args.vocab, seq)
-        load_hf_state(model, {k: v.to(DEVICE) for k, v in hf_state.items()})
+        load_hf_state(model, {k: v.to(_peers.DEVICE) for k, v in hf_state.items()})
         model.eval()
         with torch.no_grad():
             got = model(input_ids=check_ids).logits.float()
         print(f"seq {seq}: {kind}: logits vs protoformer, relative difference "
               f"{float((got - reference).norm() / reference.norm()):.2e} (bf16)", flush=True)
-        if kind == "hf-compiled":
-            for layer in model.model.layers:
-                layer.compile()
-        elif kind == "hf-liger":
-            from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
-                                        cross_entropy=False, fused_linear_cross_entropy=True,
-                                        model=model)
-        return model, hf_loss(model)
+        return make_hf_peer(model, kind), hf_loss(model)
 
     for name in args.models:
         if name.startswith("protoformer"):
@@ -444,13 +360,12 @@ def main() -> None:
         parser.error(f"unknown --models {unknown}; choose from {', '.join(MODELS)}")
     args.profile_models = args.profile_models.split(",")
     args.batch = sorted(args.batch)
-    global DEVICE
-    DEVICE = torch.device(args.device)
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    _peers.DEVICE = torch.device(args.device)
+    if _peers.DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("train_step.py needs a CUDA GPU (or --device cpu for a smoke test)")
     import transformers
 
-    card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    card = torch.cuda.get_device_name() if _peers.DEVICE.type == "cuda" else "cpu"
     config = llama_1b_config(args)
     print(f"card: {card}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"shape {args.shape} ({config.num_layers} layers, hidden {config.hidden_size}, "

@@ -22,6 +22,11 @@ Triton kernel) and the output layer with the loss (`config.cross_entropy_loss_fu
 Without a GPU, or without liger-kernel (`pip install protoformer[liger]`), every builder
 runs the local implementation: the backend constructs and runs anywhere, so CPU tests
 exercise its wiring.
+
+Inside a layer compiled by `protoformer.models.compile_layers` (regional `torch.compile`),
+the norms, SwiGLU and RoPE take their plain PyTorch math, which Inductor fuses with the
+residual adds and casts around them (Dynamo cannot trace liger's kernels), while core
+attention stays outside the graph and runs the fused SDPA kernels exactly as in eager mode.
 """
 
 from __future__ import annotations
@@ -115,7 +120,8 @@ class FusedRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         """`[..., hidden_size]` -> the same shape and dtype."""
-        if x.is_cuda and x.dim() > 0 and x.shape[-1] == self.hidden_size and liger_available() \
+        if not torch.compiler.is_compiling() and x.is_cuda and x.dim() > 0 \
+                and x.shape[-1] == self.hidden_size and liger_available() \
                 and not self.zero_centered_gamma:
             return fused_rms_norm(x, self.weight, self.eps)
         return super().forward(x)
@@ -142,8 +148,8 @@ class FusedActivation(Activation):
     """`Activation` whose gated SiLU (SwiGLU) runs as one fused kernel on CUDA (liger-kernel)."""
 
     def forward(self, x: Tensor, /) -> Tensor:
-        if self.gated and self.activation_func is F.silu and x.is_cuda and liger_available() \
-                and x.shape[-1] % 2 == 0:
+        if not torch.compiler.is_compiling() and self.gated and self.activation_func is F.silu \
+                and x.is_cuda and liger_available() and x.shape[-1] % 2 == 0:
             return fused_swiglu(x)  # [..., f]
         return super().forward(x)
 
@@ -227,6 +233,17 @@ class FusedSDPAttention(SDPAttention):
         attention_bias: Tensor | None = None,
     ) -> Tensor:
         """`[sq, b, np, hn]`, `[sk, b, ng, hn]`, `[sk, b, ng, hv]` -> `[sq, b, np * hv]`."""
+        if torch.compiler.is_compiling():
+            # In a compiled layer the attention kernel runs outside the graph (a graph break):
+            # the same kernel choice and fallbacks as eager, whatever Dynamo supports.
+            return _outside_graph(self._fused_forward, query, key, value, attention_mask,
+                                  attn_mask_type, attention_bias)
+        return self._fused_forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias)
+
+    def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, attn_mask_type: AttnMaskType | None,
+                       attention_bias: Tensor | None) -> Tensor:
         head_dims = (query.shape[-1], value.shape[-1]) if query.dim() == 4 == value.dim() else (0,)
         fusable = query.is_cuda and query.dtype in _HALF_DTYPES \
             and all(0 < d <= 256 and d % 8 == 0 for d in head_dims)
@@ -249,6 +266,14 @@ class FusedSDPAttention(SDPAttention):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernels={list(self.kernels)}"
+
+
+def _call_eagerly(function: Callable[..., Tensor], /, *args: object) -> Tensor:
+    return function(*args)
+
+
+# `torch.compiler.disable` returns its argument's type untyped; this is `_call_eagerly`.
+_outside_graph = cast(Callable[..., Tensor], torch.compiler.disable(_call_eagerly))  # type: ignore[no-untyped-call]  # pyright: ignore[reportUnknownMemberType]  # torch leaves disable unannotated
 
 
 def _restrict_sdpa(backends: list[SDPBackend]) -> AbstractContextManager[object]:

@@ -49,7 +49,7 @@ _FLAGS = {
     "fsdp": "fsdp", "reshard_after_forward": "reshard_after_forward",
     "pp": "pp", "pp_schedule": "pp_schedule",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
-    "ckpt_format": "ckpt_format", "async_save": "async_save",
+    "ckpt_format": "ckpt_format", "async_save": "async_save", "compile": "compile",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -141,6 +141,10 @@ def add_parser(commands: _Subparsers) -> None:
                         help="continue the run in --out from its latest checkpoint")
     parser.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     parser.add_argument("--backend", help=f"layer implementation backend (default {d.backend})")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="compile each transformer layer with torch.compile (fuses norms, "
+                             "activations, RoPE and residual adds; the first steps compile); "
+                             "eager, with a warning, where compilation cannot work")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where to train (default auto: CUDA when available)")
     parser.add_argument("--tp", type=int,

@@ -2,14 +2,17 @@
 
 On CUDA with liger-kernel the normalization runs in liger's Triton kernels, with everything
 computed in float32 and cast back to the input dtype (its "gemma" casting mode), which is
-exactly what `protoformer.transformer.norm.RMSNorm` computes. Elsewhere the same math runs
-through `torch.nn.functional.rms_norm` in float32.
+exactly what `protoformer.transformer.norm.RMSNorm` computes. Elsewhere, and inside a
+region `torch.compile` traces (Dynamo cannot trace liger's kernel; Inductor fuses the plain
+math with its neighbours instead), the same math runs through
+`torch.nn.functional.rms_norm` in float32.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, cast
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,7 +29,7 @@ class _LigerRMSNormFunction(Protocol):
 
 def fused_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`x / sqrt(mean(x**2, -1) + eps) * weight` over the last dimension, in float32, cast to `x.dtype`."""
-    if x.is_cuda and liger_available():
+    if not torch.compiler.is_compiling() and x.is_cuda and liger_available():
         function = cast("_LigerRMSNormFunction",
                         import_optional("liger_kernel.ops.rms_norm").LigerRMSNormFunction)
         hidden = x.shape[-1]

@@ -5,7 +5,8 @@
 layout, float32 rotation, result in `t`'s dtype). On a CUDA tensor with the non-interleaved
 (Llama / GPT-NeoX) layout it runs one Triton kernel per call (forward and backward), reading
 `t` through its strides, so the strided query/key views of a fused QKV projection need no
-copy first; elsewhere (CPU, interleaved layout, no Triton) the same math runs in PyTorch.
+copy first; elsewhere (CPU, interleaved layout, no Triton, or inside a region `torch.compile`
+traces, where Inductor fuses it) the same math runs in PyTorch.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def _cos_sin(freqs: Tensor, seq: int, rot_dim: int, interleaved: bool) -> tuple[
 
 
 def _rotate(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    if t.is_cuda and not interleaved and triton_available():
+    # Inside a region torch.compile traces, the plain math: Inductor fuses it with its neighbours.
+    if not torch.compiler.is_compiling() and t.is_cuda and not interleaved and triton_available():
         if t.stride(-1) != 1:
             t = t.contiguous()
         return apply_autograd_function(_TritonRotary, t, cos.contiguous(), sin.contiguous())

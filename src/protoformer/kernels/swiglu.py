@@ -1,8 +1,9 @@
 """Fused SwiGLU: `silu(gate) * up` of a `[..., 2f]` (gate then up) tensor in one kernel.
 
 On CUDA with liger-kernel it reads the gate and up halves straight out of the fused `fc1`
-output (no chunk copies) and recomputes the SiLU in backward instead of storing it. Elsewhere
-it is the plain `F.silu(gate) * up`.
+output (no chunk copies) and recomputes the SiLU in backward instead of storing it. Elsewhere,
+and inside a region `torch.compile` traces (Inductor fuses the plain ops itself), it is the
+plain `F.silu(gate) * up`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def fused_swiglu(x: Tensor) -> Tensor:
     if x.shape[-1] % 2 != 0:
         raise ValueError(f"fused_swiglu needs an even last dimension (gate then up), got shape "
                          f"{tuple(x.shape)}")
-    if x.is_cuda and liger_available():
+    if not torch.compiler.is_compiling() and x.is_cuda and liger_available():
         function = cast("_LigerFusedGateUpSiLUMul",
                         import_optional("liger_kernel.ops.swiglu").LigerFusedGateUpSiLUMulFunction)
         # liger's backward returns the gradient flattened to 2-D, so hand it 2-D input.

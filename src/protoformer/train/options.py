@@ -75,6 +75,9 @@ class TrainOptions:
     """`PATH=VALUE` edits of the layer spec (of `spec`, else of the preset's recipe)."""
     allow: tuple[str, ...] = ()
     """Module prefixes, besides protoformer's, that the spec's builders may be imported from."""
+    compile: bool = False
+    """Compile each transformer layer with `torch.compile` (torchtitan's `compile`;
+    `protoformer.models.compile_layers`); warned and eager where compilation cannot work."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over the data-parallel ranks (FSDP2)
     instead of replicating them (DDP); checkpoints are then sharded (DCP)."""

@@ -17,7 +17,7 @@ from torch.optim import AdamW
 
 from protoformer.backends import get_backend
 from protoformer.distributed import LaunchEnvironment, init_distributed, local_peer_pids
-from protoformer.models import GPTModel
+from protoformer.models import GPTModel, compile_layers
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
 from protoformer.parallel.fsdp import (
     FullyShardedDataParallel,
@@ -299,6 +299,8 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
     model = built.model
     beat("model built")
     model.train()
+    # Per-layer compilation before the data-parallel wrappers (torchtitan's order).
+    compiled_layers = compile_layers(model) if options.compile else 0
     if pg.dp_rank > 0:  # replicas start equal but draw their own dropout masks
         model_parallel_manual_seed(options.seed + _DATA_PARALLEL_SEED_STRIDE * pg.dp_rank,
                                    pg.tp_rank)
@@ -332,6 +334,9 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
                    schedule=schedule, data_parallel=data_parallel, micro_batches=micro_batches,
                    pipeline=pipeline, checkpoint=checkpoint)
     run.messages = _describe(run)
+    if compiled_layers:
+        run.messages.append(f"compile: {compiled_layers} transformer layers compiled with "
+                            "torch.compile (the first steps include the compilation)")
     if resumed is not None:
         run.start_step, run.train_losses, run.validation_losses = resumed
         run.messages.append(f"resumed from {checkpoint} at step {run.start_step}")

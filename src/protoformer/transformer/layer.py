@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -15,6 +16,7 @@ from protoformer.config import TransformerConfig
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.parallel.random import checkpoint_rng_context_fn, tensor_parallel_rng_fork
 from protoformer.spec import Submodules, apply_module
+from protoformer.transformer.compile import CompileOptions, compiled_function
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.interfaces import CrossAttentionBuilder, SelfAttentionBuilder
 from protoformer.transformer.mlp import MLPBuilder
@@ -123,6 +125,10 @@ class TransformerLayer(nn.Module):
     Each residual branch ends in `bias_dropout_add` with `config.hidden_dropout` (active only
     in training). With `config.recompute_granularity == "full"` the whole layer is
     recomputed in the backward pass instead of keeping its activations (training only).
+
+    With `compile_options` set (`protoformer.models.compile_layers`), the layer's computation
+    runs through `torch.compile` (one compiled graph shared by the layers of a stack); calls
+    with an `inference_context` (KV-cache decoding) stay eager.
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class TransformerLayer(nn.Module):
         self.post_mlp_layernorm = _optional_norm(submodules.post_mlp_layernorm, hidden, config,
                                                  eps)
         self.parallel_residual = submodules.parallel_residual
+        self.compile_options: CompileOptions | None = None
 
     def forward(
         self,
@@ -180,17 +187,22 @@ class TransformerLayer(nn.Module):
         if self.cross_attention is None and context is not None:
             raise ValueError("context was given but this layer has no cross_attention; build it "
                              "with TransformerLayerSubmodules(cross_attention=...)")
+        forward = self._forward
+        if self.compile_options is not None and inference_context is None:
+            # The unbound function compiled once: every layer of the stack reuses its graph.
+            forward = functools.partial(
+                compiled_function(type(self)._forward, self.compile_options), self)
         if self.config.recompute_granularity == "full" and self.training \
                 and torch.is_grad_enabled():
             output = _checkpoint(
-                self._forward, hidden_states, attention_mask, context, context_mask,
+                forward, hidden_states, attention_mask, context, context_mask,
                 rotary_pos_emb, inference_context, use_reentrant=False,
                 # Replays the tensor-parallel dropout streams too, not only the default RNG.
                 context_fn=checkpoint_rng_context_fn())
             assert isinstance(output, Tensor)
             return output
-        return self._forward(hidden_states, attention_mask, context, context_mask,
-                             rotary_pos_emb, inference_context)
+        return forward(hidden_states, attention_mask, context, context_mask, rotary_pos_emb,
+                       inference_context)
 
     def _forward(
         self,
