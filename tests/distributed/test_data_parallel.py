@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
 
 from protoformer import TransformerConfig
 from protoformer.distributed import wrap_data_parallel
@@ -19,8 +18,8 @@ from protoformer.parallel import ProcessGroups
 from protoformer.parallel.grads import clip_grad_norm_, finalize_model_grads
 from protoformer.parallel.mappings import all_reduce_in_place
 from tests.distributed.tp_testkit import (
-    SEQ,
-    VOCAB,
+    GLOBAL_BATCH,
+    MAX_NORM,
     build_gpt,
     close,
     compare_params_and_grads,
@@ -28,28 +27,15 @@ from tests.distributed.tp_testkit import (
     gpt_config,
     load_reference_weights,
     mla_config,
+    optimizer_for,
     run,
     single_process_twin,
+    token_batch,
 )
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
-GLOBAL_BATCH = 4
 STEPS = 3
-MAX_NORM = 0.5  # small enough that clipping acts on every step
-
-
-def optimizer_for(model: nn.Module) -> torch.optim.AdamW:
-    # Adam divides by sqrt(v) + eps: an element whose gradient is near zero turns float32
-    # rounding differences (a different summation order across ranks) into update
-    # differences up to lr. A larger eps bounds that amplification to about lr / eps.
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.1)
-
-
-def batch(step: int) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator).to(device())
-    return tokens[:, :-1], tokens[:, 1:]
 
 
 def train_and_compare(rank: int, config: TransformerConfig, pg: ProcessGroups, *,
@@ -64,7 +50,8 @@ def train_and_compare(rank: int, config: TransformerConfig, pg: ProcessGroups, *
     rows = slice(pg.dp_rank * share, (pg.dp_rank + 1) * share)  # this replica's share
 
     for step in range(STEPS):
-        ids, labels = batch(step)
+        tokens = token_batch(step)
+        ids, labels = tokens[:, :-1], tokens[:, 1:]
         ref_loss = reference(ids, labels).mean()
         ref_loss.backward()
         ref_norm = clip_grad_norm_(reference.parameters(), MAX_NORM)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
+from torch import nn
 
 from protoformer import TransformerConfig
 from protoformer.parallel import ProcessGroups
@@ -32,15 +31,20 @@ from protoformer.train.checkpoint_dcp import (
     start_sharded_checkpoint,
 )
 from protoformer.train.step import train_step
-from tests.distributed.test_fsdp import GLOBAL_BATCH, MAX_NORM, batch, optimizer_for, reference_step
 from tests.distributed.tp_testkit import (
+    GLOBAL_BATCH,
+    MAX_NORM,
     build_gpt,
     close,
     device,
+    full_tensor,
     gpt_config,
     load_reference_weights,
+    optimizer_for,
+    reference_step,
     run,
     single_process_twin,
+    token_batch,
 )
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
@@ -62,7 +66,7 @@ def save_at_tp2(rank: int, world_size: int, run_dir: str) -> None:
     ref_optimizer, optimizer = optimizer_for(reference), optimizer_for(model)
     wrapped = ReplicatedDataParallel(model, pg, device())
     for step in range(STEPS):
-        rows = batch(step)
+        rows = token_batch(step)
         ref_loss, _ = reference_step(reference, ref_optimizer, rows)
         output = train_step(wrapped, optimizer, rows, micro_batches=1,
                             parameters=list(model.parameters()), grad_clip=MAX_NORM, pg=pg,
@@ -83,10 +87,6 @@ def reference(run_dir: Path) -> tuple[nn.Module, torch.optim.AdamW]:
     return model, optimizer
 
 
-def _full(tensor: Tensor) -> Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def resume_at_fsdp2(rank: int, world_size: int, run_dir: str) -> None:
     pg = ProcessGroups.from_torchrun(tp=1)
     torch.manual_seed(3)  # other initial weights: the checkpoint must overwrite them all
@@ -98,8 +98,8 @@ def resume_at_fsdp2(rank: int, world_size: int, run_dir: str) -> None:
     load_sharded_checkpoint(checkpoint, model, optimizer, pg=pg)
     expected, ref_optimizer = reference(Path(run_dir))
     for (name, a), b in zip(model.named_parameters(), expected.parameters(), strict=True):
-        close(_full(a.detach()), b.detach(), f"FSDP=2 resumed {name}")
-    rows = batch(STEPS)
+        close(full_tensor(a.detach()), b.detach(), f"FSDP=2 resumed {name}")
+    rows = token_batch(STEPS)
     share = GLOBAL_BATCH // pg.dp_size
     output = train_step(sharded, optimizer, rows[rank * share:(rank + 1) * share],
                         micro_batches=1, parameters=list(model.parameters()),
@@ -108,7 +108,7 @@ def resume_at_fsdp2(rank: int, world_size: int, run_dir: str) -> None:
     close(output.loss, ref_loss, "next-step loss at FSDP=2")
     close(output.grad_norm, ref_norm, "next-step grad norm at FSDP=2")
     for (name, a), b in zip(model.named_parameters(), expected.parameters(), strict=True):
-        close(_full(a.detach()), b.detach(), f"FSDP=2: {name} after the next step")
+        close(full_tensor(a.detach()), b.detach(), f"FSDP=2: {name} after the next step")
 
 
 def test_tp2_checkpoint_resumes_at_tp1_and_at_fsdp2(tmp_path: Path) -> None:
@@ -123,7 +123,7 @@ def test_tp2_checkpoint_resumes_at_tp1_and_at_fsdp2(tmp_path: Path) -> None:
     expected, ref_optimizer = reference(tmp_path)
     for (name, a), b in zip(model.named_parameters(), expected.parameters(), strict=True):
         close(a.detach(), b.detach(), f"TP=1 resumed {name}")
-    rows = batch(STEPS)
+    rows = token_batch(STEPS)
     loss, norm = reference_step(model, optimizer, rows)
     ref_loss, ref_norm = reference_step(expected, ref_optimizer, rows)
     close(loss, ref_loss, "next-step loss at TP=1")
@@ -139,7 +139,7 @@ def async_saves_then_die(rank: int, world_size: int, run_dir: str) -> None:
     model = build_gpt(gpt_config(), pg)
     FullyShardedDataParallel(model, pg, device())
     optimizer = optimizer_for(model)
-    step2 = {name: _full(p.detach()).clone() for name, p in model.named_parameters()}
+    step2 = {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
     if rank == 0:
         torch.save(step2, Path(run_dir) / "step2.pt")
     pending = start_sharded_checkpoint(run_dir, 2, model, optimizer, {}, pg=pg, rng_state=None,

@@ -5,7 +5,7 @@ Each rank also trains the single-process reference on the whole global batch. Th
 model runs the training loop's own `train_step` with `FullyShardedDataParallel`: losses,
 gradient norms (clipped every step), gradients (gathered from the shards) and weights must
 match the reference (atol/rtol 1e-5; the AdamW eps is large enough that reduction-order
-rounding cannot be amplified past that, see test_data_parallel).
+rounding cannot be amplified past that, see tp_testkit.optimizer_for).
 """
 
 from __future__ import annotations
@@ -15,57 +15,35 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from protoformer import TransformerConfig
 from protoformer.parallel import ProcessGroups
 from protoformer.parallel.fsdp import FullyShardedDataParallel
-from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.parameters import parallel_metadata
 from protoformer.train.checkpoint_dcp import load_sharded_checkpoint, save_sharded_checkpoint
 from protoformer.train.step import train_step
 from tests.distributed.tp_testkit import (
-    SEQ,
-    VOCAB,
+    GLOBAL_BATCH,
+    MAX_NORM,
     build_gpt,
     close,
     device,
     expected_shard,
+    full_tensor,
     gpt_config,
     load_reference_weights,
+    optimizer_for,
+    reference_step,
     run,
     single_process_twin,
+    token_batch,
 )
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
-GLOBAL_BATCH = 4
 STEPS = 2
-MAX_NORM = 0.5  # small enough that clipping acts on every step
-
-
-def optimizer_for(model: nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.1)
-
-
-def batch(step: int) -> Tensor:
-    generator = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator).to(device())
-
-
-def reference_step(reference: nn.Module, optimizer: torch.optim.Optimizer,
-                   rows: Tensor) -> tuple[Tensor, Tensor]:
-    optimizer.zero_grad(set_to_none=True)
-    loss = reference(rows[:, :-1], rows[:, 1:]).mean()
-    loss.backward()
-    norm = clip_grad_norm_(reference.parameters(), MAX_NORM)
-    optimizer.step()
-    return loss.detach(), norm
-
-
-def _full(tensor: Tensor) -> Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def compare(model: nn.Module, reference: nn.Module, config: TransformerConfig,
@@ -73,13 +51,13 @@ def compare(model: nn.Module, reference: nn.Module, config: TransformerConfig,
     expected = dict(reference.named_parameters())
     for name, param in model.named_parameters():
         assert isinstance(param, DTensor), f"{name}: not sharded by fully_shard"
-        local = _full(param.detach())  # this tensor-parallel rank's slice, gathered over dp
+        local = full_tensor(param.detach())  # this tensor-parallel rank's slice, gathered over dp
         full = expected[name]
         # (`param` carries the split record expected_shard reads.)
         close(local, expected_shard(name, full.detach(), param, config, pg.tp_rank, pg.tp_size),
               f"{what}: {name}")
         assert param.grad is not None and full.grad is not None
-        close(_full(param.grad), expected_shard(name, full.grad, param, config, pg.tp_rank,
+        close(full_tensor(param.grad), expected_shard(name, full.grad, param, config, pg.tp_rank,
                                                 pg.tp_size), f"{what}: grad of {name}")
 
 
@@ -98,7 +76,7 @@ def train_sharded(rank: int, config: TransformerConfig, pg: ProcessGroups, what:
     share = GLOBAL_BATCH // pg.dp_size
     parameters = list(model.parameters())
     for step in range(STEPS):
-        rows = batch(step)
+        rows = token_batch(step)
         ref_loss, ref_norm = reference_step(reference, ref_optimizer, rows)
         mine = rows[pg.dp_rank * share:(pg.dp_rank + 1) * share]
         output = train_step(sharded, optimizer, mine, micro_batches=share, parameters=parameters,
@@ -142,7 +120,7 @@ def test_fsdp_trains_like_one_process_and_resumes_on_one_process(tmp_path: Path)
     ref_optimizer.load_state_dict(saved["optimizer"])
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         close(a.detach(), b.detach(), f"resumed {name}")
-    rows = batch(STEPS)  # the next step: same loss, same update (optimizer state restored)
+    rows = token_batch(STEPS)  # the next step: same loss, same update (optimizer state restored)
     loss, norm = reference_step(model, optimizer, rows)
     ref_loss, ref_norm = reference_step(reference, ref_optimizer, rows)
     close(loss, ref_loss, "next-step loss after resuming on one process")

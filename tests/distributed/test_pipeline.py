@@ -5,7 +5,7 @@ batch; the pipeline ranks run `pipeline_train_step` (the training loop's own ste
 their stages with micro-batches of one sequence (data-parallel replicas take their rows). The loss (on every rank), the clipped global gradient
 norm, each parameter's gradient and, after the AdamW step, each weight must match the
 reference's (atol/rtol 1e-5; AdamW's eps = 1e-4 keeps reduction-order rounding from being
-amplified, see test_data_parallel). Which layers each rank holds is written out from
+amplified, see tp_testkit.optimizer_for). Which layers each rank holds is written out from
 Megatron-Core's layout (stage `i` on rank `i % pp`), not read from the code under test.
 """
 
@@ -14,62 +14,38 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from protoformer import TransformerConfig
 from protoformer.parallel import ProcessGroups
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
 from protoformer.parallel.fsdp import FullyShardedStages
-from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.pipeline_schedule import PipelineParallel
 from protoformer.train.loss import replica_mean_tensor, replica_rows
 from protoformer.train.step import pipeline_train_step
 from tests.distributed.tp_testkit import (
-    SEQ,
-    VOCAB,
+    GLOBAL_BATCH,
+    MAX_NORM,
     build_gpt,
     close,
     device,
     expected_shard,
+    full_tensor,
     gpt_config,
     load_reference_weights,
+    optimizer_for,
+    reference_step,
     run,
     single_process_twin,
+    token_batch,
 )
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
-GLOBAL_BATCH = 4
 STEPS = 2
-MAX_NORM = 0.5  # small enough that clipping acts on every step
 # Layers of each pipeline rank for 4 layers over pp=2: one stage per rank, or two
 # interleaved virtual stages per rank (stage i = layer i on rank i % 2).
 EXPECTED_LAYERS = {("1F1B", 1): {0: {0, 1}, 1: {2, 3}},
                    ("Interleaved1F1B", 2): {0: {0, 2}, 1: {1, 3}}}
-
-
-def optimizer_for(model: nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.1)
-
-
-def batch(step: int) -> Tensor:
-    generator = torch.Generator().manual_seed(100 + step)
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator).to(device())
-
-
-def reference_step(reference: nn.Module, optimizer: torch.optim.Optimizer,
-                   rows: Tensor) -> tuple[Tensor, Tensor]:
-    optimizer.zero_grad(set_to_none=True)
-    loss = reference(rows[:, :-1], rows[:, 1:]).mean()
-    loss.backward()
-    norm = clip_grad_norm_(reference.parameters(), MAX_NORM)
-    optimizer.step()
-    return loss.detach(), norm
-
-
-def _full(tensor: Tensor) -> Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
@@ -96,7 +72,7 @@ def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
     ref_optimizer, optimizer = optimizer_for(reference), optimizer_for(module)
     parameters = list(module.parameters())
     for step in range(STEPS):
-        rows = batch(step)
+        rows = token_batch(step)
         ref_loss, ref_norm = reference_step(reference, ref_optimizer, rows)
         output = pipeline_train_step(pipeline, replicated, optimizer, replica_rows(rows, pg),
                                      parameters=parameters, grad_clip=MAX_NORM, pg=pg,
@@ -107,13 +83,13 @@ def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
         for name, param in module.named_parameters():
             full = expected[name]
             assert param.grad is not None and full.grad is not None, f"{what}: {name} no grad"
-            close(_full(param.grad), expected_shard(name, full.grad, param, config, pg.tp_rank,
+            close(full_tensor(param.grad), expected_shard(name, full.grad, param, config, pg.tp_rank,
                                                     pg.tp_size),
                   f"{what}, step {step}: grad of {name}")
-            close(_full(param.detach()), expected_shard(name, full.detach(), param, config, pg.tp_rank,
+            close(full_tensor(param.detach()), expected_shard(name, full.detach(), param, config, pg.tp_rank,
                                                  pg.tp_size), f"{what}, step {step}: {name}")
     # Evaluation through the schedule: forward only, the reference's loss, no gradients.
-    rows = batch(STEPS)
+    rows = token_batch(STEPS)
     with torch.no_grad():
         ref_loss = reference(rows[:, :-1], rows[:, 1:]).mean()
     close(replica_mean_tensor(pipeline.evaluate(replica_rows(rows, pg), device()), pg), ref_loss,

@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from protoformer import MLATransformerConfig, TransformerConfig
 from protoformer.backends import get_backend
 from protoformer.models import GPTModel
 from protoformer.parallel import ProcessGroups
+from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.groups import ProcessGroup
 from protoformer.parallel.parameters import parallel_metadata
 from protoformer.recipes import gpt_layer_spec, mla_layer_spec
@@ -60,6 +62,43 @@ def close(actual: Tensor | None, expected: Tensor | None, what: str) -> None:
     assert expected is not None, f"{what}: reference missing (None)"
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL,
                                msg=lambda m: f"{what}: {m}")
+
+
+# -- training against the single-process reference -------------------------------------------
+
+GLOBAL_BATCH = 4
+MAX_NORM = 0.5  # small enough that clipping acts on every step
+
+
+def optimizer_for(model: nn.Module) -> torch.optim.AdamW:
+    # Adam divides by sqrt(v) + eps: an element whose gradient is near zero turns float32
+    # rounding differences (a different summation order across ranks) into update
+    # differences up to lr. A larger eps bounds that amplification to about lr / eps.
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.1)
+
+
+def token_batch(step: int) -> Tensor:
+    """Step `step`'s global batch, the same on every rank: `[GLOBAL_BATCH, SEQ + 1]` token ids
+    (inputs `[:, :-1]`, labels `[:, 1:]`)."""
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator).to(device())
+
+
+def reference_step(reference: nn.Module, optimizer: torch.optim.Optimizer,
+                   rows: Tensor) -> tuple[Tensor, Tensor]:
+    """One plain training step of `reference` on `rows` (mean loss, gradients clipped to
+    `MAX_NORM`): (loss, gradient norm before clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = reference(rows[:, :-1], rows[:, 1:]).mean()
+    loss.backward()
+    norm = clip_grad_norm_(reference.parameters(), MAX_NORM)
+    optimizer.step()
+    return loss.detach(), norm
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """A DTensor gathered whole; a plain tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 # -- models ----------------------------------------------------------------------------------
