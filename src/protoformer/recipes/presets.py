@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -94,20 +94,9 @@ def _tiny() -> TransformerConfig:
 
 
 def _tiny_gqa() -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=4,
-        hidden_size=128,
-        num_attention_heads=8,
-        num_query_groups=2,
-        ffn_hidden_size=384,
-        normalization="RMSNorm",
-        qk_layernorm=True,
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
+    # kv_channels=None: the head size is derived again from the new head count (128 / 8).
+    return replace(_tiny(), num_attention_heads=8, num_query_groups=2, kv_channels=None,
+                   qk_layernorm=True)
 
 
 def _tiny_mla() -> TransformerConfig:
@@ -132,13 +121,8 @@ def _tiny_mla() -> TransformerConfig:
 
 
 def _tiny_moe() -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=4, hidden_size=128, num_attention_heads=4, ffn_hidden_size=384,
-        normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True,
-        activation_func=F.silu, attention_dropout=0.0, hidden_dropout=0.0,
-        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
-        moe_layer_freq=[0, 1, 1, 1], moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3,
-    )
+    return replace(_tiny(), num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128,
+                   moe_layer_freq=[0, 1, 1, 1], moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3)
 
 
 _PRESETS: dict[str, Preset] = {
