@@ -1,6 +1,6 @@
-"""The config.json readers every family shares: head size, plain-rotary refusal, the
-Llama-style base config (values written out here from the config dicts, not read back from
-the code under test)."""
+"""The config.json fields every Llama-style family shares (`architectures.decoder_config`):
+head size, plain-rotary refusal, the base config read, the values written (expected values
+written out here from the inputs, not read back from the code under test)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ from protoformer.architectures.conversion import (
     ConfigReader,
     HFConversionError,
     UnsupportedHFModelError,
+)
+from protoformer.architectures.decoder_config import (
+    decoder_config_values,
     read_decoder_config,
     read_head_dim,
     require_default_rope,
 )
+from protoformer.architectures.registry import ModelSizes
+from protoformer.config import TransformerConfig
 from protoformer.transformer.mlp import gelu_tanh
 
 
@@ -95,3 +100,17 @@ def test_decoder_config_validation_names_the_config() -> None:
         read_decoder_config(reader(num_hidden_layers=1, intermediate_size=8,
                                    num_key_value_heads=3), torch.float32, head_dim=24,
                             rotary_base=1e4)
+
+
+def test_decoder_config_values_are_the_shared_config_json_keys() -> None:
+    config = TransformerConfig(num_layers=3, hidden_size=96, num_attention_heads=4,
+                               num_query_groups=2, kv_channels=32, layernorm_epsilon=1e-5,
+                               init_method_std=0.03, attention_dropout=0.1)
+    values = decoder_config_values(config, ModelSizes(1000, 512, True), model_type="llama",
+                                   hf_class="LlamaForCausalLM")
+    assert values == {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000,
+        "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5, "initializer_range": 0.03, "attention_dropout": 0.1,
+        "tie_word_embeddings": True, "use_cache": True}

@@ -42,11 +42,8 @@ __all__ = [
     "mlp_rules",
     "model_rules",
     "owned",
-    "read_decoder_config",
-    "read_head_dim",
     "read_partial_rotary_factor",
     "read_rope",
-    "require_default_rope",
     "same",
 ]
 
@@ -335,17 +332,6 @@ def read_rope(reader: ConfigReader, *,
     return rope_type, theta, rope
 
 
-def require_default_rope(reader: ConfigReader, family: str, *,
-                         partial_rotary: bool = False) -> tuple[float, ConfigReader]:
-    """`read_rope` for a family that maps plain rotary embeddings only: (`rope_theta`, a
-    reader over the rope parameters); any `rope_type` but 'default' is refused naming `family`."""
-    rope_type, theta, rope = read_rope(reader, partial_rotary=partial_rotary)
-    if rope_type != "default":
-        raise UnsupportedHFModelError(f"{reader.where}: rope_type={rope_type!r} is not "
-                                      f"supported; protoformer maps 'default' for {family}")
-    return theta, rope
-
-
 def read_partial_rotary_factor(reader: ConfigReader, rope: ConfigReader,
                               key: str = "partial_rotary_factor", default: float = 1.0) -> float:
     """The fraction of each head's channels that rotate (`rope` parameters first, then the
@@ -354,54 +340,6 @@ def read_partial_rotary_factor(reader: ConfigReader, rope: ConfigReader,
     if not 0.0 < partial <= 1.0:
         raise HFConversionError(f"{reader.where}: {key}={partial} must be in (0, 1]")
     return partial
-
-
-def read_head_dim(reader: ConfigReader) -> int:
-    """Each attention head's width: `head_dim` when the config gives it, else
-    `hidden_size / num_attention_heads` (an error when that does not divide)."""
-    head_dim = reader.get_optional_int("head_dim")
-    if head_dim is not None:
-        return head_dim
-    hidden, heads = reader.get_int("hidden_size"), reader.get_int("num_attention_heads")
-    if hidden % heads != 0:
-        raise HFConversionError(f"{reader.where}: hidden_size={hidden} is not divisible by "
-                                f"num_attention_heads={heads} and head_dim is not given")
-    return hidden // heads
-
-
-def read_decoder_config(reader: ConfigReader, dtype: torch.dtype, *, head_dim: int,
-                        rotary_base: float, ffn_hidden_size: int | None = None,
-                        activation_func: Callable[[Tensor], Tensor] | None = None,
-                        layernorm_epsilon: float = 1e-6) -> TransformerConfig:
-    """The `TransformerConfig` fields every Llama-style config.json states the same way: layer
-    count and sizes (`ffn_hidden_size` defaults to `intermediate_size`), grouped query heads,
-    RMSNorm (`layernorm_epsilon` is `rms_norm_eps`'s default), a gated MLP without biases
-    (`activation_func` defaults to `hidden_act`'s), initialisation std, `dtype`, dropouts and
-    the rotary base. A family replaces what differs (`dataclasses.replace` inside
-    `checked_config`)."""
-    activation = activation_func if activation_func is not None else activation_for(reader)
-    heads = reader.get_int("num_attention_heads")
-    return checked_config(reader, lambda: TransformerConfig(
-        num_layers=reader.get_int("num_hidden_layers"),
-        hidden_size=reader.get_int("hidden_size"),
-        num_attention_heads=heads,
-        num_query_groups=reader.get_optional_int("num_key_value_heads") or heads,
-        kv_channels=head_dim,
-        ffn_hidden_size=(ffn_hidden_size if ffn_hidden_size is not None
-                         else reader.get_int("intermediate_size")),
-        normalization="RMSNorm",
-        layernorm_epsilon=reader.get_float("rms_norm_eps", layernorm_epsilon),
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=activation,
-        init_method_std=reader.get_float("initializer_range", 0.02),
-        perform_initialization=False,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        attention_dropout=reader.get_float("attention_dropout", 0.0),
-        hidden_dropout=0.0,
-        rotary_base=rotary_base,
-    ))
 
 
 def activation_name(config: TransformerConfig) -> str:

@@ -30,6 +30,9 @@ from protoformer.architectures.conversion import (
     checked_config,
     hf_model_info,
     model_rules,
+)
+from protoformer.architectures.decoder_config import (
+    decoder_config_values,
     read_decoder_config,
     read_head_dim,
     require_default_rope,
@@ -122,24 +125,9 @@ def gemma_exportable_problems(config: TransformerConfig, *, qk_layernorm: bool) 
 def gemma_config_values(config: TransformerConfig, sizes: ModelSizes, *, model_type: str,
                         hf_class: str) -> JSONDict:
     """The config.json values every Gemma generation writes."""
-    return {
-        "architectures": [hf_class],
-        "model_type": model_type,
-        "vocab_size": sizes.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.query_groups,
-        "head_dim": config.head_dim,
-        "max_position_embeddings": sizes.max_sequence_length,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "initializer_range": config.init_method_std,
-        "attention_dropout": config.attention_dropout,
-        "attention_bias": False,
-        "tie_word_embeddings": sizes.tie_word_embeddings,
-        "use_cache": True,
-    }
+    values = decoder_config_values(config, sizes, model_type=model_type, hf_class=hf_class)
+    values.update({"intermediate_size": config.ffn_size, "attention_bias": False})
+    return values
 
 
 def export_gemma_config(config: TransformerConfig, sizes: ModelSizes, model_type: str) -> JSONDict:

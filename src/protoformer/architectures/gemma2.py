@@ -38,8 +38,10 @@ from protoformer.architectures.conversion import (
     checked_config,
     hf_model_info,
     mlp_rules,
-    require_default_rope,
     same,
+)
+from protoformer.architectures.decoder_config import (
+    require_default_rope,
 )
 from protoformer.architectures.gemma import (
     gemma_config,

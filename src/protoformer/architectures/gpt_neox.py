@@ -28,8 +28,10 @@ from protoformer.architectures.conversion import (
     checked_config,
     hf_model_info,
     read_partial_rotary_factor,
-    require_default_rope,
     same,
+)
+from protoformer.architectures.decoder_config import (
+    require_default_rope,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider

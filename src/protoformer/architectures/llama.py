@@ -35,10 +35,13 @@ from protoformer.architectures.conversion import (
     hf_model_info,
     model_rules,
     owned,
-    read_decoder_config,
-    read_head_dim,
     read_rope,
     same,
+)
+from protoformer.architectures.decoder_config import (
+    decoder_config_values,
+    read_decoder_config,
+    read_head_dim,
 )
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
@@ -322,27 +325,16 @@ def export_dense_config(config: TransformerConfig, *, vocab_size: int, max_seque
             max_positions = config.rope_original_max_position_embeddings
     if legacy_scaling is not None:
         rope = {**legacy_scaling, "rope_theta": config.rotary_base}
-    values: JSONDict = {
-        "architectures": [_HF_CLASSES[kind]],
-        "model_type": kind,
-        "vocab_size": vocab_size,
-        "hidden_size": config.hidden_size,
+    values = decoder_config_values(
+        config, ModelSizes(vocab_size, max_positions, tie_word_embeddings), model_type=kind,
+        hf_class=_HF_CLASSES[kind])
+    values.update({
         "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.query_groups,
-        "head_dim": config.head_dim,
         "hidden_act": activation_name(config),
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "initializer_range": config.init_method_std,
-        "attention_dropout": config.attention_dropout,
-        "tie_word_embeddings": tie_word_embeddings,
         "rope_parameters": rope,
         "rope_theta": config.rotary_base,
         "rope_scaling": legacy_scaling,
-        "use_cache": True,
-    }
+    })
     if kind == "llama":
         values["attention_bias"] = config.add_bias_linear
         values["mlp_bias"] = config.add_bias_linear

@@ -36,10 +36,13 @@ from protoformer.architectures.conversion import (
     hf_model_info,
     mlp_rules,
     owned,
+    same,
+)
+from protoformer.architectures.decoder_config import (
+    decoder_config_values,
     read_decoder_config,
     read_head_dim,
     require_default_rope,
-    same,
 )
 from protoformer.architectures.registry import ModelSizes
 from protoformer.config import TransformerConfig
@@ -343,29 +346,17 @@ def gpt_moe_exportable_problems(config: TransformerConfig) -> list[str]:
 def gpt_moe_config_values(config: TransformerConfig, sizes: ModelSizes, *, model_type: str,
                           hf_class: str) -> JSONDict:
     """The config.json keys every Llama-style MoE family shares."""
-    return {
-        "architectures": [hf_class],
-        "model_type": model_type,
-        "vocab_size": sizes.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.query_groups,
-        "head_dim": config.head_dim,
+    values = decoder_config_values(config, sizes, model_type=model_type, hf_class=hf_class)
+    values.update({
         "hidden_act": activation_name(config),
-        "max_position_embeddings": sizes.max_sequence_length,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "initializer_range": config.init_method_std,
-        "attention_dropout": config.attention_dropout,
-        "tie_word_embeddings": sizes.tie_word_embeddings,
         # transformers 5 reads rope_parameters, older versions rope_theta.
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
         "rope_theta": config.rotary_base,
         "num_experts_per_tok": config.moe_router_topk,
         "output_router_logits": config.moe_aux_loss_coeff > 0,
         "router_aux_loss_coef": config.moe_aux_loss_coeff or 0.001,
-        "use_cache": True,
-    }
+    })
+    return values
 
 
 def aux_loss_coeff(reader: ConfigReader) -> float:

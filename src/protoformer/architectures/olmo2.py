@@ -32,6 +32,7 @@ from protoformer.architectures.conversion import (
     hf_model_info,
     same,
 )
+from protoformer.architectures.decoder_config import decoder_config_values
 from protoformer.architectures.gemma2 import sandwich_rules
 from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.moe_conversion import read_gpt_attention_config
@@ -124,26 +125,16 @@ def export_olmo2_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDic
     if problems:
         raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASS}: "
                                       + "; ".join(problems))
-    return {
-        "architectures": [_HF_CLASS],
-        "model_type": "olmo2",
-        "vocab_size": sizes.vocab_size,
-        "hidden_size": config.hidden_size,
+    values = decoder_config_values(config, sizes, model_type="olmo2", hf_class=_HF_CLASS)
+    del values["head_dim"]  # transformers derives it from the heads (checked equal above)
+    values.update({
         "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.query_groups,
         "hidden_act": activation_name(config),
-        "max_position_embeddings": sizes.max_sequence_length,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "initializer_range": config.init_method_std,
-        "attention_dropout": config.attention_dropout,
         "attention_bias": False,
-        "tie_word_embeddings": sizes.tie_word_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rotary_base},
         "rope_theta": config.rotary_base,
-        "use_cache": True,
-    }
+    })
+    return values
 
 
 def _olmo2_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:

@@ -33,13 +33,16 @@ from protoformer.architectures.conversion import (
     checked_config,
     hf_model_info,
     owned,
-    read_decoder_config,
-    read_head_dim,
     read_partial_rotary_factor,
     read_rope,
     same,
 )
 from protoformer.architectures.conversion import model_rules as causal_model_rules
+from protoformer.architectures.decoder_config import (
+    decoder_config_values,
+    read_decoder_config,
+    read_head_dim,
+)
 from protoformer.architectures.llama import dense_layer_specs, fuse_qkv, split_qkv
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
@@ -199,30 +202,18 @@ def export_phi3_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDict
         rope.update(rope_type="longrope", short_factor=list(config.rope_short_factor or ()),
                     long_factor=list(config.rope_long_factor or ()),
                     attention_factor=config.rope_attention_factor)
-    return {
-        "architectures": [_HF_CLASS],
-        "model_type": "phi3",
-        "vocab_size": sizes.vocab_size,
-        "hidden_size": config.hidden_size,
+    values = decoder_config_values(config, sizes, model_type="phi3", hf_class=_HF_CLASS)
+    values.update({
         "intermediate_size": config.ffn_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.query_groups,
-        "head_dim": config.head_dim,
         "hidden_act": activation_name(config),
-        "max_position_embeddings": sizes.max_sequence_length,
         "original_max_position_embeddings": original,
-        "rms_norm_eps": config.layernorm_epsilon,
-        "initializer_range": config.init_method_std,
-        "attention_dropout": config.attention_dropout,
         "resid_pdrop": config.hidden_dropout,
         "embd_pdrop": config.hidden_dropout,
-        "tie_word_embeddings": sizes.tie_word_embeddings,
         "rope_parameters": rope,
         "partial_rotary_factor": config.rotary_percent,
         "sliding_window": None,
-        "use_cache": True,
-    }
+    })
+    return values
 
 
 # ------------------------------------------------------------------ the registered architecture
