@@ -7,9 +7,9 @@ RNG states, the layout it was saved on).
 
 Every parameter and optimizer state is stored as the *global* (single-process) tensor: each
 rank writes its pieces at their offsets (`protoformer.train.checkpoint_layout`: our tensor
-parallelism, its fused layouts, FSDP2's dim-0 shards), so a run **resumes on another layout**
-(another `--tp`, with or without `--fsdp`, another number of data-parallel ranks, one
-process): DCP reads each rank's new pieces from whichever saved chunks overlap them. What
+parallelism, its fused layouts, FSDP2's dim-0 shards, expert parallelism's blocks of experts),
+so a run **resumes on another layout** (another `--tp` or `--ep`, with or without `--fsdp`,
+another number of data-parallel ranks, one process): DCP reads each rank's new pieces from whichever saved chunks overlap them. What
 does not carry over to another world size: the per-rank RNG states (each rank of the new run
 takes saved rank 0's, so dropout masks differ from an uninterrupted run's).
 
@@ -62,6 +62,7 @@ from protoformer.train.checkpoint_layout import (
     GlobalPieces,
     PiecesLoadPlanner,
     PiecesSavePlanner,
+    expert_global_name,
     global_value,
     owner_config,
 )
@@ -104,23 +105,30 @@ def _records(model: nn.Module) -> dict[str, ParallelMetadata]:
 
 def _global_states(model: nn.Module, model_state: Mapping[str, object],
                    optimizer_state: Mapping[str, object] | None, pg: ProcessGroups) -> _State:
-    """{"model": ..., "optimizer": {"state": ...}} with every tensor as its global pieces."""
-    if pg.ep_size > 1:
-        raise ValueError("sharded (torch_dist) checkpoints do not map expert parallelism yet; "
-                         "train with --ckpt-format safetensors under --ep")
+    """{"model": ..., "optimizer": {"state": ...}} with every tensor as its global pieces,
+    under the single-process names (an expert's own MLP renumbered under expert parallelism)."""
     records = _records(model)
+    renamed: dict[str, str] = {}
+    if pg.ep_size > 1:
+        for name in records:
+            if records[name].expert_parallel:
+                global_name = expert_global_name(model, name, pg.ep_rank)
+                if global_name is not None:
+                    renamed[name] = global_name
 
     def convert(name: str, value: object) -> object:
         if not isinstance(value, Tensor):
             return value
         return global_value(name, value, records.get(name, ParallelMetadata()),
-                            owner_config(model, name), pg.tp_rank, pg.tp_size)
+                            owner_config(model, name), pg.tp_rank, pg.tp_size, pg.ep_rank,
+                            1 if name in renamed else pg.ep_size)
 
-    states: _State = {"model": {name: convert(name, value) for name, value in model_state.items()}}
+    states: _State = {"model": {renamed.get(name, name): convert(name, value)
+                                for name, value in model_state.items()}}
     if optimizer_state is not None:
         per_param = cast("Mapping[str, Mapping[str, object]]", optimizer_state.get("state", {}))
         states["optimizer"] = {"state": {
-            name: {key: convert(name, value) for key, value in entries.items()}
+            renamed.get(name, name): {key: convert(name, value) for key, value in entries.items()}
             for name, entries in per_param.items()}}
     return states
 
@@ -246,7 +254,7 @@ def start_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
             "rng": rngs[0], "rng_per_rank": list(rngs),
             "layout": {"kind": LAYOUT_KIND, "global": True, "tensor_parallel": pg.tp_size,
                        "data_parallel": pg.dp_size, "pipeline_parallel": pg.pp_size,
-                       "world_size": world_size},
+                       "expert_parallel": pg.ep_size, "world_size": world_size},
             "tensor_parallel": {"size": pg.tp_size}}
     return PendingSave(temp, root / name, document, upload)
 
@@ -325,13 +333,15 @@ def layout_change_note(document: Mapping[str, JSONValue], pg: ProcessGroups,
     if not isinstance(layout, dict):
         return None
     saved = (layout.get("tensor_parallel"), layout.get("data_parallel"),
-             layout.get("pipeline_parallel", 1), layout.get("world_size"))
-    if saved == (pg.tp_size, pg.dp_size, pg.pp_size, world_size):
+             layout.get("pipeline_parallel", 1), layout.get("world_size"),
+             layout.get("expert_parallel", 1))
+    if saved == (pg.tp_size, pg.dp_size, pg.pp_size, world_size, pg.ep_size):
         return None
-    note = (f"note: resumed on another layout (saved at tp={saved[0]} x dp={saved[1]} x "
-            f"pp={saved[2]}, {saved[3]} process(es); now tp={pg.tp_size} x dp={pg.dp_size} x "
-            f"pp={pg.pp_size}, {world_size}): weights, optimizer state and data position "
-            "carry over")
+    experts = (f" (ep={saved[4]})", f" (ep={pg.ep_size})") if saved[4] != pg.ep_size else ("", "")
+    note = (f"note: resumed on another layout (saved at tp={saved[0]} x dp={saved[1]}"
+            f"{experts[0]} x pp={saved[2]}, {saved[3]} process(es); now tp={pg.tp_size} x "
+            f"dp={pg.dp_size}{experts[1]} x pp={pg.pp_size}, {world_size}): weights, optimizer "
+            "state and data position carry over")
     if saved[3] != world_size:
         note += ("; the per-rank random-number states do not (every rank starts from saved "
                  "rank 0's, so dropout masks differ from the saved run's)")

@@ -17,16 +17,23 @@ of its local tensor go where:
   to two places in their group's block; the copies on the other ranks of the group are
   identical writes of the same piece;
 - FSDP2 (`fully_shard`) then shards each tensor-parallel slice along dim 0 over the
-  data-parallel ranks (`torch.chunk` sizes); its rows intersect the ranges above.
+  data-parallel ranks (`torch.chunk` sizes); its rows intersect the ranges above;
+- expert parallelism (Megatron-Core's convention): expert-parallel rank `r` of `ep` holds the
+  contiguous block of experts `r * E_local ... (r + 1) * E_local - 1`. A grouped experts'
+  tensor `[E_local, ...]` (`ParallelMetadata.expert_parallel`) is rows `r * E_local ...` of
+  the single-process `[E, ...]` tensor; one MLP per expert (`SequentialMLP`'s
+  `local_experts.{i}`) is the single-process `local_experts.{r * E_local + i}`
+  (`expert_global_name`). The expert-data-parallel replicas write identical pieces.
 
 `GlobalPieces` carries a rank's pieces through DCP's planners (`PiecesSavePlanner`,
 `PiecesLoadPlanner`), which write them as chunks of the global tensor and read the global
-tensor's chunks back into them in place. Expert parallelism is not mapped (refused upstream).
+tensor's chunks back into them in place.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -46,8 +53,10 @@ from torch.distributed.tensor import DTensor, Shard
 from protoformer.config import TransformerConfig
 from protoformer.parallel.parameters import ParallelMetadata
 
-__all__ = ["GlobalPieces", "PiecesLoadPlanner", "PiecesSavePlanner", "Segment", "global_value",
-           "owner_config", "tensor_parallel_segments"]
+__all__ = ["GlobalPieces", "PiecesLoadPlanner", "PiecesSavePlanner", "Segment",
+           "expert_global_name", "global_value", "owner_config", "tensor_parallel_segments"]
+
+_LOCAL_EXPERT = re.compile(r"(^|\.)local_experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -209,11 +218,47 @@ def _fsdp_rows(value: Tensor) -> tuple[Tensor, torch.Size, int]:
     return local, value.shape, start
 
 
+def expert_global_name(model: nn.Module, name: str, ep_rank: int) -> str | None:
+    """The single-process name of parameter `name` of one expert's own MLP
+    (`...local_experts.{i}...`, i counted on this rank) under expert parallelism:
+    `...local_experts.{ep_rank * E_local + i}...`; None for any other name."""
+    found = _LOCAL_EXPERT.search(name)
+    if found is None:
+        return None
+    experts = model.get_submodule(name[:found.start(2) - len("local_experts.")].rstrip("."))
+    local = getattr(experts, "num_local_experts", None)
+    if not isinstance(local, int):
+        raise ValueError(f"{name}: the module holding local_experts has no num_local_experts; "
+                         "cannot place its experts in a sharded checkpoint")
+    index = ep_rank * local + int(found.group(2))
+    return f"{name[:found.start(2)]}{index}{name[found.end(2):]}"
+
+
 def global_value(name: str, value: Tensor, record: ParallelMetadata,
                  config: TransformerConfig | None, tp_rank: int, tp_size: int,
-                 ) -> Tensor | GlobalPieces:
+                 ep_rank: int = 0, ep_size: int = 1) -> Tensor | GlobalPieces:
     """`value` (a parameter of this rank, or an optimizer state shaped like it) as a piece of
-    the single-process tensor: itself when it is the whole tensor, else its `GlobalPieces`."""
+    the single-process tensor: itself when it is the whole tensor, else its `GlobalPieces`.
+    A grouped experts' tensor (`record.expert_parallel`, `[E_local, ...]`) under expert
+    parallelism sits at rows `ep_rank * E_local` of the `[E, ...]` tensor (pass `ep_size=1`
+    for one expert's own MLP, which `expert_global_name` places by name)."""
+    placed = _global_value(name, value, record, config, tp_rank, tp_size)
+    if not record.expert_parallel or ep_size == 1 or value.dim() == 0:
+        return placed
+    if isinstance(value, DTensor):
+        raise ValueError(f"{name}: an FSDP-sharded routed expert; sharded checkpoints map "
+                         "expert parallelism without FSDP only")
+    experts = value.shape[0]  # [E_local, ...]: the experts are not tensor-parallel (ETP=1)
+    if isinstance(placed, Tensor):
+        placed = GlobalPieces(placed.shape, [(torch.Size([0] * placed.dim()), placed)])
+    size = torch.Size([experts * ep_size, *placed.global_size[1:]])
+    return GlobalPieces(size, [(torch.Size([ep_rank * experts + offsets[0], *offsets[1:]]), piece)
+                               for offsets, piece in placed.pieces])
+
+
+def _global_value(name: str, value: Tensor, record: ParallelMetadata,
+                  config: TransformerConfig | None, tp_rank: int, tp_size: int,
+                  ) -> Tensor | GlobalPieces:
     local, tp_shape, first_row = _fsdp_rows(value)
     if local.dim() == 0:
         return local

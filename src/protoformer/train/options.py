@@ -164,9 +164,6 @@ class TrainOptions:
         if (self.fsdp or self.pipelined) and self.ckpt_format == "safetensors":
             raise ValueError(f"--{'fsdp' if self.fsdp else 'pp'} writes sharded checkpoints: use "
                              "--ckpt-format torch_dist (or leave the flag out)")
-        if self.sharded_checkpoints and self.ep > 1:
-            raise ValueError("--ckpt-format torch_dist does not map expert parallelism yet: "
-                             "use --ckpt-format safetensors with --ep (and no --fsdp)")
         if self.async_save and not self.sharded_checkpoints:
             raise ValueError("--async-save needs sharded checkpoints: add --ckpt-format "
                              "torch_dist (or --fsdp)")
@@ -257,14 +254,14 @@ def check_resumable(saved: JSONValue, options: TrainOptions, where: Path, *,
     """Refuse to resume when `saved` (a checkpoint's train_options) defines a different run.
 
     `any_layout`: the checkpoint is a sharded (torch_dist) one, which resumes on another
-    tensor-parallel size (`tp` may change; `pp` is not run-defining)."""
+    tensor- or expert-parallel size (`tp` and `ep` may change; `pp` is not run-defining)."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"{where}: state.json has no 'train_options'; cannot resume")
     current = options.to_json()
     changed = [f"{name}: checkpoint {saved.get(name, _IMPLIED.get(name))!r}, now "
                f"{current.get(name)!r}"
                for name in RUN_DEFINING
-               if not (any_layout and name == "tp")
+               if not (any_layout and name in ("tp", "ep"))
                and saved.get(name, _IMPLIED.get(name)) != current.get(name)]
     if changed:
         raise ValueError(f"cannot resume from {where}: the run was started with different "
