@@ -30,24 +30,27 @@ from protoformer.architectures.conversion import (
     UnsupportedHFModelError,
     activation_name,
     hf_model_info,
-    same,
 )
 from protoformer.architectures.decoder_config import decoder_config_values
 from protoformer.architectures.gemma2 import sandwich_rules
-from protoformer.architectures.llama import dense_attention_rules
 from protoformer.architectures.moe_conversion import read_gpt_attention_config
+from protoformer.architectures.olmoe import (
+    check_olmo_head_dim,
+    olmo_attention_rules,
+    olmo_attention_submodules,
+    refuse_clip_qkv,
+)
 from protoformer.architectures.registry import ModelSizes, register_architecture
 from protoformer.backends.base import BackendSpecProvider
 from protoformer.config import TransformerConfig
 from protoformer.recipes.gpt import mlp_spec
 from protoformer.recipes.presets import Preset, register_preset
-from protoformer.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from protoformer.transformer.attention import SelfAttention
 from protoformer.transformer.block import LayerSpecs
 from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.mlp import MLP
 from protoformer.transformer.norm import IdentityOp
-from protoformer.transformer.projection_norm import ProjectionRMSNorm
 
 __all__ = ["Olmo2Architecture", "olmo2_layer_spec"]
 
@@ -63,16 +66,10 @@ def olmo2_layer_spec(backend: BackendSpecProvider,
         raise ValueError("olmo2_layer_spec: config.qk_layernorm=True asks for per-head q/k "
                          "norms; OLMo 2 normalizes the whole projection (leave it False)")
     norm = backend.layer_norm(rms_norm=True)
-    attention = SelfAttentionSubmodules(
-        linear_qkv=backend.column_parallel_linear(),
-        core_attention=backend.core_attention(),
-        linear_proj=backend.row_parallel_linear(),
-        q_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.num_attention_heads),
-        k_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.query_groups),
-    )
     return TransformerLayerSubmodules(
         input_layernorm=IdentityOp,
-        self_attention=functools.partial(SelfAttention, submodules=attention,
+        self_attention=functools.partial(SelfAttention,
+                                         submodules=olmo_attention_submodules(backend, config),
                                          attn_mask_type=AttnMaskType.padding_causal),
         post_self_attn_layernorm=norm,
         pre_mlp_layernorm=IdentityOp,
@@ -87,18 +84,11 @@ def parse_olmo2_config(values: Mapping[str, object], dtype: torch.dtype) -> HFMo
     if reader.get_bool("attention_bias", False):
         raise UnsupportedHFModelError(f"{_WHERE}: attention_bias=true puts a bias on o_proj but "
                                       "not on the MLP, which add_bias_linear cannot represent")
-    clip = reader.values.get("clip_qkv")
-    if clip is not None:
-        raise UnsupportedHFModelError(f"{_WHERE}: clip_qkv={clip!r} is not supported; protoformer "
-                                      "does not clamp queries, keys and values (set it to null)")
+    refuse_clip_qkv(reader)
     config = read_gpt_attention_config(reader, dtype,
                                        ffn_hidden_size=reader.get_int("intermediate_size"),
                                        qk_layernorm=False, add_qkv_bias=False)
-    if config.head_dim * config.num_attention_heads != config.hidden_size:
-        raise UnsupportedHFModelError(
-            f"{_WHERE}: head_dim={config.head_dim} with hidden_size={config.hidden_size} and "
-            f"num_attention_heads={config.num_attention_heads}: transformers sizes OLMo 2's "
-            "heads by hidden_size / num_attention_heads, so head_dim must equal it")
+    check_olmo_head_dim(config, _WHERE)
     return hf_model_info(reader, config, model_type="olmo2", architecture=_HF_CLASS,
                          described_fields=(*DESCRIBED_FIELDS, "num_query_groups", "kv_channels"))
 
@@ -137,12 +127,6 @@ def export_olmo2_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDic
     return values
 
 
-def _olmo2_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:
-    return [*dense_attention_rules(info, ours, theirs),
-            same(f"{ours}.q_layernorm.weight", f"{theirs}.q_norm.weight"),
-            same(f"{ours}.k_layernorm.weight", f"{theirs}.k_norm.weight")]
-
-
 class Olmo2Architecture:
     """OLMo 2 (`CausalLMArchitecture`): `olmo2_layer_spec` for every layer."""
 
@@ -157,7 +141,7 @@ class Olmo2Architecture:
         return olmo2_layer_spec(backend, info.config)
 
     def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
-        return sandwich_rules(info, _olmo2_attention_rules, pre_norms=False)
+        return sandwich_rules(info, olmo_attention_rules, pre_norms=False)
 
     def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
         return export_olmo2_config(config, sizes)

@@ -51,11 +51,57 @@ from protoformer.transformer.enums import AttnMaskType
 from protoformer.transformer.layer import TransformerLayerSubmodules
 from protoformer.transformer.projection_norm import ProjectionRMSNorm
 
-__all__ = ["OlmoeArchitecture", "olmoe_layer_spec"]
+__all__ = [
+    "OlmoeArchitecture",
+    "check_olmo_head_dim",
+    "olmo_attention_rules",
+    "olmo_attention_submodules",
+    "olmoe_layer_spec",
+    "refuse_clip_qkv",
+]
 
 _HF_CLASS = "OlmoeForCausalLM"
 _WHERE = f"{_HF_CLASS} config"
 _DESCRIBED = tuple(name for name in MOE_DESCRIBED_FIELDS if name != "ffn_hidden_size")
+
+
+def olmo_attention_submodules(backend: BackendSpecProvider,
+                              config: TransformerConfig) -> SelfAttentionSubmodules:
+    """OLMo's self-attention (OLMoE and OLMo 2): Llama's, with `ProjectionRMSNorm` q/k norms over
+    all query heads and over all key/value heads."""
+    return SelfAttentionSubmodules(
+        linear_qkv=backend.column_parallel_linear(),
+        core_attention=backend.core_attention(),
+        linear_proj=backend.row_parallel_linear(),
+        q_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.num_attention_heads),
+        k_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.query_groups),
+    )
+
+
+def refuse_clip_qkv(reader: ConfigReader) -> None:
+    """OLMo's `clip_qkv` (clamping queries, keys and values) is not represented: refused."""
+    clip = reader.values.get("clip_qkv")
+    if clip is not None:
+        raise UnsupportedHFModelError(f"{reader.where}: clip_qkv={clip!r} is not supported; "
+                                      "protoformer does not clamp queries, keys and values (set "
+                                      "it to null)")
+
+
+def check_olmo_head_dim(config: TransformerConfig, where: str) -> None:
+    """transformers sizes OLMo's heads and whole-projection q/k norms by `hidden_size /
+    num_attention_heads`: a checkpoint whose `head_dim` differs is refused."""
+    if config.head_dim * config.num_attention_heads != config.hidden_size:
+        raise UnsupportedHFModelError(
+            f"{where}: head_dim={config.head_dim} with hidden_size={config.hidden_size} and "
+            f"num_attention_heads={config.num_attention_heads}: transformers sizes OLMo's heads "
+            "and q/k norms by hidden_size / num_attention_heads, so head_dim must equal it")
+
+
+def olmo_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:
+    """Llama's attention tensors (`dense_attention_rules`) and the whole-projection q/k norms."""
+    return [*dense_attention_rules(info, ours, theirs),
+            same(f"{ours}.q_layernorm.weight", f"{theirs}.q_norm.weight"),
+            same(f"{ours}.k_layernorm.weight", f"{theirs}.k_norm.weight")]
 
 
 def olmoe_layer_spec(backend: BackendSpecProvider,
@@ -66,16 +112,10 @@ def olmoe_layer_spec(backend: BackendSpecProvider,
         raise ValueError("olmoe_layer_spec: config.qk_layernorm=True asks for per-head q/k norms; "
                          "OLMoE normalizes the whole projection (leave qk_layernorm False)")
     layer = gpt_layer_spec(backend, config)
-    attention = SelfAttentionSubmodules(
-        linear_qkv=backend.column_parallel_linear(),
-        core_attention=backend.core_attention(),
-        linear_proj=backend.row_parallel_linear(),
-        q_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.num_attention_heads),
-        k_layernorm=functools.partial(ProjectionRMSNorm, num_heads=config.query_groups),
-    )
     return TransformerLayerSubmodules(
         input_layernorm=layer.input_layernorm,
-        self_attention=functools.partial(SelfAttention, submodules=attention,
+        self_attention=functools.partial(SelfAttention,
+                                         submodules=olmo_attention_submodules(backend, config),
                                          attn_mask_type=AttnMaskType.padding_causal),
         pre_mlp_layernorm=layer.pre_mlp_layernorm,
         mlp=layer.mlp,
@@ -86,20 +126,12 @@ def parse_olmoe_config(values: Mapping[str, object], dtype: torch.dtype) -> HFMo
     """An OLMoE config.json mapping -> `HFModelInfo` (parameters in `dtype`)."""
     reader = ConfigReader(values, _WHERE)
     refuse_sliding_window(reader)
-    clip = reader.values.get("clip_qkv")
-    if clip is not None:
-        raise UnsupportedHFModelError(f"{_WHERE}: clip_qkv={clip!r} is not supported; protoformer "
-                                      "does not clamp queries, keys and values (set it to null)")
+    refuse_clip_qkv(reader)
     refuse_attention_bias(reader)
     info = read_gpt_moe_info(reader, dtype, model_type="olmoe", architecture=_HF_CLASS,
                              experts_key="num_experts", expert_ffn_key="intermediate_size",
                              normalize_topk=None, described_fields=_DESCRIBED)
-    config = info.config
-    if config.head_dim * config.num_attention_heads != config.hidden_size:
-        raise UnsupportedHFModelError(
-            f"{_WHERE}: head_dim={config.head_dim} with hidden_size={config.hidden_size} and "
-            f"num_attention_heads={config.num_attention_heads}: transformers sizes OLMoE's q/k "
-            "norms by hidden_size / num_attention_heads, so head_dim must equal it")
+    check_olmo_head_dim(info.config, _WHERE)
     return info
 
 
@@ -131,12 +163,6 @@ def export_olmoe_config(config: TransformerConfig, sizes: ModelSizes) -> JSONDic
     return values
 
 
-def _olmoe_attention_rules(info: HFModelInfo, ours: str, theirs: str) -> list[TensorRule]:
-    return [*dense_attention_rules(info, ours, theirs),
-            same(f"{ours}.q_layernorm.weight", f"{theirs}.q_norm.weight"),
-            same(f"{ours}.k_layernorm.weight", f"{theirs}.k_norm.weight")]
-
-
 class OlmoeArchitecture:
     """OLMoE (`CausalLMArchitecture`): `olmoe_layer_spec` with experts in every layer."""
 
@@ -151,7 +177,7 @@ class OlmoeArchitecture:
         return moe_layer_specs(backend, info.config, olmoe_layer_spec)
 
     def tensor_rules(self, info: HFModelInfo) -> list[TensorRule]:
-        return model_rules(info, _olmoe_attention_rules, moe_layer_rules(ExpertNames()))
+        return model_rules(info, olmo_attention_rules, moe_layer_rules(ExpertNames()))
 
     def write_config(self, config: TransformerConfig, sizes: ModelSizes) -> JSONDict:
         return export_olmoe_config(config, sizes)
