@@ -6,7 +6,8 @@ The reference is written here, not taken from the training loop: one process run
 micro-batches in turn, each backward of `(loss_i + aux_i) / m` with `aux_i` the sum of the
 routers' load-balancing and z-losses of that micro-batch (`GPTModel.moe_aux_losses.total()`),
 clips, steps AdamW and moves the aux-loss-free expert biases. The pipelined ranks run
-`pipeline_train_step` (the loop's step) with 1F1B and Interleaved1F1B. Loss, the reported
+`pipeline_train_step` (the loop's step) with 1F1B, and Interleaved1F1B with every layer
+recomputed in the backward (reference too). Loss, the reported
 aux loss, the clipped gradient norm, every gradient (routers included), the weights and the
 expert biases after each of 2 AdamW steps must match at 1e-5. The coefficients are large
 enough that leaving out the aux losses' gradient moves the router gradients far past that.
@@ -41,14 +42,16 @@ EXPECTED_LAYERS = {("1F1B", 1): {0: {0, 1}, 1: {2, 3}},
                    ("Interleaved1F1B", 2): {0: {0, 2}, 1: {1, 3}}}
 
 
-def moe_config() -> TransformerConfig:
+def moe_config(recompute: bool) -> TransformerConfig:
     # Layer 0 dense, layers 1-3 MoE (4 experts, top-2, a shared expert), sigmoid scores with
-    # DeepSeek-V3's expert bias, a load-balancing loss and a z-loss.
+    # DeepSeek-V3's expert bias, a load-balancing loss and a z-loss; optionally every layer
+    # recomputed in the backward (the routers run again there).
     return gpt_config(num_layers=4, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=8,
                       moe_layer_freq=[0, 1, 1, 1], moe_shared_expert_intermediate_size=8,
                       gated_linear_unit=True, moe_router_score_function="sigmoid",
                       moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-2,
-                      moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.05)
+                      moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.05,
+                      recompute_granularity="full" if recompute else None)
 
 
 def build(config: TransformerConfig, pg: ProcessGroups | None) -> GPTModel:
@@ -85,10 +88,11 @@ def reference_step(reference: GPTModel, optimizer: torch.optim.Optimizer,
     return torch.stack(losses).mean(), torch.stack(auxes).mean(), norm
 
 
-def check_moe_pipeline(rank: int, world_size: int, schedule: str, virtual: int) -> None:
+def check_moe_pipeline(rank: int, world_size: int, schedule: str, virtual: int,
+                       recompute: bool) -> None:
     pg = ProcessGroups.from_torchrun(tp=1, pp=2)
-    what = f"MoE PP=2 {schedule}"
-    config = moe_config()
+    what = f"MoE PP=2 {schedule}{' (full recompute)' if recompute else ''}"
+    config = moe_config(recompute)
     torch.manual_seed(0)
     reference = build(config, None)
     model = build(config, pg)
@@ -137,6 +141,8 @@ def check_moe_pipeline(rank: int, world_size: int, schedule: str, virtual: int) 
     close(pipeline.evaluate(rows, device()), ref_loss, f"{what}: evaluation loss")
 
 
-@pytest.mark.parametrize(("schedule", "virtual"), [("1F1B", 1), ("Interleaved1F1B", 2)])
-def test_moe_pipeline_trains_like_one_process(schedule: str, virtual: int) -> None:
-    run(check_moe_pipeline, 2, schedule, virtual)
+@pytest.mark.parametrize(("schedule", "virtual", "recompute"),
+                         [("1F1B", 1, False), ("Interleaved1F1B", 2, True)])
+def test_moe_pipeline_trains_like_one_process(schedule: str, virtual: int,
+                                              recompute: bool) -> None:
+    run(check_moe_pipeline, 2, schedule, virtual, recompute)

@@ -82,9 +82,10 @@ def check_microbatches(microbatches: int, pp: int, schedule: str) -> None:
 
 
 class _TrainingStage(PipelineStage):
-    """A `PipelineStage` whose metadata-inference forward (torch runs each stage once on
-    placeholder tensors, with gradients on, before its first step) pauses the model's
-    auxiliary-loss tracker, so the routers neither record losses nor count tokens in it."""
+    """A `PipelineStage` whose metadata inference (recent torch runs each stage's forward and
+    backward once on placeholder tensors, with gradients on, before its first step) pauses
+    the model's auxiliary-loss tracker, so the routers neither record losses nor count tokens
+    in it, in its forward or in a full-recompute layer's recomputation during its backward."""
 
     def __init__(self, submodule: GPTStage, stage_index: int, num_stages: int,
                  device: torch.device, *, group: torch.distributed.ProcessGroup | None,
@@ -95,6 +96,10 @@ class _TrainingStage(PipelineStage):
     def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
         with self._aux_losses.pause():
             return super()._forward_metadata_inference(*args, **kwargs)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType, reportAttributeAccessIssue]  # torch >= 2.12 only; older versions infer shapes under no_grad, which the routers already skip
+
+    def _backward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+        with self._aux_losses.pause():
+            return super()._backward_metadata_inference(*args, **kwargs)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType, reportAttributeAccessIssue]  # as above
 
 
 class PipelineParallel:
