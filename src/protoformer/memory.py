@@ -57,16 +57,21 @@ class MemoryEstimate:
 def estimate_model_memory(config: TransformerConfig, vocab_size: int, *,
                           tied_embeddings: bool = False, max_sequence_length: int = 0,
                           learned_positions: bool = False, tp_size: int = 1,
-                          training: bool = False) -> MemoryEstimate:
+                          training: bool = False, num_layers: int | None = None,
+                          embedding_tables: int | None = None) -> MemoryEstimate:
     """The parameters and bytes a decoder-only model of `config` needs on one rank.
 
+    `num_layers` (default `config.num_layers`) and `embedding_tables` (the vocabulary-sized
+    matrices: default 1 tied, 2 untied) count what the rank builds, e.g. one pipeline stage.
     Norm weights and biases (a few vectors per layer) are left out; the estimate is within a
     few percent for every preset.
     """
     linears = 3 if config.gated_linear_unit else 2
     per_layer = config.attention_matmul_params + linears * config.hidden_size * config.ffn_size
     embedding = vocab_size * config.hidden_size
-    parameters = config.num_layers * per_layer + embedding * (1 if tied_embeddings else 2)
+    layers = config.num_layers if num_layers is None else num_layers
+    tables = (1 if tied_embeddings else 2) if embedding_tables is None else embedding_tables
+    parameters = layers * per_layer + embedding * tables
     if learned_positions:
         parameters += max_sequence_length * config.hidden_size
     parameters = -(-parameters // max(tp_size, 1))

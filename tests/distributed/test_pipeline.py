@@ -19,6 +19,7 @@ from protoformer import TransformerConfig
 from protoformer.parallel import ProcessGroups
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
 from protoformer.parallel.fsdp import FullyShardedStages
+from protoformer.parallel.pipeline import stage_parts
 from protoformer.parallel.pipeline_schedule import PipelineParallel
 from protoformer.train.loss import replica_mean_tensor, replica_rows
 from protoformer.train.step import pipeline_train_step
@@ -31,7 +32,6 @@ from tests.distributed.tp_testkit import (
     expected_shard,
     full_tensor,
     gpt_config,
-    load_reference_weights,
     optimizer_for,
     reference_step,
     run,
@@ -49,23 +49,34 @@ EXPECTED_LAYERS = {("1F1B", 1): {0: {0, 1}, 1: {2, 3}},
 
 
 def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
-                    virtual: int, *, fsdp: bool = False) -> None:
-    what = f"PP=2 {schedule} x TP={pg.tp_size} x {'FSDP' if fsdp else 'DP'}={pg.dp_size}"
+                    virtual: int, *, fsdp: bool = False, tied: bool = False) -> None:
+    what = (f"PP=2 {schedule} x TP={pg.tp_size} x {'FSDP' if fsdp else 'DP'}={pg.dp_size}"
+            f"{', tied embeddings' if tied else ''}")
     torch.manual_seed(0)
-    reference = build_gpt(single_process_twin(config), None)
-    model = build_gpt(config, pg)
-    load_reference_weights(model, reference, config, pg.tp_rank, pg.tp_size)
+    reference = build_gpt(single_process_twin(config), None, tied=tied)
+    # Each rank builds only its stages (the rest on the meta device), from the same seed.
+    torch.manual_seed(0)
+    model = build_gpt(config, pg, tied=tied,
+                      parts=stage_parts(config.num_layers, pg.pp_rank, pg.pp_size, virtual))
+    expected = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        if not param.is_meta:  # the one-process model's initial weights, drawn the same way
+            close(param.detach(), expected_shard(name, expected[name].detach(), param, config,
+                                                 pg.tp_rank, pg.tp_size), f"{what}: init {name}")
     pipeline = PipelineParallel(model, pg, device(), microbatches=GLOBAL_BATCH // pg.dp_size,
                                 schedule=schedule, virtual=virtual)
     module = pipeline.module
     names = [name for name, _ in module.named_parameters()]
+    assert not any(param.is_meta for param in module.parameters()), f"{what}: meta in stages"
     layers = {int(name.split(".")[2]) for name in names if name.startswith("decoder.layers.")}
     assert layers == EXPECTED_LAYERS[schedule, virtual][pg.pp_rank], f"{what}: layers {layers}"
     first, last = pg.pp_rank == 0, pg.pp_rank == 1
-    assert ("embedding.weight" in names) == first, f"{what}: embedding on rank {pg.pp_rank}"
-    assert ("output_layer.weight" in names) == last, f"{what}: output layer on {pg.pp_rank}"
+    # With tied embeddings the last stage holds a copy of the embedding (the output weight).
+    assert ("embedding.weight" in names) == (first or (tied and last)), \
+        f"{what}: embedding on rank {pg.pp_rank}"
+    assert ("output_layer.weight" in names) == (last and not tied), \
+        f"{what}: output layer on {pg.pp_rank}"
     assert (any(n.startswith("decoder.final_layernorm.") for n in names)) == last
-    expected = dict(reference.named_parameters())
     assert set(names) <= set(expected), f"{what}: names not the full model's: {names}"
     replicated: DataParallel = (FullyShardedStages(pipeline.split, pg, device()) if fsdp
                                 else ReplicatedDataParallel(module, pg, device(), wrap=False))
@@ -96,10 +107,11 @@ def train_pipelined(config: TransformerConfig, pg: ProcessGroups, schedule: str,
           f"{what}: evaluation loss")
 
 
-def check_pipeline(rank: int, world_size: int, schedule: str, virtual: int) -> None:
+def check_pipeline(rank: int, world_size: int, schedule: str, virtual: int,
+                   tied: bool) -> None:
     pg = ProcessGroups.from_torchrun(tp=1, pp=2)
     assert (pg.pp_size, pg.pp_rank, pg.dp_size) == (2, rank, 1)
-    train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual)
+    train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual, tied=tied)
 
 
 def check_pipeline_times_tp(rank: int, world_size: int, schedule: str, virtual: int) -> None:
@@ -123,9 +135,13 @@ def check_pipeline_times_fsdp(rank: int, world_size: int, schedule: str, virtual
     train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual, fsdp=True)
 
 
-@pytest.mark.parametrize(("schedule", "virtual"), [("1F1B", 1), ("Interleaved1F1B", 2)])
-def test_pipeline_trains_like_one_process(schedule: str, virtual: int) -> None:
-    run(check_pipeline, 2, schedule, virtual)
+# Tied embeddings: the last stage's copy gets the sum of both uses' gradients (the
+# reference's embedding gradient), the norm counts it once, both copies step alike.
+# (Untied Interleaved1F1B is covered by the slow PP x TP and PP x FSDP tests.)
+@pytest.mark.parametrize(("schedule", "virtual", "tied"),
+                         [("1F1B", 1, False), ("1F1B", 1, True), ("Interleaved1F1B", 2, True)])
+def test_pipeline_trains_like_one_process(schedule: str, virtual: int, tied: bool) -> None:
+    run(check_pipeline, 2, schedule, virtual, tied)
 
 
 @pytest.mark.slow  # four processes

@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from protoformer.cli import main
 from protoformer.recipes import get_preset
-from protoformer.train.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, load_checkpoint
+from protoformer.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    latest_checkpoint,
+    load_checkpoint,
+)
 from protoformer.train.loop import FAULT_INJECTION_VARIABLE, TrainOptions, train
 from tests.distributed.test_train_torchrun import (
     assert_losses_close,
@@ -98,6 +104,37 @@ def test_pipeline_training_matches_one_process_and_resumes_exactly(
     resumed = train(dataclasses.replace(OPTIONS, data=corpus, out_dir=one_process_dir,
                                         resume=True))
     assert_losses_close([[float(s), v] for s, v in resumed.train_losses], expected,
+                        tolerance=1e-5)
+
+
+def test_tied_embeddings_train_under_pp_and_resume_on_one_process(
+        corpus: Path, tmp_path: Path) -> None:  # noqa: F811
+    # The last stage holds a copy of the embedding; the checkpoint holds one embedding.weight.
+    options = dataclasses.replace(OPTIONS, preset="tiny-tied", data=corpus)
+    single = train(dataclasses.replace(options, out_dir=tmp_path / "single"))
+    expected = [[float(step), loss] for step, loss in single.train_losses]
+    run_dir = tmp_path / "pp2"
+    args = [arg if arg != "tiny" else "tiny-tied" for arg in ARGS]
+    finished = torchrun(2, *args, "--pp", "2", "--data", str(corpus), "--out", str(run_dir))
+    output = finished.stdout + finished.stderr
+    assert finished.returncode == 0, output
+    uninterrupted = history(run_dir, STEPS)
+    assert_losses_close(uninterrupted, expected, tolerance=1e-5)
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(run_dir), "--format", "safetensors", "--out", str(exported)]) == 0
+    exported_step = latest_checkpoint(exported)
+    assert exported_step is not None
+    with safe_open(str(exported_step / "model.safetensors"), "pt") as weights:
+        names = set(weights.keys())
+    assert "embedding.weight" in names and "output_layer.weight" not in names, sorted(names)
+
+    # Resume the step-2 checkpoint on one process: steps 3 and 4 are the uninterrupted ones.
+    (run_dir / CHECKPOINTS_DIR / LATEST_FILE).write_text("step_000002\n")
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR / f"step_{STEPS:06d}")
+    resumed = train(dataclasses.replace(options, out_dir=run_dir, resume=True))
+    assert [step for step, _ in resumed.train_losses][-2:] == [3, 4]
+    assert_losses_close([[float(s), v] for s, v in resumed.train_losses], uninterrupted,
                         tolerance=1e-5)
 
 

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from protoformer import MLATransformerConfig, TransformerConfig
 from protoformer.backends import get_backend
 from protoformer.models import GPTModel
+from protoformer.models.stage_parts import StageParts
 from protoformer.parallel import ProcessGroups
 from protoformer.parallel.grads import clip_grad_norm_
 from protoformer.parallel.groups import ProcessGroup
@@ -125,12 +126,13 @@ def mla_config(**overrides: object) -> MLATransformerConfig:
 
 
 def build_gpt(config: TransformerConfig, pg: ProcessGroups | None, *, tied: bool = False,
-              position: str = "rope") -> GPTModel:
+              position: str = "rope", parts: StageParts | None = None) -> GPTModel:
     recipe = mla_layer_spec if isinstance(config, MLATransformerConfig) else gpt_layer_spec
     spec = recipe(get_backend("local"), config)
     with torch.device(device()):
         return GPTModel(config, spec, VOCAB, 32, pg=pg, share_embeddings_and_output_weights=tied,
-                        position_embedding_type=position)  # type: ignore[arg-type]
+                        position_embedding_type=position,  # type: ignore[arg-type]
+                        parts=parts)
 
 
 def single_process_twin(config: TransformerConfig) -> TransformerConfig:

@@ -15,7 +15,7 @@ from protoformer.recipes import Preset, get_preset, list_presets
 
 
 def test_list_presets_names_every_preset() -> None:
-    assert list_presets() == ["tiny", "tiny-gqa", "tiny-mla", "tiny-moe", "llama3-8b",
+    assert list_presets() == ["tiny", "tiny-gqa", "tiny-mla", "tiny-moe", "tiny-tied", "llama3-8b",
                               "llama3-70b", "deepseek-v3-mla", "gemma-2b", "pythia-1b",
                               "phi3-mini-4k", "gemma2-2b", "gemma3-1b", "olmo2-1b",
                               "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"]

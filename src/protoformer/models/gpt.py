@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
+from protoformer.initialization import draw_init_seed, fork_init_rng
 from protoformer.kernels.linear_cross_entropy import fused_linear_cross_entropy
 from protoformer.memory import check_fits, estimate_model_memory
 from protoformer.models.common import (
@@ -19,6 +20,7 @@ from protoformer.models.common import (
     output_layer,
     reinitialize_parameters,
 )
+from protoformer.models.stage_parts import StageParts
 from protoformer.parallel.cross_entropy import vocab_parallel_cross_entropy
 from protoformer.parallel.grads import compute_deferred_weight_grads
 from protoformer.parallel.groups import ProcessGroup, ProcessGroups
@@ -26,7 +28,7 @@ from protoformer.parallel.layers import VocabParallelEmbedding
 from protoformer.parallel.parameters import mark_sequence_parallel
 from protoformer.parallel.random import tensor_parallel_rng_fork
 from protoformer.spec import apply_module
-from protoformer.transformer.block import LayerSpecs, TransformerBlock
+from protoformer.transformer.block import LayerSpecs, TransformerBlock, built_on
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.mlp import init_method_normal
 from protoformer.transformer.moe.aux_loss import (
@@ -65,6 +67,10 @@ class GPTModel(nn.Module):
     `share_embeddings_and_output_weights` ties the output layer to the embedding weight.
     `config.final_logit_softcapping = c` soft-caps the logits, `c * tanh(logits / c)`, before
     they are returned or enter the loss (Gemma 2).
+    `parts` (a `StageParts`) builds only some parts, the others on the meta device: what a
+    pipeline rank holds (`protoformer.parallel.pipeline.stage_parts`); their weights equal the
+    whole model's for the same seed. Each part (the embedding, each layer, the output layer)
+    is initialised from its own random stream (`protoformer.initialization.fork_init_rng`).
     `parallel_output=True` keeps the output layer's logits split over tensor-parallel ranks
     (they are gathered only when logits are returned); `False` gathers them in the layer.
     """
@@ -80,6 +86,7 @@ class GPTModel(nn.Module):
         share_embeddings_and_output_weights: bool = False,
         position_embedding_type: PositionEmbeddingType = "rope",
         parallel_output: bool = True,
+        parts: StageParts | None = None,
     ) -> None:
         super().__init__()
         check_sizes("GPTModel", vocab_size=vocab_size, max_sequence_length=max_sequence_length)
@@ -87,7 +94,10 @@ class GPTModel(nn.Module):
             config, vocab_size, tied_embeddings=share_embeddings_and_output_weights,
             max_sequence_length=max_sequence_length,
             learned_positions=position_embedding_type == "learned_absolute",
-            tp_size=pg.tp_size if pg is not None else 1), None, what="GPTModel")
+            tp_size=pg.tp_size if pg is not None else 1,
+            num_layers=None if parts is None else len(parts.layers),
+            embedding_tables=None if parts is None else parts.embedding_tables(
+                tied=share_embeddings_and_output_weights)), None, what="GPTModel")
         if position_embedding_type not in _POSITION_EMBEDDING_TYPES:
             raise ValueError(f"GPTModel: position_embedding_type={position_embedding_type!r}; "
                              f"expected one of {', '.join(_POSITION_EMBEDDING_TYPES)}")
@@ -99,16 +109,25 @@ class GPTModel(nn.Module):
         self.position_embedding_type: PositionEmbeddingType = position_embedding_type
         self.parallel_output = parallel_output
         init_method = init_method_normal(config.init_method_std)
+        # Each part from its own stream (see `protoformer.initialization`): the weights of a
+        # part do not depend on which other parts this process builds.
+        init_seed = draw_init_seed()
+        tied = share_embeddings_and_output_weights
+        pre = parts is None or parts.pre_process
+        post = parts is None or parts.post_process
 
-        self.embedding = VocabParallelEmbedding(
-            vocab_size, config.hidden_size, init_method=init_method, config=config,
-            tp_group=self.pg.tp)
+        with (fork_init_rng(init_seed, "embedding"),
+              built_on(parts is None or parts.builds_embedding(tied=tied))):
+            self.embedding = VocabParallelEmbedding(
+                vocab_size, config.hidden_size, init_method=init_method, config=config,
+                tp_group=self.pg.tp)
         self.position_embeddings: nn.Embedding | None = None
         if position_embedding_type == "learned_absolute":
-            self.position_embeddings = nn.Embedding(
-                max_sequence_length, config.hidden_size, dtype=config.params_dtype)
-            if config.perform_initialization:
-                init_method(self.position_embeddings.weight)
+            with fork_init_rng(init_seed, "position_embeddings"), built_on(pre):
+                self.position_embeddings = nn.Embedding(
+                    max_sequence_length, config.hidden_size, dtype=config.params_dtype)
+                if config.perform_initialization:
+                    init_method(self.position_embeddings.weight)
             # Under sequence parallelism each rank adds the rows of its own slice of the
             # sequence: its gradient is partial and summed over the tensor-parallel group.
             mark_sequence_parallel([self.position_embeddings.weight], config.sequence_parallel)
@@ -117,10 +136,13 @@ class GPTModel(nn.Module):
         if position_embedding_type == "rope" and not config.multi_latent_attention:
             self.rotary_pos_emb = rotary_emb_from_config(config)
 
-        self.decoder = TransformerBlock(config, layer_spec, pg=self.pg, post_layer_norm=True)
-        self.output_layer = output_layer(
-            config, vocab_size, init_method=init_method, pg=self.pg,
-            parallel_output=parallel_output, tied=share_embeddings_and_output_weights)
+        with fork_init_rng(init_seed, "decoder"):
+            self.decoder = TransformerBlock(config, layer_spec, pg=self.pg, post_layer_norm=True,
+                                            built_layers=None if parts is None else parts.layers)
+        with fork_init_rng(init_seed, "output_layer"), built_on(post):
+            self.output_layer = output_layer(
+                config, vocab_size, init_method=init_method, pg=self.pg,
+                parallel_output=parallel_output, tied=tied)
         # The MoE routers' auxiliary losses of the latest forward (the training step adds
         # `moe_aux_losses.total()` to the loss); empty for a dense model.
         self.moe_aux_losses = MoEAuxLossTracker()

@@ -218,7 +218,8 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
     routed experts under expert parallelism contribute their squares summed over `pg.ep`.
     Gradients are assumed equal across `pg.dp` (already averaged), or, sharded by FSDP2
     (DTensor parameters), each data-parallel rank's squares are summed over `pg.dp`. Under
-    pipeline parallelism each stage's squares are summed over `pg.pp`.
+    pipeline parallelism each stage's squares are summed over `pg.pp` (the last stage's copy
+    of a tied embedding is skipped: the first stage counts it).
     """
     pg = pg if pg is not None else ProcessGroups()
     pairs = _grads(parameters)
@@ -228,6 +229,8 @@ def grad_norm(parameters: Iterable[Tensor], pg: ProcessGroups | None = None) -> 
     expert_sq = torch.zeros((), dtype=torch.float32, device=device)
     for param, grad in pairs:
         record = parallel_metadata(param)
+        if record.shared_embedding_copy:  # counted once, on the first pipeline stage
+            continue
         if pg.ep_size > 1 and record.expert_parallel:  # each EP rank holds other experts
             expert_sq += grad.float().pow(2).sum().to(device)
         elif record.tensor_model_parallel:

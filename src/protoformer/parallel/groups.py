@@ -61,13 +61,17 @@ class ProcessGroups:
     over which expert gradients are averaged). Without expert parallelism `ep` is None and
     `expt_dp` is None too (the experts are data-parallel over `dp` like everything else).
     Under pipeline parallelism `pp` holds the ranks that hold the successive stages of the
-    same model replica (same tensor- and data-parallel rank); None without it."""
+    same model replica (same tensor- and data-parallel rank); None without it. `embd` (the
+    embedding group, Megatron-Core's name) holds the first and the last rank of that pipeline,
+    which sum the gradients of a tied embedding's two copies; None on the other pipeline ranks
+    and without pipeline parallelism over several ranks."""
 
     tp: ProcessGroup | None = None
     dp: ProcessGroup | None = None
     ep: ProcessGroup | None = None
     expt_dp: ProcessGroup | None = None
     pp: ProcessGroup | None = None
+    embd: ProcessGroup | None = None
 
     @property
     def pp_size(self) -> int:
@@ -172,7 +176,8 @@ class ProcessGroups:
             raise ValueError(f"tp={tp} x pp={pp} must divide the world size {world} "
                              f"(WORLD_SIZE={os.environ.get('WORLD_SIZE')})")
         dp = world // (tp * pp)
-        found: dict[str, ProcessGroup | None] = {"tp": None, "dp": None, "pp": None}
+        found: dict[str, ProcessGroup | None] = {"tp": None, "dp": None, "pp": None,
+                                                 "embd": None}
 
         def create(kind: str, ranks: list[int]) -> None:
             group = _new_group(ranks, member=rank in ranks)
@@ -188,7 +193,13 @@ class ProcessGroups:
         for d in range(dp):
             for t in range(tp):
                 create("pp", [t + tp * (d + dp * p) for p in range(pp)])
-        return cls(tp=found["tp"], dp=found["dp"], pp=found["pp"])
+        if pp > 2:  # with two stages the embedding group is the pipeline group
+            for d in range(dp):
+                for t in range(tp):
+                    create("embd", [t + tp * (d + dp * p) for p in (0, pp - 1)])
+        elif pp == 2:
+            found["embd"] = found["pp"]
+        return cls(tp=found["tp"], dp=found["dp"], pp=found["pp"], embd=found["embd"])
 
 
 def _expert_groups(rank: int, *, tp: int, ep: int,

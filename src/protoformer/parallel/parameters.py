@@ -66,6 +66,10 @@ class ParallelMetadata:
     """A routed expert's parameter, split over the expert-parallel group by expert (dim 0):
     its gradient is averaged over the expert-data-parallel group only (Megatron-Core tags
     such parameters `allreduce = False`)."""
+    shared_embedding_copy: bool = False
+    """The last pipeline stage's copy of a tied token embedding (the output layer's weight):
+    its gradient is summed with the first stage's over the embedding group, and the global
+    gradient norm counts it on the first stage only (Megatron-Core's `shared` parameters)."""
 
     @property
     def tensor_model_parallel(self) -> bool:

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.distributed.pipelining.stage import _PipelineStageBase  # pyright: ignore[reportPrivateUsage]  # the schedules' parameter type
+from torch.distributed.tensor import DTensor
 
 from protoformer.models.gpt import GPTModel
 from protoformer.parallel.groups import ProcessGroups
@@ -148,9 +149,26 @@ class PipelineParallel:
 
     def step(self, rows: Tensor, device: torch.device) -> Tensor:
         """Forward and backward of this replica's `rows` `[b, s + 1]` through the pipeline;
-        the gradients are accumulated in `.grad`. Returns the mean loss `[]` on every rank
-        (the language-model loss; MoE auxiliary losses: `take_aux_loss`)."""
-        return self._run(rows, device, train=True)
+        the gradients are accumulated in `.grad` (a tied embedding's two copies hold the sum
+        of both uses). Returns the mean loss `[]` on every rank (the language-model loss; MoE
+        auxiliary losses: `take_aux_loss`)."""
+        loss = self._run(rows, device, train=True)
+        self._sum_tied_embedding_grads()
+        return loss
+
+    def _sum_tied_embedding_grads(self) -> None:
+        """Sum the gradients of a tied embedding's copies on the first and the last stage over
+        the embedding group (Megatron-Core's `_allreduce_word_embedding_grads`)."""
+        module = self.split.module
+        if (self._pg.embd is None or module.embedding is None
+                or not self._model.share_embeddings_and_output_weights):
+            return
+        grad = module.embedding.weight.grad
+        if grad is None:
+            raise RuntimeError("pipeline: the tied embedding has no gradient after the "
+                               "schedule's backward")
+        local = grad.to_local() if isinstance(grad, DTensor) else grad  # FSDP2: this dp shard
+        all_reduce_in_place(local, self._pg.embd)
 
     def take_aux_loss(self, device: torch.device) -> Tensor | None:
         """The MoE auxiliary losses of the last `step` `[]`: per micro-batch the sum over every

@@ -143,6 +143,9 @@ _PRESETS: dict[str, Preset] = {
                "top-2, load-balancing and z losses) that trains on a laptop CPU", _tiny_moe,
                vocab_size=256, max_sequence_length=256, layer_spec=gpt_moe_layer_specs,
                tie_embeddings=False),
+        Preset("tiny-tied", "tiny with the output layer tied to the token embedding (as "
+               "Llama 3.2 1B and Gemma)", _tiny, vocab_size=256, max_sequence_length=256,
+               layer_spec=gpt_layer_spec, tie_embeddings=True),
     )
 }
 

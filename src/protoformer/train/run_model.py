@@ -27,6 +27,7 @@ from protoformer.interop import (
 from protoformer.interop.hf_files import read_config
 from protoformer.memory import check_fits, estimate_model_memory
 from protoformer.models import GPTModel
+from protoformer.models.stage_parts import StageParts
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.recipes import Preset
 from protoformer.recipes.spec_data import LayerSpecList, layer_spec_from_data, stored_layer_spec
@@ -77,14 +78,21 @@ def check_sizes(name: str, vocab_size: int, max_sequence_length: int,
 
 
 def check_training_memory(config: TransformerConfig, vocab_size: int, *, tied: bool,
-                          device: torch.device, tp_size: int, name: str) -> None:
+                          device: torch.device, tp_size: int, name: str,
+                          parts: StageParts | None = None) -> None:
     """Refuse, before building, a model whose weights, gradients and AdamW state do not fit in
-    `device`'s free memory (`protoformer.memory`; one line naming the estimate)."""
-    estimate = estimate_model_memory(config, vocab_size, tied_embeddings=tied, tp_size=tp_size,
-                                     training=True)
+    `device`'s free memory (`protoformer.memory`; one line naming the estimate); with `parts`,
+    the parts of one pipeline rank."""
+    estimate = estimate_model_memory(
+        config, vocab_size, tied_embeddings=tied, tp_size=tp_size, training=True,
+        num_layers=None if parts is None else len(parts.layers),
+        embedding_tables=None if parts is None else parts.embedding_tables(tied=tied))
+    where = [f"tensor-parallel rank of {tp_size}"] if tp_size > 1 else []
+    where += ["pipeline stage"] if parts is not None else []
     check_fits(estimate, device, what=f"training {name}" + (
-        f" (per tensor-parallel rank of {tp_size})" if tp_size > 1 else ""),
-        hint="train a smaller preset, split it over more ranks (--tp) or use a larger device")
+        f" (per {', '.join(where)})" if where else ""),
+        hint="train a smaller preset, split it over more ranks (--tp, --pp) or use a larger "
+             "device")
 
 
 def _json_copy(values: object) -> dict[str, JSONValue]:
@@ -97,11 +105,12 @@ def _json_copy(values: object) -> dict[str, JSONValue]:
 def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: torch.device,
                  pg: ProcessGroups, options: TrainOptions,
                  saved: dict[str, JSONValue] | None, checkpoint: Path | None, *,
-                 vocab_size: int, bf16: bool) -> RunModel:
+                 vocab_size: int, bf16: bool, parts: StageParts | None = None) -> RunModel:
     """The preset's model (or the layer spec a spec file and overrides describe), split over
-    `pg` and with the run's sequence parallelism, vocabulary and precision (`bf16`: autocast).
-    A resumed run rebuilds the spec its checkpoint stored, not the (possibly edited) spec
-    file."""
+    `pg` and with the run's sequence parallelism, vocabulary and precision (`bf16`: autocast);
+    with `parts` (a pipeline rank's stages) only those parts are allocated, the rest stays on
+    the meta device. A resumed run rebuilds the spec its checkpoint stored, not the (possibly
+    edited) spec file."""
     config = dataclasses.replace(preset.config(), bf16=bf16)
     if options.sequence_parallel and pg.tp_size > 1:
         if options.seq_len % pg.tp_size != 0:
@@ -137,7 +146,8 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
     try:
         with torch.device(device):
             model = GPTModel(config, spec, vocab_size, preset.max_sequence_length, pg=pg,
-                             share_embeddings_and_output_weights=preset.tie_embeddings)
+                             share_embeddings_and_output_weights=preset.tie_embeddings,
+                             parts=parts)
     except (TypeError, ValueError) as error:
         if custom is None:
             raise

@@ -18,6 +18,7 @@ from torch.optim import AdamW
 from protoformer.backends import get_backend
 from protoformer.distributed import LaunchEnvironment, init_distributed, local_peer_pids
 from protoformer.models import GPTModel, compile_layers
+from protoformer.models.stage_parts import StageParts
 from protoformer.parallel.data_parallel import DataParallel, ReplicatedDataParallel
 from protoformer.parallel.fsdp import (
     FullyShardedDataParallel,
@@ -26,6 +27,7 @@ from protoformer.parallel.fsdp import (
 )
 from protoformer.parallel.groups import ProcessGroups, single_process_group
 from protoformer.parallel.parameters import parallel_metadata
+from protoformer.parallel.pipeline import stage_parts
 from protoformer.parallel.pipeline_schedule import (
     PipelineParallel,
     check_microbatches,
@@ -268,14 +270,23 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
                                       init_from_hf=options.init_from_hf, checkpoint=checkpoint)
     preset = get_preset(options.preset) if options.init_from_hf is None else None
     vocab_size = 0
+    parts: StageParts | None = None  # with --pp: this rank builds only its stages
     if preset is not None:  # before building: a big preset's build is slow
         vocab_size = _saved_vocab_size(saved) or run_vocab_size(
             preset.vocab_size, tokenizer.vocab_size, is_bytes=tokenizer.is_bytes,
             tp_size=options.tp)
         check_sizes(f"preset {preset.name!r}", vocab_size, preset.max_sequence_length,
                     options, tokenizer_vocab_size=tokenizer.vocab_size)
+        if pg.pp_size > 1:
+            parts = stage_parts(preset.config().num_layers, pg.pp_rank, pg.pp_size, virtual)
         check_training_memory(preset.config(), vocab_size, tied=preset.tie_embeddings,
-                              device=device, tp_size=pg.tp_size, name=f"preset {preset.name!r}")
+                              device=device, tp_size=pg.tp_size, name=f"preset {preset.name!r}",
+                              parts=parts)
+        if (options.pipelined and options.fsdp and preset.tie_embeddings
+                and pg.pp_size == 1):
+            raise ValueError("--fsdp with a pipeline schedule on one pipeline rank cannot "
+                             "shard a tied embedding (the first and last stage would share "
+                             "it); use --pp 2 or more, or drop --pp-schedule")
     data = load_training_data(options.data, tokenizer, sequence_length=options.seq_len,
                               max_corpus_bytes=options.max_corpus_bytes)
     if saved is not None and checkpoint is not None:
@@ -295,7 +306,8 @@ def _setup(options: TrainOptions, launch: LaunchEnvironment, device: torch.devic
     else:
         assert preset is not None
         built = build_preset_model(preset, get_backend(options.backend), device, pg, options,
-                                   saved, checkpoint, vocab_size=vocab_size, bf16=bf16)
+                                   saved, checkpoint, vocab_size=vocab_size, bf16=bf16,
+                                   parts=parts)
     model = built.model
     beat("model built")
     model.train()

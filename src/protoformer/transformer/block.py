@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Container, Sequence
+from contextlib import AbstractContextManager
 from typing import TypeAlias
 
+import torch
 from torch import Tensor, nn
 
 from protoformer.config import TransformerConfig
+from protoformer.initialization import draw_init_seed, fork_init_rng
 from protoformer.parallel.groups import ProcessGroups
 from protoformer.spec import apply_module
 from protoformer.transformer.inference import InferenceContext
 from protoformer.transformer.layer import TransformerLayer, TransformerLayerSubmodules
 from protoformer.transformer.norm import IdentityOp, LayerNormInterface
 
-__all__ = ["LayerSpecs", "TransformerBlock", "per_layer_specs"]
+__all__ = ["LayerSpecs", "TransformerBlock", "built_on", "per_layer_specs"]
 
 # One spec for every layer, or exactly one per layer (Megatron-Core's
 # `TransformerBlockSubmodules(layer_specs=[...])`).
@@ -45,6 +49,12 @@ def per_layer_specs(layer_spec: LayerSpecs, num_layers: int, *,
     return [spec for spec in specs if isinstance(spec, TransformerLayerSubmodules)]
 
 
+def built_on(built: bool) -> AbstractContextManager[object]:
+    """Nothing for a part to build (tensors go to the current default device), else the meta
+    device: shapes only, no memory, no initialisation draws."""
+    return contextlib.nullcontext() if built else torch.device("meta")
+
+
 class TransformerBlock(nn.Module):
     """`config.num_layers` layers, numbered 1..L, then a final norm.
 
@@ -57,6 +67,13 @@ class TransformerBlock(nn.Module):
     `input_layernorm` builder, so it is the same kind of norm as the layers' (its
     `post_mlp_layernorm` builder when the pre-norm slot holds `IdentityOp`: OLMo 2's layers
     normalize only their branches' outputs, and the model still ends in a norm).
+
+    Each layer is initialised from its own random stream (`fork_init_rng` named by its
+    number, seeded by one draw from the default RNG), so its weights do not depend on which
+    layers were built before it. `built_layers` (0-based indices; None: all) names the layers
+    to allocate and initialise: the others are built on the meta device (shapes only), as a
+    pipeline rank builds only the layers of its stages; the final norm is built with the last
+    layer.
     """
 
     def __init__(
@@ -66,22 +83,27 @@ class TransformerBlock(nn.Module):
         *,
         pg: ProcessGroups | None = None,
         post_layer_norm: bool = True,
+        built_layers: Container[int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.layer_specs = per_layer_specs(layer_spec, config.num_layers)
-        self.layers = nn.ModuleList(
-            TransformerLayer(config, spec, layer_number=number, pg=pg)
-            for number, spec in enumerate(self.layer_specs, start=1)
-        )
+        init_seed = draw_init_seed()
+        layers: list[TransformerLayer] = []
+        for index, spec in enumerate(self.layer_specs):
+            built = built_layers is None or index in built_layers
+            with fork_init_rng(init_seed, f"layers.{index}"), built_on(built):
+                layers.append(TransformerLayer(config, spec, layer_number=index + 1, pg=pg))
+        self.layers = nn.ModuleList(layers)
         self.final_layernorm: LayerNormInterface | None = None
         if post_layer_norm:
             last = self.layer_specs[-1]
             norm = last.input_layernorm
             if norm is IdentityOp and last.post_mlp_layernorm is not None:
                 norm = last.post_mlp_layernorm  # post-norm layers (OLMo 2): a norm of that kind
-            self.final_layernorm = norm(config.hidden_size, config=config,
-                                        eps=config.layernorm_epsilon)
+            with built_on(built_layers is None or config.num_layers - 1 in built_layers):
+                self.final_layernorm = norm(config.hidden_size, config=config,
+                                            eps=config.layernorm_epsilon)
 
     def forward(
         self,
