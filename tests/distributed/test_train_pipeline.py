@@ -113,6 +113,14 @@ def test_tied_embeddings_train_under_pp_and_resume_on_one_process(
     options = dataclasses.replace(OPTIONS, preset="tiny-tied", data=corpus)
     single = train(dataclasses.replace(options, out_dir=tmp_path / "single"))
     expected = [[float(step), loss] for step, loss in single.train_losses]
+    # First and last stage on this one process: the output layer reads the embedding itself.
+    try:
+        alone = train(dataclasses.replace(options, out_dir=tmp_path / "alone",
+                                          pp_schedule="Interleaved1F1B"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert_losses_close([[float(s), v] for s, v in alone.train_losses], expected, tolerance=1e-5)
     run_dir = tmp_path / "pp2"
     args = [arg if arg != "tiny" else "tiny-tied" for arg in ARGS]
     finished = torchrun(2, *args, "--pp", "2", "--data", str(corpus), "--out", str(run_dir))
