@@ -114,13 +114,14 @@ def check_pipeline(rank: int, world_size: int, schedule: str, virtual: int,
     train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual, tied=tied)
 
 
-def check_pipeline_times_tp(rank: int, world_size: int, schedule: str, virtual: int) -> None:
+def check_pipeline_times_tp(rank: int, world_size: int, schedule: str, virtual: int,
+                            tied: bool) -> None:
     pg = ProcessGroups.from_torchrun(tp=2, pp=2)
     # Megatron's order tp-dp-pp: ranks 0, 1 are stage 0's tensor-parallel pair, 2, 3 stage 1's.
     assert (pg.tp_rank, pg.pp_rank) == (rank % 2, rank // 2)
     config = gpt_config(num_layers=4, sequence_parallel=True, gated_linear_unit=True,
                         activation_func=torch.nn.functional.silu)
-    train_pipelined(config, pg, schedule, virtual)
+    train_pipelined(config, pg, schedule, virtual, tied=tied)
 
 
 def check_pipeline_times_dp(rank: int, world_size: int, schedule: str, virtual: int) -> None:
@@ -132,7 +133,9 @@ def check_pipeline_times_dp(rank: int, world_size: int, schedule: str, virtual: 
 
 def check_pipeline_times_fsdp(rank: int, world_size: int, schedule: str, virtual: int) -> None:
     pg = ProcessGroups.from_torchrun(tp=1, pp=2)
-    train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual, fsdp=True)
+    # Tied: the last stage's embedding copy sits in its FSDP root unit; each data-parallel
+    # shard's gradient is summed with the first stage's same shard.
+    train_pipelined(gpt_config(num_layers=4), pg, schedule, virtual, fsdp=True, tied=True)
 
 
 # Tied embeddings: the last stage's copy gets the sum of both uses' gradients (the
@@ -145,10 +148,11 @@ def test_pipeline_trains_like_one_process(schedule: str, virtual: int, tied: boo
 
 
 @pytest.mark.slow  # four processes
-@pytest.mark.parametrize(("schedule", "virtual"), [("1F1B", 1), ("Interleaved1F1B", 2)])
-def test_pipeline_times_tensor_parallel_trains_like_one_process(schedule: str,
-                                                                virtual: int) -> None:
-    run(check_pipeline_times_tp, 4, schedule, virtual, timeout_s=240)
+@pytest.mark.parametrize(("schedule", "virtual", "tied"),
+                         [("1F1B", 1, False), ("Interleaved1F1B", 2, True)])
+def test_pipeline_times_tensor_parallel_trains_like_one_process(schedule: str, virtual: int,
+                                                                tied: bool) -> None:
+    run(check_pipeline_times_tp, 4, schedule, virtual, tied, timeout_s=240)
 
 
 @pytest.mark.slow  # four processes
