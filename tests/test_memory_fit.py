@@ -53,6 +53,21 @@ def test_parameters_gradients_and_optimizer_state_per_gpu(tp: int, pp: int, dp: 
     assert (memory.gathered_bytes > 0) == (dp > 1)
 
 
+def test_tied_embeddings_put_a_copy_of_the_embedding_on_the_last_stage() -> None:
+    config = TransformerConfig(num_layers=LAYERS, hidden_size=H, num_attention_heads=4,
+                               ffn_hidden_size=F)
+    with torch.device("meta"):
+        model = GPTModel(config, gpt_layer_spec(get_backend("local"), config), V, 32,
+                         share_embeddings_and_output_weights=True)
+    one = estimate_layout_memory(model, config, V, ParallelLayout(micro_batch_size=2, seq_len=8))
+    assert one.parameters == LAYERS * layer_params(1) + V * H + 2 * H  # the embedding once
+    # One micro-batch in flight on each stage: the last (which adds the logits) is the larger.
+    layout = ParallelLayout(pp=2, micro_batch_size=2, seq_len=8, num_microbatches=1)
+    memory = estimate_layout_memory(model, config, V, layout)
+    # Both ends hold the embedding; the last one also the final norm (w, b).
+    assert (memory.stage, memory.parameters) == (1, LAYERS // 2 * layer_params(1) + V * H + 2 * H)
+
+
 def test_activations_shrink_with_recompute_and_sequence_parallelism() -> None:
     _, config = tiny()
     base = ParallelLayout(tp=2, micro_batch_size=2, seq_len=8)

@@ -258,6 +258,7 @@ def estimate_layout_memory(model: nn.Module, config: TransformerConfig, vocab_si
     and the one prefetched) and one layer's unsharded float32 gradients. Activations:
     `activation_bytes_per_layer` x layers of the stage x micro-batches in flight (1F1B: pp -
     stage), plus the last stage's final norm and float32 logits of one micro-batch (vocab / tp).
+    With tied embeddings and `pp > 1` the last stage also holds a copy of the embedding.
     """
     from protoformer.parallel.parameters import parallel_metadata  # (parallel imports models)
 
@@ -269,6 +270,9 @@ def estimate_layout_memory(model: nn.Module, config: TransformerConfig, vocab_si
     layer_params = 0  # one layer's tensor-parallel-local parameters
     root_params = 0  # FSDP's root unit: embedding, final norm, output layer
     seen: set[int] = set()
+    # Tied embeddings over several stages: the last stage holds a copy of the embedding.
+    tied_copy = layout.pp > 1 and getattr(model, "share_embeddings_and_output_weights",
+                                          False) is True
     for name, param in model.named_parameters(remove_duplicate=False):
         local = param.numel()
         if parallel_metadata(param).partition_dim is not None:
@@ -279,6 +283,9 @@ def estimate_layout_memory(model: nn.Module, config: TransformerConfig, vocab_si
         seen.add(id(param))
         stage_params[stage] += local
         stage_bytes[stage] += local * param.element_size()
+        if name == "embedding.weight" and tied_copy:  # the last stage's copy of it
+            stage_params[-1] += local
+            stage_bytes[-1] += local * param.element_size()
         if name.startswith("decoder.layers.0."):
             layer_params += local
         elif not name.startswith("decoder.layers."):
