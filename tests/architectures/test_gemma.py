@@ -62,3 +62,17 @@ def test_unsupported_gemma_features_are_named() -> None:
         parse_hf_config({**values, "use_bidirectional_attention": True})
     with pytest.raises(UnsupportedHFModelError, match="multimodal"):
         parse_hf_config({**values, "model_type": "gemma3"})
+
+
+def test_a_soft_capped_config_does_not_export_as_the_first_gemma() -> None:
+    import dataclasses
+
+    from protoformer.architectures.registry import ModelSizes, causal_lm_architecture
+
+    architecture = causal_lm_architecture({"model_type": "gemma"})
+    config = from_hf(gemma()).config
+    sizes = ModelSizes(vocab_size=kit.VOCAB, max_sequence_length=128, tie_word_embeddings=True)
+    assert architecture.write_config(config, sizes)["model_type"] == "gemma"
+    capped = dataclasses.replace(config, final_logit_softcapping=30.0)
+    with pytest.raises(UnsupportedHFModelError, match=r"final_logit_softcapping=30\.0.*gemma2"):
+        architecture.write_config(capped, sizes)

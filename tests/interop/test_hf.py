@@ -359,3 +359,23 @@ def test_load_hf_for_cli_reads_tokenizer_and_stop_tokens(tmp_path: Path) -> None
     stream = StreamDecoder(loaded.tokenizer)
     pieces = [stream.push(token) for token in (5, 7)] + [stream.flush()]
     assert "".join(pieces) == loaded.tokenizer.decode([5, 7])
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+    ({"embedding_multiplier": 8.0}, "embedding_multiplier=8.0"),
+    ({"layernorm_zero_centered_gamma": True}, "layernorm_zero_centered_gamma=True"),
+])
+def test_llama_export_refuses_gemma_only_options(change: dict[str, object], named: str,
+                                                 tmp_path: Path) -> None:
+    """A Llama config.json cannot say these: exporting would silently drop them."""
+    import dataclasses
+
+    from protoformer.recipes import get_preset
+
+    model = get_preset("tiny").build_model()
+    model.config = dataclasses.replace(model.config, **change)
+    with pytest.raises(UnsupportedHFModelError, match=named):
+        save_hf(model, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -137,6 +137,10 @@ def export_gemma_config(config: TransformerConfig, sizes: ModelSizes, model_type
         problems.append("Gemma has no rope scaling")
     if config.softmax_scale is not None:
         problems.append(f"softmax_scale={config.softmax_scale} (Gemma uses 1/sqrt(head_dim))")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name) is not None:
+            problems.append(f"{name}={getattr(config, name)} (the first Gemma does not "
+                            "soft-cap; export it as gemma2)")
     if problems:
         raise UnsupportedHFModelError(f"cannot export this model as {_HF_CLASSES[model_type]}: "
                                       + "; ".join(problems))

@@ -256,6 +256,23 @@ def _choose_dense_type(config: TransformerConfig) -> str:
     return "llama"
 
 
+def _gemma_only_problems(config: TransformerConfig, family: str) -> list[str]:
+    """The Gemma-only config options `config` sets, each as a reason `family` cannot export it
+    (a config.json without them would load as a different model)."""
+    problems: list[str] = []
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = getattr(config, name)
+        if value is not None:
+            problems.append(f"{name}={value} ({family} do not soft-cap; Gemma 2 does)")
+    if config.embedding_multiplier != 1.0:
+        problems.append(f"embedding_multiplier={config.embedding_multiplier} ({family} do not "
+                        "scale the embeddings; Gemma does)")
+    if config.layernorm_zero_centered_gamma:
+        problems.append(f"layernorm_zero_centered_gamma=True ({family} scale by the norm weight "
+                        "itself; Gemma by 1 + weight)")
+    return problems
+
+
 def _check_exportable(config: TransformerConfig, model_type: str) -> None:
     problems: list[str] = []
     if type(config) is not TransformerConfig:
@@ -274,6 +291,7 @@ def _check_exportable(config: TransformerConfig, model_type: str) -> None:
         problems.append("rotary_interleaved=True (these models rotate halves)")
     if config.softmax_scale is not None:
         problems.append(f"softmax_scale={config.softmax_scale} (they use 1/sqrt(head_dim))")
+    problems.extend(_gemma_only_problems(config, "these models"))
     qkv_bias = config.add_bias_linear or config.add_qkv_bias
     wants_qk_norm = model_type == "qwen3"
     if config.qk_layernorm != wants_qk_norm:
