@@ -124,3 +124,36 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path: Path,
     result = train(_options(tmp_path, steps=2, save_every=2))
     assert result.loss_curve is None and not (tmp_path / "loss_curve.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_full_recomputation_is_applied_and_leaves_the_losses_unchanged(tmp_path: Path) -> None:
+    from protoformer.cli import build_parser
+    from protoformer.cli.train import options_from_args
+
+    args = build_parser().parse_args(["train", "--recompute-granularity", "full"])
+    assert options_from_args(args).recompute_granularity == "full"
+    settings = {"steps": 3, "save_every": 3, "eval_every": 3}
+    plain = train(_options(tmp_path / "plain", **settings))
+    calls = 0
+
+    def count_layer_forwards(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    recomputed = train(_options(tmp_path / "full", recompute_granularity="full", **settings))
+    layers = list(recomputed.model.decoder.layers)
+    assert all(layer.config.recompute_granularity == "full" for layer in layers)
+    assert plain.model.decoder.layers[0].config.recompute_granularity is None
+    # Recomputation runs the layer's attention a second time in backward (torch stops the
+    # replay once the saved tensors are back, so the MLP's own hook may not fire again).
+    recomputed.model.train()
+    handle = layers[0].self_attention.register_forward_hook(count_layer_forwards)
+    batch = torch.randint(0, 256, (2, 16))
+    recomputed.model(batch).float().sum().backward()
+    handle.remove()
+    assert calls == 2
+    for (step_a, loss_a), (step_b, loss_b) in zip(plain.train_losses, recomputed.train_losses,
+                                                  strict=True):
+        assert step_a == step_b and abs(loss_a - loss_b) < 1e-5
+    with pytest.raises(ValueError, match="recompute_granularity='sometimes'"):
+        _options(tmp_path / "bad", recompute_granularity="sometimes")

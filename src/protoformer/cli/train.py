@@ -50,6 +50,7 @@ _FLAGS = {
     "pp": "pp", "pp_schedule": "pp_schedule",
     "virtual_pipeline_model_parallel_size": "virtual_pipeline_model_parallel_size",
     "ckpt_format": "ckpt_format", "async_save": "async_save", "compile": "compile",
+    "recompute_granularity": "recompute_granularity",
 }
 # Repeatable flags (empty when not given) -> TrainOptions field.
 _LIST_FLAGS = {"overrides": "overrides", "allow": "allow"}
@@ -145,6 +146,9 @@ def add_parser(commands: _Subparsers) -> None:
                         help="compile each transformer layer with torch.compile (fuses norms, "
                              "activations, RoPE and residual adds; the first steps compile); "
                              "eager, with a warning, where compilation cannot work")
+    parser.add_argument("--recompute-granularity", choices=("full", "selective"),
+                        help="recompute activations in backward: full = whole layers (only each "
+                             "layer's input kept), selective = core attention (default: none)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="where to train (default auto: CUDA when available)")
     parser.add_argument("--tp", type=int,

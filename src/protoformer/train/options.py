@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from protoformer.config import RecomputeGranularity
 from protoformer.distributed import DEFAULT_TIMEOUT_S
 from protoformer.generation.sampling import MAX_SEED
 from protoformer.parallel.pipeline_schedule import resolve_schedule
@@ -75,6 +76,10 @@ class TrainOptions:
     """`PATH=VALUE` edits of the layer spec (of `spec`, else of the preset's recipe)."""
     allow: tuple[str, ...] = ()
     """Module prefixes, besides protoformer's, that the spec's builders may be imported from."""
+    recompute_granularity: RecomputeGranularity | None = None
+    """Activation recomputation (Megatron-Core's `--recompute-granularity`): "full" keeps only
+    each layer's input and recomputes the layer in backward, "selective" recomputes core
+    attention; None: the preset's setting (none)."""
     compile: bool = False
     """Compile each transformer layer with `torch.compile` (torchtitan's `compile`;
     `protoformer.models.compile_layers`); warned and eager where compilation cannot work."""
@@ -159,6 +164,9 @@ class TrainOptions:
         resolve_schedule(self.pp_schedule, self.virtual_pipeline_model_parallel_size)
         if self.pipelined:
             _check_pipeline_combinations(self)
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"recompute_granularity={self.recompute_granularity!r}: use full or "
+                             "selective (or leave it unset)")
         if self.ckpt_format not in (None, "torch_dist", "safetensors"):
             raise ValueError(f"ckpt_format={self.ckpt_format!r}: use torch_dist or safetensors")
         if (self.fsdp or self.pipelined) and self.ckpt_format == "safetensors":

@@ -112,6 +112,8 @@ def build_preset_model(preset: Preset, backend: BackendSpecProvider, device: tor
     the meta device. A resumed run rebuilds the spec its checkpoint stored, not the (possibly
     edited) spec file."""
     config = dataclasses.replace(preset.config(), bf16=bf16)
+    if options.recompute_granularity is not None:
+        config = dataclasses.replace(config, recompute_granularity=options.recompute_granularity)
     if options.sequence_parallel and pg.tp_size > 1:
         if options.seq_len % pg.tp_size != 0:
             raise ValueError(f"--sequence-parallel needs --seq-len ({options.seq_len}) divisible "
@@ -184,6 +186,8 @@ def build_hf_model(source: Path, device: torch.device, pg: ProcessGroups,
     name = f"{source} ({hf_model_info(model).architecture})"
     check_sizes(name, model.vocab_size, model.max_sequence_length, options,
                 tokenizer_vocab_size=tokenizer_vocab_size)
+    if options.recompute_granularity is not None:  # the layers share the model's config
+        model.config.recompute_granularity = options.recompute_granularity
     model.config = dataclasses.replace(model.config, bf16=bf16)
     return RunModel(model=model, name=name, preset=None,
                      hf_config=_json_copy(hf_config_dict(model)), layer_spec=None)
