@@ -218,10 +218,13 @@ def _fsdp_rows(value: Tensor) -> tuple[Tensor, torch.Size, int]:
     return local, value.shape, start
 
 
-def expert_global_name(model: nn.Module, name: str, ep_rank: int) -> str | None:
+def expert_global_name(model: nn.Module, name: str, ep_rank: int, *,
+                       split_over: int = 1) -> str | None:
     """The single-process name of parameter `name` of one expert's own MLP
     (`...local_experts.{i}...`, i counted on this rank) under expert parallelism:
-    `...local_experts.{ep_rank * E_local + i}...`; None for any other name."""
+    `...local_experts.{ep_rank * E_local + i}...`; None for any other name. `model` is the
+    rank's model; or the single-process one (holding every expert) with `split_over` the number
+    of expert-parallel ranks the experts were split over."""
     found = _LOCAL_EXPERT.search(name)
     if found is None:
         return None
@@ -230,7 +233,7 @@ def expert_global_name(model: nn.Module, name: str, ep_rank: int) -> str | None:
     if not isinstance(local, int):
         raise ValueError(f"{name}: the module holding local_experts has no num_local_experts; "
                          "cannot place its experts in a sharded checkpoint")
-    index = ep_rank * local + int(found.group(2))
+    index = ep_rank * (local // split_over) + int(found.group(2))
     return f"{name[:found.start(2)]}{index}{name[found.end(2):]}"
 
 

@@ -8,7 +8,8 @@ model:
 
 - under expert parallelism (`--ep N`, one file per EP rank too) the routed experts'
   `[E_local, ...]` weights of the EP ranks are first concatenated along the expert
-  dimension (EP rank order = expert order), everything else is EP rank 0's;
+  dimension (EP rank order = expert order), one MLP per expert (`local_experts.{i}` of EP
+  rank r) becomes expert `r * E_local + i`, everything else is EP rank 0's;
 - replicated parameters (norms, MLA's down-projections): rank 0's copy;
 - split parameters: the shards concatenated along `partition_dim` in rank order;
 - the gated `linear_fc1`: each rank holds its gate rows then its up rows, so the gate parts
@@ -38,7 +39,7 @@ from protoformer.train.checkpoint_files import (
     shard_file_names,
     verify_file,
 )
-from protoformer.train.checkpoint_layout import owner_config
+from protoformer.train.checkpoint_layout import expert_global_name, owner_config
 from protoformer.train.checkpoint_state import check_model_tensors, read_model_file
 
 __all__ = ["load_merged_weights", "merge_shards"]
@@ -95,7 +96,20 @@ def _read_tp_shard(directory: Path, records: Mapping[str, JSONValue], model: nn.
         return parts[0]
     params = dict(model.named_parameters())
     joined = dict(parts[0])
+    per_expert: set[str] = set()
+    for ep_rank, part in enumerate(parts):  # one MLP per expert: rename to the global index
+        for name, tensor in part.items():
+            try:
+                global_name = expert_global_name(model, name, ep_rank, split_over=ep_size)
+            except (AttributeError, ValueError) as error:  # no such module in this model
+                raise CheckpointError(f"{directory}: {name} of expert-parallel rank {ep_rank} "
+                                      f"is not an expert of this model ({error})") from None
+            if global_name is not None:
+                per_expert.add(name)
+                joined[global_name] = tensor
     for name in parts[0]:
+        if name in per_expert:
+            continue
         if name in params and parallel_metadata(params[name]).expert_parallel:
             try:
                 joined[name] = torch.cat([part[name] for part in parts], dim=0)
