@@ -29,6 +29,7 @@ from tests.distributed.test_train_torchrun import (
     assert_losses_close,
     corpus,  # noqa: F401  # the fixture
     history,
+    short_run,
     torchrun,
 )
 from tests.distributed.tp_testkit import BACKEND
@@ -38,12 +39,7 @@ pytestmark = pytest.mark.skipif(BACKEND != "gloo",
 
 STEPS = 4
 # 4 micro-batches of 1 sequence: 1F1B over 2 stages needs at least 2.
-ARGS = ["--preset", "tiny", "--device", "cpu", "--steps", str(STEPS), "--batch-size", "4",
-        "--micro-batch-size", "1", "--seq-len", "32", "--eval-every", "2", "--save-every", "2",
-        "--log-every", "1", "--warmup-steps", "2", "--no-sample"]
-OPTIONS = TrainOptions(preset="tiny", device="cpu", steps=STEPS, batch_size=4, micro_batch_size=1,
-                       seq_len=32, eval_every=2, save_every=2, log_every=1, warmup_steps=2,
-                       progress=False)
+ARGS, OPTIONS = short_run("tiny", micro_batch_size=1, eval_every=2)
 
 
 def test_pipeline_training_matches_one_process_and_resumes_exactly(

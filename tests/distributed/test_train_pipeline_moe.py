@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from protoformer.train.checkpoint import CHECKPOINTS_DIR, LATEST_FILE
-from protoformer.train.loop import TrainOptions, train
+from protoformer.train.loop import train
 from protoformer.train.metrics import METRICS_FILE
 from tests.distributed.test_train_torchrun import (
     assert_losses_close,
     corpus,  # noqa: F401  # the fixture
     history,
+    short_run,
     torchrun,
 )
 from tests.distributed.tp_testkit import BACKEND
@@ -29,12 +30,7 @@ pytestmark = pytest.mark.skipif(BACKEND != "gloo",
                                 reason="CPU launch tests (gloo); the GPU script trains itself")
 
 STEPS = 4
-ARGS = ["--preset", "tiny-moe", "--device", "cpu", "--steps", str(STEPS), "--batch-size", "4",
-        "--micro-batch-size", "1", "--seq-len", "32", "--save-every", "2", "--log-every", "1",
-        "--warmup-steps", "2", "--no-sample"]
-OPTIONS = TrainOptions(preset="tiny-moe", device="cpu", steps=STEPS, batch_size=4,
-                       micro_batch_size=1, seq_len=32, save_every=2, log_every=1,
-                       warmup_steps=2, progress=False)
+ARGS, OPTIONS = short_run("tiny-moe", micro_batch_size=1)
 
 
 def aux_losses(run_dir: Path) -> list[list[float]]:

@@ -63,6 +63,18 @@ def single_process_history(single_process_run: tuple[list[list[float]], Path]
     return single_process_run[0]
 
 
+def short_run(preset: str, **settings: object) -> tuple[list[str], TrainOptions]:
+    """The command-line flags (without `--data`/`--out`) and the equal `TrainOptions` of a short
+    CPU run of `preset`: `STEPS` steps of 4 sequences of 32 bytes, saving every 2 steps, logging
+    every step; `settings` adds or replaces TrainOptions fields (e.g. micro_batch_size=1)."""
+    values: dict[str, object] = {"preset": preset, "device": "cpu", "steps": STEPS,
+                                 "batch_size": 4, "seq_len": 32, "save_every": 2,
+                                 "log_every": 1, "warmup_steps": 2, **settings}
+    args = [item for name, value in values.items()
+            for item in (f"--{name.replace('_', '-')}", str(value))]
+    return [*args, "--no-sample"], TrainOptions(**values, progress=False)  # type: ignore[arg-type]
+
+
 def torchrun(nproc: int, *args: str, env: dict[str, str] | None = None,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
     environ = dict(os.environ)
