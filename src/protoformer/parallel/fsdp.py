@@ -27,13 +27,14 @@ parameters).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from protoformer.config import TransformerConfig
 from protoformer.models import GPTModel
 from protoformer.parallel.grads import finalize_model_grads
 from protoformer.parallel.groups import ProcessGroups, single_process_group
@@ -60,8 +61,7 @@ def data_parallel_mesh(pg: ProcessGroups, device: torch.device) -> DeviceMesh:
     return DeviceMesh.from_group(group, device.type, mesh_dim_names=("dp_shard",))
 
 
-def _check_supported(model: GPTModel, pg: ProcessGroups) -> None:
-    config = model.config
+def _check_supported(config: TransformerConfig, pg: ProcessGroups) -> None:
     if pg.ep_size > 1:
         raise ValueError("--fsdp cannot be combined with expert parallelism yet (the experts' "
                          "data-parallel group differs from the dense one); use DDP with --ep")
@@ -75,24 +75,30 @@ def _check_supported(model: GPTModel, pg: ProcessGroups) -> None:
                          "lower --tp or use DDP")
 
 
+def _shard_units(root: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh,
+                 policy: MixedPrecisionPolicy, reshard_after_forward: bool) -> None:
+    """`fully_shard` each of `layers`, then `root` (the rest of its parameters)."""
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)
+    # The root keeps its parameters (embedding, final norm, output layer) after forward:
+    # backward needs them first, at once.
+    fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
 class FullyShardedDataParallel:
     """`fully_shard` per transformer layer and at the root, over `pg.dp` (a `DataParallel`)."""
 
     def __init__(self, model: GPTModel, pg: ProcessGroups, device: torch.device, *,
                  mp_policy: MixedPrecisionPolicy | None = None,
                  reshard_after_forward: bool = True) -> None:
-        _check_supported(model, pg)
+        _check_supported(model.config, pg)
         self._model = model
         self._pg = pg
         records = named_parallel_metadata(model)
-        mesh = data_parallel_mesh(pg, device)
         policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
-        for layer in model.decoder.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy,
-                        reshard_after_forward=reshard_after_forward)
-        # The root keeps its parameters (embedding, final norm, output layer) after forward:
-        # backward needs them first, at once.
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        _shard_units(model, model.decoder.layers, data_parallel_mesh(pg, device), policy,
+                     reshard_after_forward)
         restore_parallel_metadata(model, records)
 
     @property
@@ -128,20 +134,14 @@ class FullyShardedStages:
     def __init__(self, split: StageSplit, pg: ProcessGroups, device: torch.device, *,
                  mp_policy: MixedPrecisionPolicy | None = None,
                  reshard_after_forward: bool = True) -> None:
+        _check_supported(split.module.config, pg)
         self._module = split.module
         self._pg = pg
-        if pg.tp_size > 1 and split.module.config.query_groups < pg.tp_size:
-            raise ValueError(f"--fsdp with --tp {pg.tp_size} needs at least {pg.tp_size} "
-                             f"key/value groups (the model has {split.module.config.query_groups})"
-                             "; lower --tp or drop --fsdp")
         records = named_parallel_metadata(split.module)
         mesh = data_parallel_mesh(pg, device)
         policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
         for stage in split.stages:
-            for layer in stage.decoder.layers.values():
-                fully_shard(layer, mesh=mesh, mp_policy=policy,
-                            reshard_after_forward=reshard_after_forward)
-            fully_shard(stage, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+            _shard_units(stage, stage.decoder.layers.values(), mesh, policy, reshard_after_forward)
         restore_parallel_metadata(split.module, records)
 
     @property
