@@ -16,15 +16,15 @@ full weight and keep their slice).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
-from collections.abc import Generator
+from contextlib import AbstractContextManager
 
 import torch
 
 from protoformer.parallel.protocols import InitMethod
+from protoformer.parallel.random import manual_seed_within
 
 __all__ = ["draw_init_seed", "fork_init_rng", "init_method_normal", "scaled_init_method_normal"]
 
@@ -56,38 +56,21 @@ def _derived_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") % _SEED_LIMIT
 
 
-def _init_devices() -> list[torch.device]:
+def _init_devices() -> list[str]:
     """The generators an initialisation may draw from: the CPU's, and the current CUDA
     device's when CUDA is up or is where new tensors go (`torch.device(...)` blocks)."""
-    devices = [torch.device("cpu")]
+    devices = ["cpu"]
     default = torch.get_default_device()
     cuda_up = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     if default.type == "cuda" or cuda_up:
         index = default.index if default.type == "cuda" else None
         if index is None:
             index = torch.cuda.current_device()
-        devices.append(torch.device("cuda", index))
+        devices.append(f"cuda:{index}")
     return devices
 
 
-@contextlib.contextmanager
-def fork_init_rng(seed: int, name: str) -> Generator[None, None, None]:
+def fork_init_rng(seed: int, name: str) -> AbstractContextManager[None]:
     """Draw from a stream seeded by `(seed, name)` inside the block (CPU, and the CUDA device
     new tensors go to); the default generators' states are restored afterwards."""
-    derived = _derived_seed(seed, name)
-    devices = _init_devices()
-    saved = [torch.get_rng_state() if d.type == "cpu" else torch.cuda.get_rng_state(d)
-             for d in devices]
-    for device in devices:
-        if device.type == "cpu":
-            torch.default_generator.manual_seed(derived)
-        else:
-            torch.cuda.default_generators[device.index or 0].manual_seed(derived)
-    try:
-        yield
-    finally:
-        for device, state in zip(devices, saved, strict=True):
-            if device.type == "cpu":
-                torch.set_rng_state(state)
-            else:
-                torch.cuda.set_rng_state(state, device)
+    return manual_seed_within(_derived_seed(seed, name), _init_devices())

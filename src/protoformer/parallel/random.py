@@ -28,6 +28,7 @@ __all__ = [
     "RNGStatesTracker",
     "checkpoint_rng_context_fn",
     "get_rng_tracker",
+    "manual_seed_within",
     "model_parallel_manual_seed",
     "model_parallel_rng_tracker",
     "tensor_parallel_rng_fork",
@@ -69,6 +70,20 @@ def _require_seed(where: str, name: str, value: object) -> int:
 def _seeded_state(device: str, seed: int) -> Tensor:
     """A generator state for `device` freshly seeded with `seed`, leaving the default RNG alone."""
     return torch.Generator(device=device).manual_seed(seed).get_state()
+
+
+@contextlib.contextmanager
+def manual_seed_within(seed: int, devices: list[str]) -> Generator[None, None, None]:
+    """The default generators of `devices` ("cpu", "cuda:N") seeded with `seed` inside the
+    block, their previous states put back after it."""
+    saved = {device: _get_state(device) for device in devices}
+    for device in devices:
+        _set_state(device, _seeded_state(device, seed))
+    try:
+        yield
+    finally:
+        for device in devices:
+            _set_state(device, saved[device])
 
 
 class RNGStatesTracker:
